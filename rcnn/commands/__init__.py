@@ -1,0 +1,1 @@
+"""Sub-commands of the ``rcnn`` command line (see ``rcnn/cli.py``)."""
