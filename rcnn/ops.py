@@ -1,0 +1,331 @@
+"""The library's one entry point for NMS, RoI pooling and RoIAlign.
+
+The fast versions call the ``torchvision.ops`` kernels (C++ on the CPU, CUDA on a GPU). Each has a
+slow, loop-based pure-PyTorch reference version beside it (``*_reference``), written from the
+papers' descriptions; the tests check that the two agree, so the kernels' semantics are pinned
+down here rather than taken on trust.
+
+RoIs are given either as a ``[R, 5]`` tensor of ``(batch_index, x1, y1, x2, y2)`` or as a list
+with one ``[Ri, 4]`` box tensor per image, in input-image pixels; ``spatial_scale`` (1 / stride)
+maps them onto the feature map.
+
+Shape shorthand:
+    N: images in the batch;  C: channels;  H, W: feature-map size
+    R: RoIs;  P x Q: pooled output size (``output_size``)
+    B: boxes given to NMS
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torchvision.ops
+from torch import Tensor, nn
+
+from rcnn.boxes import box_iou
+
+__all__ = [
+    "RoIPooler",
+    "assign_fpn_levels",
+    "batched_nms",
+    "nms",
+    "nms_reference",
+    "roi_align",
+    "roi_align_reference",
+    "roi_pool",
+    "roi_pool_reference",
+    "to_rois",
+]
+
+
+def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"nms: boxes must be [B, 4], got {list(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"nms: scores must be [B] = [{boxes.shape[0]}], got {list(scores.shape)}")
+    if boxes.numel() and not bool(torch.isfinite(boxes).all()):
+        raise ValueError("nms: boxes contain NaN or infinite coordinates")
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression (the seed's "Common tricks").
+
+    Visits boxes by decreasing score and keeps a box unless its IoU with an already-kept box
+    exceeds ``iou_threshold``. Returns the int64 indices of the kept boxes ``[K]``, by
+    decreasing score. Zero-area boxes overlap nothing and are therefore kept.
+    """
+    _check_nms_inputs(boxes, scores)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group (e.g. class) independently: ``[B, 4], [B], [B] -> [K]`` kept indices.
+
+    Boxes of different groups never suppress each other. Like ``nms`` the result is sorted by
+    decreasing score.
+    """
+    _check_nms_inputs(boxes, scores)
+    if groups.shape != scores.shape:
+        raise ValueError(f"batched_nms: groups must be [B] = [{scores.shape[0]}], got {list(groups.shape)}")
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    return torchvision.ops.batched_nms(boxes, scores, groups, float(iou_threshold))
+
+
+def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Slow reference NMS, exactly the seed's loop; for tests."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    iou = box_iou(boxes, boxes)
+    kept: list[int] = []
+    for i in order:
+        if all(float(iou[i, j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def to_rois(boxes: Tensor | Sequence[Tensor]) -> Tensor:
+    """Boxes per image (list of ``[Ri, 4]``) -> ``[R, 5]`` RoIs ``(batch_index, x1, y1, x2, y2)``.
+
+    A ``[R, 5]`` tensor is checked and returned as it is.
+    """
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"rois must be [R, 5] (batch_index, x1, y1, x2, y2), got {list(boxes.shape)}")
+        return boxes
+    parts = []
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes of image {i} must be [Ri, 4], got {list(b.shape)}")
+        parts.append(torch.cat((torch.full_like(b[:, :1], i), b), dim=1))
+    if not parts:
+        raise ValueError("to_rois: no images given")
+    return torch.cat(parts, dim=0)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"output_size must be an int or (height, width), got {size}")
+    return size  # type: ignore[return-value]
+
+
+def _check_features(features: Tensor, rois: Tensor) -> None:
+    if features.dim() != 4:
+        raise ValueError(f"features must be [N, C, H, W], got {list(features.shape)}")
+    if rois.numel() and not bool(torch.isfinite(rois).all()):
+        raise ValueError("RoIs contain NaN or infinite coordinates")
+    if rois.numel() and (int(rois[:, 0].min()) < 0 or int(rois[:, 0].max()) >= features.shape[0]):
+        raise ValueError(f"RoI batch indices must lie in [0, {features.shape[0] - 1}]")
+
+
+def roi_pool(
+    features: Tensor, rois: Tensor | Sequence[Tensor], output_size: int | Sequence[int], spatial_scale: float
+) -> Tensor:
+    """RoI max pooling (Fast R-CNN §2.1): ``[N, C, H, W]`` features, R RoIs -> ``[R, C, P, Q]``.
+
+    The RoI is projected onto the feature map and its corners *rounded* to feature cells,
+    divided into a P x Q grid of sub-windows of about (h / P) x (w / Q) cells, and each
+    sub-window max-pooled. That rounding is the quantisation RoIAlign removes.
+    """
+    rois = to_rois(rois).to(features.dtype)
+    _check_features(features, rois)
+    return torchvision.ops.roi_pool(features, rois, _pair(output_size), float(spatial_scale))
+
+
+def roi_align(
+    features: Tensor,
+    rois: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> Tensor:
+    """RoIAlign (Mask R-CNN §3): ``[N, C, H, W]`` features, R RoIs -> ``[R, C, P, Q]``.
+
+    No rounding anywhere: each of the P x Q bins is sampled by bilinear interpolation at
+    ``sampling_ratio`` x ``sampling_ratio`` regularly spaced points (2 x 2 = 4 in the paper),
+    which are averaged. ``sampling_ratio <= 0`` adapts the count to the bin size.
+    ``aligned=True`` shifts the RoI by half a feature cell so that continuous pixel
+    coordinates map exactly onto feature-cell centres (without it the sampling grid is
+    misaligned by half a pixel, the legacy behaviour).
+    """
+    rois = to_rois(rois).to(features.dtype)
+    _check_features(features, rois)
+    return torchvision.ops.roi_align(
+        features, rois, _pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned)
+    )
+
+
+def roi_pool_reference(features: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float) -> Tensor:
+    """Slow reference RoI max pooling with the kernel's exact rounding rules; for tests."""
+    out_h, out_w = _pair(output_size)
+    num_rois, channels = rois.shape[0], features.shape[1]
+    height, width = features.shape[-2:]
+    out = features.new_zeros((num_rois, channels, out_h, out_w))
+
+    def round_half_away(v: float) -> int:  # C++ std::round
+        return int(math.floor(v + 0.5)) if v >= 0 else -int(math.floor(-v + 0.5))
+
+    for r in range(num_rois):
+        b = int(rois[r, 0])
+        x1, y1, x2, y2 = (round_half_away(float(v) * spatial_scale) for v in rois[r, 1:])
+        roi_w = max(x2 - x1 + 1, 1)  # the kernel's legacy "+1" width, kept to match it
+        roi_h = max(y2 - y1 + 1, 1)
+        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        for ph in range(out_h):
+            hs = min(max(math.floor(ph * bin_h) + y1, 0), height)
+            he = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
+            for pw in range(out_w):
+                ws = min(max(math.floor(pw * bin_w) + x1, 0), width)
+                we = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
+                if he > hs and we > ws:
+                    out[r, :, ph, pw] = features[b, :, hs:he, ws:we].amax(dim=(-2, -1))
+    return out
+
+
+def _bilinear(feature: Tensor, y: float, x: float) -> Tensor:
+    """Bilinear interpolation of ``feature [C, H, W]`` at (y, x), zero outside [-1, H] x [-1, W]."""
+    height, width = feature.shape[-2:]
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return feature.new_zeros(feature.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(y), int(x)
+    if y0 >= height - 1:
+        y0 = y1 = height - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= width - 1:
+        x0 = x1 = width - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * feature[:, y0, x0]
+        + hy * lx * feature[:, y0, x1]
+        + ly * hx * feature[:, y1, x0]
+        + ly * lx * feature[:, y1, x1]
+    )
+
+
+def roi_align_reference(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> Tensor:
+    """Slow reference RoIAlign: bilinear samples averaged per bin, as the paper describes; for tests."""
+    out_h, out_w = _pair(output_size)
+    num_rois, channels = rois.shape[0], features.shape[1]
+    out = features.new_zeros((num_rois, channels, out_h, out_w))
+    offset = 0.5 if aligned else 0.0
+    for r in range(num_rois):
+        b = int(rois[r, 0])
+        x1, y1, x2, y2 = (float(v) * spatial_scale - offset for v in rois[r, 1:])
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:  # legacy: force malformed RoIs to be at least 1x1
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        count = max(grid_h * grid_w, 1)
+        for ph in range(out_h):
+            for pw in range(out_w):
+                acc = features.new_zeros(channels)
+                for iy in range(grid_h):
+                    y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        acc += _bilinear(features[b], y, x)
+                out[r, :, ph, pw] = acc / count
+    return out
+
+
+def assign_fpn_levels(
+    boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0, canonical_level: int = 4
+) -> Tensor:
+    """FPN level of each RoI ``[R, 4] -> [R]`` int64 (FPN eq. 1, used by Mask R-CNN with FPN).
+
+    ``k = floor(k0 + log2(sqrt(w h) / 224))`` with ``k0 = 4``, clamped to
+    ``[min_level, max_level]``: a 224 x 224 RoI (an ImageNet-sized object) is pooled from P4,
+    one half that size from P3, and so on.
+    """
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    scale = torch.sqrt(widths * heights)
+    # the small epsilon keeps boxes of exactly 224 * 2^j on level 4 + j despite rounding
+    levels = torch.floor(canonical_level + torch.log2(scale / canonical_size + 1e-6))
+    return levels.clamp(min=min_level, max=max_level).to(torch.int64)
+
+
+class RoIPooler(nn.Module):
+    """Pool RoIs from one feature map, or from the right level of a feature pyramid.
+
+    Args:
+        output_size: P (or (P, Q)): 7 for the box head, 14 for the mask head.
+        strides: the stride of each feature level given to ``forward`` (e.g. ``(16,)`` for
+            VGG16's conv5_3, ``(4, 8, 16, 32)`` for P2-P5 of an FPN).
+        kind: ``"align"`` (RoIAlign, Mask R-CNN) or ``"pool"`` (RoI max pooling, Fast R-CNN).
+        sampling_ratio, aligned: RoIAlign's settings (ignored by ``"pool"``).
+        canonical_size, canonical_level: the FPN level-assignment rule (``assign_fpn_levels``).
+    """
+
+    def __init__(
+        self,
+        output_size: int | Sequence[int],
+        strides: Sequence[float],
+        kind: str = "align",
+        sampling_ratio: int = 2,
+        aligned: bool = True,
+        canonical_size: float = 224.0,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__()
+        if kind not in ("align", "pool"):
+            raise ValueError(f"RoIPooler kind must be 'align' or 'pool', got {kind!r}")
+        if len(strides) == 0:
+            raise ValueError("RoIPooler needs at least one feature stride")
+        levels = [math.log2(s) for s in strides]
+        if len(strides) > 1 and any(abs(b - a - 1) > 1e-6 for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"RoIPooler: pyramid strides must double from level to level, got {tuple(strides)}")
+        self.output_size = _pair(output_size)
+        self.strides = tuple(float(s) for s in strides)
+        self.kind = kind
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+        self.canonical_size = float(canonical_size)
+        self.canonical_level = int(canonical_level)
+        self.min_level = round(levels[0])
+        self.max_level = round(levels[-1])
+
+    def _pool(self, features: Tensor, rois: Tensor, stride: float) -> Tensor:
+        if self.kind == "pool":
+            return roi_pool(features, rois, self.output_size, 1.0 / stride)
+        return roi_align(features, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
+
+    def forward(self, features: Sequence[Tensor], boxes: Tensor | Sequence[Tensor]) -> Tensor:
+        """``features``: one ``[N, C, Hi, Wi]`` map per stride; ``boxes``: RoIs -> ``[R, C, P, Q]``."""
+        if len(features) != len(self.strides):
+            raise ValueError(f"RoIPooler has {len(self.strides)} strides but got {len(features)} feature maps")
+        rois = to_rois(boxes).to(features[0].dtype)
+        if len(features) == 1:
+            return self._pool(features[0], rois, self.strides[0])
+        levels = assign_fpn_levels(
+            rois[:, 1:], self.min_level, self.max_level, self.canonical_size, self.canonical_level
+        ) - self.min_level  # [R], index into features
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feature, stride) in enumerate(zip(features, self.strides)):
+            idx = (levels == level).nonzero().flatten()
+            if idx.numel():
+                out[idx] = self._pool(feature, rois[idx], stride).to(out.dtype)
+        return out
