@@ -334,7 +334,7 @@ class LoadReport:
 
     def __str__(self) -> str:
         def brief(keys: list[str]) -> str:
-            prefixes = sorted({k.rsplit(".", 2)[0] for k in keys})
+            prefixes = sorted({k.rsplit(".", 1)[0] for k in keys})
             return ", ".join(prefixes[:8]) + (" ..." if len(prefixes) > 8 else "")
 
         text = f"loaded {len(self.loaded)} tensors"
@@ -381,6 +381,8 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike) -> LoadReport:
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
+        if key.endswith("num_batches_tracked"):  # BatchNorm bookkeeping, not a weight
+            continue
         target = key if key in own else None
         if target is None:
             for src, dst in backbone.key_map.items():

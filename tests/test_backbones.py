@@ -1,0 +1,103 @@
+"""Backbones: output strides, heads, loading local checkpoints, freezing, BN folding."""
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torchvision.ops import FrozenBatchNorm2d
+
+from rcnn.backbones import BACKBONES, build_backbone, fold_frozen_batchnorm, load_pretrained
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_shapes_and_strides(name):
+    backbone = build_backbone(name).eval()
+    with torch.no_grad():
+        feats = backbone(torch.rand(1, 3, 128, 160))
+        assert len(feats) == len(backbone.strides)
+        for f, s in zip(feats, backbone.strides):
+            assert f.shape[1] == backbone.out_channels
+            assert abs(f.shape[-1] - 160 / s) <= 1 and abs(f.shape[-2] - 128 / s) <= 1
+        pooled = torch.rand(3, backbone.out_channels, backbone.pool_size, backbone.pool_size)
+        assert backbone.box_head(pooled).shape == (3, backbone.box_head.out_features)
+    assert backbone.pool_strides == backbone.strides[: len(backbone.pool_strides)]
+
+
+@pytest.mark.parametrize(
+    "name, factory",
+    [("vgg16", torchvision.models.vgg16), ("resnet50_fpn", torchvision.models.resnet50),
+     ("resnet50", torchvision.models.resnet50), ("mobilenet_v3_fpn", torchvision.models.mobilenet_v3_large),
+     ("alexnet", torchvision.models.alexnet)],
+)
+def test_load_torchvision_checkpoint(tmp_path, name, factory):
+    reference = factory(weights=None)
+    path = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone(name, pretrained=path)
+    report = load_pretrained(backbone, path)
+    body_missing = [k for k in report.missing if k.startswith("body.")]
+    assert body_missing == []
+    assert all(k.startswith(("fc.", "classifier.")) for k in report.unexpected)
+    first_key = next(iter(reference.state_dict()))
+    own = dict(backbone.named_parameters()) | dict(backbone.named_buffers())
+    mapped = [k for k in own if k.endswith(first_key.split(".", 1)[1]) and k.startswith("body.")][0]
+    torch.testing.assert_close(own[mapped], reference.state_dict()[first_key])
+    if name == "vgg16":  # fc6/fc7 go to the box head
+        torch.testing.assert_close(backbone.box_head.classifier[0].weight, reference.classifier[0].weight)
+    if name in ("resnet50", "resnet50_fpn", "mobilenet_v3_fpn"):  # pretrained -> frozen BN
+        assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+
+
+def test_load_own_layout_safetensors_and_errors(tmp_path):
+    source = build_backbone("tiny")
+    for p in source.parameters():
+        p.data.normal_()
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    target = build_backbone("tiny")
+    report = load_pretrained(target, path)
+    assert report.missing == [] and report.unexpected == []
+    for a, b in zip(source.parameters(), target.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_backbone("tiny", pretrained=tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        load_pretrained(target, bad)
+    with pytest.raises(ValueError, match="shares no tensor"):
+        load_pretrained(build_backbone("vgg16"), path)
+    torch.save({"body.0.0.weight": torch.zeros(1, 1, 1, 1)}, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="shape"):
+        load_pretrained(target, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet1000")
+
+
+def test_freeze_stages():
+    backbone = build_backbone("vgg16", trainable_stages=3)
+    frozen = [p.requires_grad for p in backbone.body[:10].parameters()]
+    trainable = [p.requires_grad for p in backbone.body[10:].parameters()]
+    assert not any(frozen) and all(trainable)
+    assert all(p.requires_grad for p in backbone.box_head.parameters())
+    with pytest.raises(ValueError, match="trainable_stages"):
+        build_backbone("tiny", trainable_stages=9)
+
+
+def test_fold_frozen_batchnorm_keeps_outputs():
+    backbone = build_backbone("mobilenet_v3_fpn", norm="frozen").eval()
+    g = torch.Generator().manual_seed(0)
+    for m in backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    x = torch.rand(1, 3, 96, 96, generator=g)
+    with torch.no_grad():
+        before = backbone(x)
+        assert fold_frozen_batchnorm(backbone) > 40
+        after = backbone(x)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,121 @@
+"""NMS, RoI pooling and RoIAlign against slow reference versions; FPN level assignment."""
+
+import pytest
+import torch
+
+from rcnn.ops import (
+    RoIPooler,
+    assign_fpn_levels,
+    batched_nms,
+    nms,
+    nms_reference,
+    roi_align,
+    roi_align_reference,
+    roi_pool,
+    roi_pool_reference,
+    to_rois,
+)
+
+
+def random_boxes(n, size=64.0, generator=None):
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * size / 2 + 1
+    return torch.cat((xy, xy + wh), dim=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_matches_reference(seed, threshold):
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(60, generator=g)
+    scores = torch.rand(60, generator=g)
+    assert nms(boxes, scores, threshold).tolist() == nms_reference(boxes, scores, threshold).tolist()
+
+
+def test_nms_by_hand_and_edge_cases():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    assert nms(boxes, scores, 0.5).tolist() == [3, 2]
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
+    zero_area = torch.tensor([[5.0, 5, 5, 5], [5.0, 5, 5, 5]])
+    assert sorted(nms(zero_area, torch.tensor([0.5, 0.4]), 0.5).tolist()) == [0, 1]
+    with pytest.raises(ValueError, match="NaN"):
+        nms(torch.tensor([[0.0, 0, float("nan"), 1]]), torch.tensor([1.0]), 0.5)
+    with pytest.raises(ValueError, match="scores"):
+        nms(boxes, scores[:2], 0.5)
+
+
+def test_batched_nms_groups_do_not_interact():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [1, 1, 11, 11]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert batched_nms(boxes, scores, torch.tensor([0, 1, 1]), 0.5).tolist() == [0, 1]
+    assert batched_nms(boxes, scores, torch.tensor([0, 0, 0]), 0.5).tolist() == [0]
+
+
+def random_rois(n, num_images, size, generator):
+    boxes = random_boxes(n, size, generator)
+    idx = torch.randint(0, num_images, (n, 1), generator=generator).float()
+    return torch.cat((idx, boxes), dim=1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25])
+def test_roi_pool_equals_reference_exactly(scale):
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 3, 20, 24, generator=g, dtype=torch.float64)
+    rois = random_rois(12, 2, 70.0, g).double()
+    fast = roi_pool(feats, rois, (3, 4), scale)
+    torch.testing.assert_close(fast, roi_pool_reference(feats, rois, (3, 4), scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_roi_align_equals_reference(aligned, sampling_ratio):
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    rois = random_rois(10, 2, 70.0, g).double()
+    fast = roi_align(feats, rois, 4, 0.25, sampling_ratio, aligned)
+    ref = roi_align_reference(feats, rois, 4, 0.25, sampling_ratio, aligned)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
+
+
+def test_roi_align_no_quantisation():
+    # a linear ramp: RoIAlign's average of bilinear samples equals the ramp at the bin centre
+    ramp = torch.arange(16.0).repeat(16, 1)[None, None]  # value = x + 0 at cell centre x + 0.5
+    rois = torch.tensor([[0.0, 2.3, 2.3, 6.3, 6.3]])
+    out = roi_align(ramp, rois, 2, 1.0, 2, True)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([2.3 - 0.5 + 1.0, 2.3 - 0.5 + 3.0]))
+
+
+def test_roi_inputs_list_form_and_errors():
+    feats = torch.randn(2, 1, 8, 8)
+    boxes = [torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([[1.0, 1, 5, 5], [2.0, 2, 6, 6]])]
+    rois = to_rois(boxes)
+    assert rois[:, 0].tolist() == [0, 1, 1]
+    torch.testing.assert_close(roi_align(feats, boxes, 2, 1.0), roi_align(feats, rois, 2, 1.0))
+    with pytest.raises(ValueError, match="batch indices"):
+        roi_pool(feats, torch.tensor([[5.0, 0, 0, 1, 1]]), 2, 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        roi_align(feats, torch.tensor([[0.0, 0, float("nan"), 1, 1]]), 2, 1.0)
+    with pytest.raises(ValueError, match=r"\[R, 5\]"):
+        roi_align(feats, torch.zeros(3, 4), 2, 1.0)
+    assert roi_align(feats, torch.zeros(0, 5), 2, 1.0).shape == (0, 1, 2, 2)
+
+
+def test_fpn_level_assignment():
+    sides = torch.tensor([10.0, 112.0, 223.0, 224.0, 447.0, 448.0, 2000.0])
+    boxes = torch.stack((torch.zeros(7), torch.zeros(7), sides, sides), dim=1)
+    assert assign_fpn_levels(boxes, 2, 5).tolist() == [2, 3, 3, 4, 4, 5, 5]
+
+
+def test_multilevel_pooler_uses_assigned_level():
+    feats = [torch.full((1, 1, 32, 32), 4.0), torch.full((1, 1, 16, 16), 8.0), torch.full((1, 1, 8, 8), 16.0)]
+    pooler = RoIPooler(2, strides=(4, 8, 16), kind="align")
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0.0, 0, 112, 112], [0.0, 0, 120, 120]])]
+    out = pooler(feats, boxes)
+    assert out[:, 0, 0, 0].tolist() == [4.0, 8.0, 8.0]
+    single = RoIPooler(2, strides=(8,), kind="pool")
+    assert single([feats[1]], boxes).shape == (3, 1, 2, 2)
+    with pytest.raises(ValueError, match="double"):
+        RoIPooler(2, strides=(4, 16))
+    with pytest.raises(ValueError, match="'align' or 'pool'"):
+        RoIPooler(2, strides=(4,), kind="max")
