@@ -1,1 +1,31 @@
+"""Data sets: the built-in synthetic shapes, COCO and Pascal VOC readers, transforms.
 
+``build_dataset(path, split)`` detects the format; see docs/data.md.
+"""
+
+from rcnn.data.build import build_dataset, find_splits, resolve_dataset
+from rcnn.data.coco import CocoDetection
+from rcnn.data.common import DataWarning, DetectionDataset, Problem, load_image
+from rcnn.data.shapes import SHAPES_CLASSES, make_shapes, shapes_paths
+from rcnn.data.transforms import Compose, RandomHorizontalFlip, Resize, collate_fn
+from rcnn.data.voc import VOC_CLASSES, VOCDetection
+
+__all__ = [
+    "SHAPES_CLASSES",
+    "VOC_CLASSES",
+    "CocoDetection",
+    "Compose",
+    "DataWarning",
+    "DetectionDataset",
+    "Problem",
+    "RandomHorizontalFlip",
+    "Resize",
+    "VOCDetection",
+    "build_dataset",
+    "collate_fn",
+    "find_splits",
+    "load_image",
+    "make_shapes",
+    "resolve_dataset",
+    "shapes_paths",
+]

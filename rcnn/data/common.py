@@ -1,0 +1,399 @@
+"""What the COCO and VOC readers share: image loading, box validation, problems, the dataset base.
+
+Validation policy (both readers, see docs/data.md):
+
+- an unreadable annotation file, a missing image, a NaN / infinite / malformed box, an
+  inverted box (x2 < x1), a box far outside the image, an unknown category: **error**
+  (``ValueError`` / ``FileNotFoundError`` naming the file, the annotation and the problem);
+- a box overhanging the image by at most ``max(2 px, 2% of the side)``: clipped to the image,
+  reported in the file's warning;
+- a zero-area box (after clipping): dropped, reported in the file's warning;
+- grayscale, RGBA, palette, CMYK and 16-bit images: converted to RGB when loaded.
+
+Warnings go through the ``warnings`` module with category :class:`DataWarning`, one warning
+per annotation file (naming every changed annotation). ``rcnn data check`` prints the same
+list of :class:`Problem` s without raising.
+
+Shape shorthand:
+    N: number of annotated objects in an image
+    H, W: image height and width
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "BACKGROUND",
+    "DataWarning",
+    "DetectionDataset",
+    "ImageRecord",
+    "Problem",
+    "check_box",
+    "image_size",
+    "load_image",
+    "report_problems",
+]
+
+BACKGROUND = "__background__"
+# Overhang (px) that is clipped rather than refused: max(2 px, 2% of the image side).
+OVERHANG_PIXELS = 2.0
+OVERHANG_FRACTION = 0.02
+# Overhang below this is floating-point noise from xywh -> xyxy: clipped without a report.
+_ROUNDING = 1e-3
+# How many errors an exception message lists before "... and N more".
+_MAX_LISTED = 5
+
+Transform = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+
+
+class DataWarning(UserWarning):
+    """A data set was loaded with changes: boxes clipped or dropped, polygons dropped."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a data set: ``severity`` is ``"error"`` or ``"warning"``."""
+
+    severity: str
+    file: str
+    message: str
+    where: str | None = None  # e.g. "annotation id 17", "object 3"
+    missing_file: bool = False  # the error is a file that does not exist
+
+
+    def describe(self) -> str:
+        """``file: where: message``."""
+        where = f" {self.where}:" if self.where else ""
+        return f"{self.file}:{where} {self.message}"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.describe()}"
+
+
+def report_problems(problems: Sequence[Problem], hint: str = "") -> None:
+    """Raise ``ValueError`` listing the errors among ``problems``; warn once per file otherwise.
+
+    When every error is a missing file the exception is a ``FileNotFoundError``.
+
+    ``hint`` is appended to the exception message (e.g. how to see the full list).
+    """
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        if len(errors) == 1:
+            message = f"{errors[0].describe()}{hint}"
+        else:
+            listed = "\n  ".join(p.describe() for p in errors[:_MAX_LISTED])
+            more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+            message = f"{len(errors)} errors in the data set:\n  {listed}{more}{hint}"
+        if all(p.missing_file for p in errors):
+            raise FileNotFoundError(message)
+        raise ValueError(message)
+    by_file: dict[str, list[Problem]] = {}
+    for problem in problems:
+        by_file.setdefault(problem.file, []).append(problem)
+    for file, found in by_file.items():
+        details = "; ".join(f"{p.where}: {p.message}" if p.where else p.message for p in found)
+        warnings.warn(f"{file}: {len(found)} change(s) on load: {details}", DataWarning, stacklevel=3)
+
+
+def check_box(
+    box: Sequence[Any],
+    image_hw: tuple[int, int],
+    file: str,
+    where: str,
+    problems: list[Problem],
+) -> list[float] | None:
+    """Validate one ``(x1, y1, x2, y2)`` box; return it (clipped) or ``None`` if it is unusable.
+
+    Appends to ``problems``: an error for non-numbers, NaN/inf, x2 < x1 / y2 < y1 or an
+    overhang beyond ``max(2 px, 2% of the side)``; a warning for a clipped box or a dropped
+    zero-area box.
+    """
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        problems.append(Problem("error", file, f"box {list(box)!r} is not 4 numbers", where))
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        problems.append(Problem("error", file, f"box {[x1, y1, x2, y2]} has a NaN or infinite value", where))
+        return None
+    if x2 < x1 or y2 < y1:
+        problems.append(
+            Problem(
+                "error",
+                file,
+                f"box {[x1, y1, x2, y2]} (x1, y1, x2, y2) has negative width or height; "
+                "check the coordinate order of the annotation",
+                where,
+            )
+        )
+        return None
+    height, width = image_hw
+    overhang_x = max(-x1, x2 - width, 0.0)
+    overhang_y = max(-y1, y2 - height, 0.0)
+    limit_x = max(OVERHANG_PIXELS, OVERHANG_FRACTION * width)
+    limit_y = max(OVERHANG_PIXELS, OVERHANG_FRACTION * height)
+    if overhang_x > limit_x or overhang_y > limit_y:
+        problems.append(
+            Problem(
+                "error",
+                file,
+                f"box {[x1, y1, x2, y2]} lies outside the {width}x{height} image by "
+                f"{max(overhang_x, overhang_y):.1f} px (more than the {max(limit_x, limit_y):.1f} px "
+                "that are clipped); check the image size or the box",
+                where,
+            )
+        )
+        return None
+    clipped = [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+    if (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) <= 0:
+        problems.append(Problem("warning", file, f"zero-area box {[x1, y1, x2, y2]} dropped", where))
+        return None
+    if max(overhang_x, overhang_y) > _ROUNDING:
+        problems.append(
+            Problem(
+                "warning",
+                file,
+                f"box {[x1, y1, x2, y2]} overhangs the {width}x{height} image by "
+                f"{max(overhang_x, overhang_y):.2f} px, clipped",
+                where,
+            )
+        )
+    return clipped
+
+
+def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """``[H, W, 3]`` float32 RGB in 0..1 from any PIL mode we accept."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        gray = np.asarray(img, dtype=np.float64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise ValueError(
+                f"{path}: 32-bit integer image with values outside 0..65535; convert it to 8 or 16 bit"
+            )
+        gray = (gray / 65535.0).astype(np.float32)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError(f"{path}: floating-point images (PIL mode F) are not supported; convert to 8 or 16 bit")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, YCbCr, 1
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as a float32 tensor ``[3, H, W]`` in 0..1, RGB.
+
+    Grayscale, palette, RGBA (alpha discarded), CMYK and 16-bit images are converted.
+    EXIF orientation is *not* applied: annotations refer to the stored pixel grid, as in COCO.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot decode the image ({exc}); re-save or remove it") from None
+    array = _to_rgb(image, path)  # [H, W, 3]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # [3, H, W]
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header (cheap; the pixels are not decoded)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the image header ({exc})") from None
+    return height, width
+
+
+@dataclass
+class ImageRecord:
+    """The validated annotations of one image (boxes already clipped, unusable ones removed)."""
+
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    boxes: np.ndarray  # [N, 4] float32, x1 y1 x2 y2
+    labels: np.ndarray  # [N] int64, 1..K
+    iscrowd: np.ndarray  # [N] bool
+    difficult: np.ndarray  # [N] bool
+    ann_ids: list[int] = field(default_factory=list)  # [N]
+    areas: list[float] = field(default_factory=list)  # [N], the COCO "area" (mask area if known)
+    segmentations: list[Any] | None = None  # [N] COCO polygons / RLE, None when there are none
+
+    @staticmethod
+    def empty_arrays(n: int = 0) -> dict[str, np.ndarray]:
+        """Zero-length arrays of the right dtypes, for images without objects."""
+        return {
+            "boxes": np.zeros((n, 4), dtype=np.float32),
+            "labels": np.zeros(n, dtype=np.int64),
+            "iscrowd": np.zeros(n, dtype=bool),
+            "difficult": np.zeros(n, dtype=bool),
+        }
+
+
+class DetectionDataset(Dataset):
+    """Base of :class:`~rcnn.data.coco.CocoDetection` and :class:`~rcnn.data.voc.VOCDetection`.
+
+    Items are ``(image [3, H, W] float32 0..1, target)`` with target keys ``boxes [N, 4]``
+    float32, ``labels [N]`` int64 in 1..K, ``iscrowd [N]`` bool, ``image_id`` int,
+    ``orig_size (H, W)``, plus ``masks [N, H, W]`` uint8 when masks are loaded and
+    ``difficult [N]`` bool where the format has it. With ``train=True`` crowd objects (and
+    objects the subclass excludes from training) are left out of the target.
+    """
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        class_names: Sequence[str],
+        *,
+        label_to_cat_id: dict[int, int] | None = None,
+        train: bool = False,
+        transforms: Transform | None = None,
+        with_masks: bool = False,
+    ) -> None:
+        self.records = records
+        self.class_names: list[str] = [BACKGROUND, *class_names]
+        self.num_classes = len(self.class_names)
+        if label_to_cat_id is None:
+            label_to_cat_id = {label: label for label in range(1, self.num_classes)}
+        self.label_to_cat_id = dict(label_to_cat_id)
+        self.cat_id_to_label = {cat: label for label, cat in self.label_to_cat_id.items()}
+        self.train = train
+        self.transforms = transforms
+        self.with_masks = with_masks
+        self.image_ids: list[int] = [r.image_id for r in records]
+        self._index_of = {image_id: i for i, image_id in enumerate(self.image_ids)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image file of item ``index``."""
+        return self.records[index].path
+
+    def index_of(self, image_id: int) -> int:
+        """Position of the image with id ``image_id`` (``KeyError`` naming it if unknown)."""
+        try:
+            return self._index_of[int(image_id)]
+        except KeyError:
+            raise KeyError(f"image id {image_id} is not in this data set") from None
+
+    def _target_keep(self, record: ImageRecord) -> np.ndarray:
+        """``[N]`` bool: the objects ``__getitem__`` returns (crowds are left out for training)."""
+        if self.train:
+            return ~record.iscrowd
+        return np.ones(len(record.labels), dtype=bool)
+
+    def annotation(self, index: int) -> dict[str, Any]:
+        """All ground truth of item ``index`` without reading the image (for evaluation).
+
+        Crowd and difficult objects are always included here (flagged), whatever ``train`` is.
+        """
+        record = self.records[index]
+        return {
+            "boxes": torch.from_numpy(record.boxes.copy()),  # [N, 4]
+            "labels": torch.from_numpy(record.labels.copy()),  # [N]
+            "iscrowd": torch.from_numpy(record.iscrowd.copy()),  # [N]
+            "difficult": torch.from_numpy(record.difficult.copy()),  # [N]
+            "image_id": record.image_id,
+            "orig_size": (record.height, record.width),
+        }
+
+    def _decode_masks(self, record: ImageRecord, keep: np.ndarray) -> np.ndarray:
+        """``[N', H, W]`` uint8 masks of the kept objects; formats with masks override this."""
+        raise ValueError(f"{type(self).__name__} has no instance masks")
+
+    def _extra_target(self, record: ImageRecord, keep: np.ndarray) -> dict[str, Tensor]:
+        """Format-specific target fields (VOC adds ``difficult``)."""
+        return {}
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        record = self.records[index]
+        image = load_image(record.path)  # [3, H, W]
+        if tuple(image.shape[1:]) != (record.height, record.width):
+            raise ValueError(
+                f"{record.path}: the image is {image.shape[2]}x{image.shape[1]} (WxH) but its "
+                f"annotations say {record.width}x{record.height}; fix the annotation file"
+            )
+        keep = self._target_keep(record)  # [N]
+        target: dict[str, Any] = {
+            "boxes": torch.from_numpy(record.boxes[keep]),  # [N, 4]
+            "labels": torch.from_numpy(record.labels[keep]),  # [N]
+            "iscrowd": torch.from_numpy(record.iscrowd[keep]),  # [N]
+            "image_id": record.image_id,
+            "orig_size": (record.height, record.width),
+        }
+        target.update(self._extra_target(record, keep))
+        if self.with_masks:
+            target["masks"] = torch.from_numpy(self._decode_masks(record, keep))  # [N, H, W]
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def _coco_categories(self) -> list[dict[str, Any]]:
+        return [
+            {"id": self.label_to_cat_id[label], "name": self.class_names[label]}
+            for label in range(1, self.num_classes)
+        ]
+
+    def coco_dict(self) -> dict[str, Any]:
+        """The validated ground truth as a COCO instances dictionary (all objects, flagged).
+
+        VOC ``difficult`` objects become ``iscrowd = 1``, which COCO evaluation also ignores.
+        """
+        images, annotations = [], []
+        next_id = 1
+        for record in self.records:
+            images.append(
+                {"id": record.image_id, "file_name": str(record.path), "height": record.height, "width": record.width}
+            )
+            for j, (box, label) in enumerate(zip(record.boxes.tolist(), record.labels.tolist())):
+                x1, y1, x2, y2 = box
+                ann = {
+                    "id": record.ann_ids[j] if record.ann_ids else next_id,
+                    "image_id": record.image_id,
+                    "category_id": self.label_to_cat_id[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": record.areas[j] if record.areas else (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(record.iscrowd[j] or record.difficult[j]),
+                }
+                if record.segmentations is not None and record.segmentations[j] is not None:
+                    ann["segmentation"] = record.segmentations[j]
+                annotations.append(ann)
+                next_id += 1
+        return {"images": images, "annotations": annotations, "categories": self._coco_categories()}
+
+    @cached_property
+    def coco(self):  # -> pycocotools.coco.COCO
+        """The ground truth as a ``pycocotools.coco.COCO`` object (built on first use)."""
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.coco_dict()
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            coco.createIndex()
+        return coco

@@ -1,0 +1,128 @@
+"""Joint image/target transforms and batching.
+
+Every transform takes and returns ``(image [3, H, W] float 0..1, target dict)``; boxes
+(``[N, 4]`` x1 y1 x2 y2) and masks (``[N, H, W]`` uint8) follow the image. ``target["orig_size"]``
+is left alone, so predictions can be mapped back to the original image. Normalisation by the
+backbone's mean and std happens inside the models, as in torchvision.
+
+Shape shorthand:
+    N: number of objects in an image
+    H, W: image height and width before a transform; H', W' after
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rcnn.data.common import Transform
+
+__all__ = ["Compose", "RandomHorizontalFlip", "Resize", "collate_fn", "resize_boxes", "resized_shape"]
+
+Target = dict[str, Any]
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(H', W')`` with the shorter side ``min_size`` unless the longer would exceed ``max_size``.
+
+    The Fast R-CNN scale rule (shorter side 600, longer at most 1000 in the paper).
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_boxes(boxes: Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> Tensor:
+    """Scale ``boxes [N, 4]`` from an image of ``from_size (H, W)`` to one of ``to_size (H', W')``."""
+    ratio_h = to_size[0] / from_size[0]
+    ratio_w = to_size[1] / from_size[1]
+    scale = boxes.new_tensor([ratio_w, ratio_h, ratio_w, ratio_h])  # [4]
+    return boxes * scale
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+class Resize:
+    """Resize so the shorter side is ``min_size`` and the longer at most ``max_size``.
+
+    ``min_size`` may be a sequence: one value is drawn per image (multi-scale training).
+    Images use bilinear interpolation (antialiased when shrinking), masks nearest neighbour.
+    """
+
+    def __init__(self, min_size: int | Sequence[int], max_size: int) -> None:
+        sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        if not sizes or any(int(s) <= 0 for s in sizes) or max_size <= 0:
+            raise ValueError(f"Resize: sizes must be positive, got min_size={min_size}, max_size={max_size}")
+        self.min_sizes = tuple(int(s) for s in sizes)
+        self.max_size = int(max_size)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = image.shape[-2:]
+        min_size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]  # torch RNG, seeded per worker
+        new_size = resized_shape(height, width, min_size, self.max_size)
+        if new_size == (height, width):
+            return image, target
+        shrinking = new_size[0] < height
+        image = F.interpolate(
+            image[None], size=new_size, mode="bilinear", align_corners=False, antialias=shrinking
+        )[0]  # [3, H', W']
+        target = dict(target)
+        if "boxes" in target:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), new_size)
+        if "masks" in target:
+            masks = target["masks"]  # [N, H, W]
+            target["masks"] = F.interpolate(masks[None].float(), size=new_size, mode="nearest")[0].to(masks.dtype)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"Resize(min_size={self.min_sizes}, max_size={self.max_size})"
+
+
+class RandomHorizontalFlip:
+    """Mirror the image left-right with probability ``p`` (Fast R-CNN's only augmentation)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        if torch.rand(()).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        image = image.flip(-1)
+        target = dict(target)
+        if "boxes" in target:
+            boxes = target["boxes"]  # [N, 4]
+            target["boxes"] = torch.stack(
+                (width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1
+            )
+        if "masks" in target:
+            target["masks"] = target["masks"].flip(-1)  # [N, H, W]
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+def collate_fn(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
+    """Batch ``(image, target)`` pairs as two lists: images keep their own sizes."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
