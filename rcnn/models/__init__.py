@@ -1,1 +1,6 @@
+"""The four detectors of the R-CNN family, each composed from the shared parts of the library."""
 
+from rcnn.models.base import TwoStageDetector
+from rcnn.models.faster_rcnn import FasterRCNN, faster_rcnn
+
+__all__ = ["FasterRCNN", "TwoStageDetector", "faster_rcnn"]

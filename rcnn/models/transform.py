@@ -1,0 +1,159 @@
+"""What every detector does to its input before the backbone, and to its output after the heads.
+
+Input: validate, rescale each image so its shorter side is ``min_size`` and its longer at most
+``max_size`` (Fast R-CNN §2.3: 600 / 1000), normalise with the backbone's mean and std, pad to a
+common size divisible by ``size_divisible`` and stack into one batch. Ground-truth boxes and
+masks, and external proposals, follow the resize. Output: map boxes (and masks) back to each
+image's original size.
+
+Shape shorthand:
+    N: images;  H, W: original size;  H', W': resized;  Hp, Wp: padded batch size
+    G: ground-truth objects of an image;  P: proposals of an image;  D: detections
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rcnn.boxes import check_boxes
+from rcnn.data.transforms import resize_boxes, resized_shape
+
+__all__ = ["DetectionTransform", "ImageBatch", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageBatch:
+    """A padded batch: ``tensors [N, 3, Hp, Wp]`` and each image's size ``(H', W')`` inside it."""
+
+    tensors: Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+
+
+def validate_images(images: Sequence[Tensor]) -> None:
+    """Raise a ``ValueError`` that names the image unless each is a float ``[3, H, W]`` tensor."""
+    if isinstance(images, Tensor) or not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("images must be a non-empty list of float tensors [3, H, W] with values in 0..1")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = list(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}]: expected a tensor [3, H, W] (RGB), got {shape}")
+        if not image.is_floating_point():
+            raise ValueError(f"images[{i}]: expected a float tensor with values in 0..1, got {image.dtype}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"images[{i}]: empty image of size {list(image.shape[1:])}")
+
+
+def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_classes: int) -> None:
+    """Raise a ``ValueError`` naming the image and field for malformed training targets."""
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, target in enumerate(targets):
+        if "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{i}]: needs 'boxes' [G, 4] and 'labels' [G]")
+        boxes, labels = target["boxes"], target["labels"]
+        check_boxes(boxes, f"targets[{i}]['boxes']")
+        if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+            raise ValueError(
+                f"targets[{i}]['labels']: expected int64 [{boxes.shape[0]}], got {labels.dtype} {list(labels.shape)}"
+            )
+        if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"targets[{i}]['labels'] must lie in 1..{num_classes - 1} (0 is background), "
+                f"got values {sorted(set(labels.tolist()))}"
+            )
+
+
+class DetectionTransform(nn.Module):
+    """Resize, normalise and batch images (and their targets); map predictions back.
+
+    Args:
+        min_size: shorter side after resizing; a tuple draws one per image in training
+            (multi-scale training, Fast R-CNN §5.2).
+        max_size: cap on the longer side.
+        image_mean, image_std: per-channel normalisation of the backbone (ImageNet's).
+        size_divisible: the padded batch's height and width are multiples of this (32 suits
+            every backbone's largest stride but P6's).
+    """
+
+    def __init__(
+        self,
+        min_size: int | Sequence[int] = 600,
+        max_size: int = 1000,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        size_divisible: int = 32,
+    ) -> None:
+        super().__init__()
+        self.min_sizes = (int(min_size),) if isinstance(min_size, (int, float)) else tuple(int(s) for s in min_size)
+        self.max_size = int(max_size)
+        if not self.min_sizes or min(self.min_sizes) <= 0 or self.max_size <= 0:
+            raise ValueError(f"min_size and max_size must be positive, got {min_size} and {max_size}")
+        self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
+        self.size_divisible = int(size_divisible)
+
+    def _min_size(self) -> int:
+        if self.training and len(self.min_sizes) > 1:
+            return self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        return self.min_sizes[-1]
+
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Any]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+    ) -> tuple[ImageBatch, list[dict[str, Any]] | None, list[Tensor] | None]:
+        """Returns the batch, the resized targets (copies) and the resized proposals."""
+        original_sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        resized, sizes = [], []
+        new_targets = [dict(t) for t in targets] if targets is not None else None
+        new_proposals = list(proposals) if proposals is not None else None
+        for i, image in enumerate(images):
+            height, width = original_sizes[i]
+            size = resized_shape(height, width, self._min_size(), self.max_size)
+            if size != (height, width):
+                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+                if new_targets is not None:
+                    new_targets[i]["boxes"] = resize_boxes(new_targets[i]["boxes"], (height, width), size)
+                    if "masks" in new_targets[i]:
+                        masks = new_targets[i]["masks"]
+                        new_targets[i]["masks"] = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].to(
+                            masks.dtype
+                        )
+                if new_proposals is not None:
+                    new_proposals[i] = resize_boxes(new_proposals[i], (height, width), size)
+            resized.append((image - self.image_mean) / self.image_std)
+            sizes.append(size)
+        batch = self._pad(resized)
+        return ImageBatch(batch, sizes, original_sizes), new_targets, new_proposals
+
+    def _pad(self, images: list[Tensor]) -> Tensor:
+        d = self.size_divisible
+        height = int(math.ceil(max(im.shape[1] for im in images) / d) * d)
+        width = int(math.ceil(max(im.shape[2] for im in images) / d) * d)
+        if len(images) == 1:
+            im = images[0]
+            return F.pad(im, (0, width - im.shape[2], 0, height - im.shape[1]))[None]
+        batch = images[0].new_zeros((len(images), 3, height, width))
+        for i, im in enumerate(images):
+            batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+        return batch
+
+    @staticmethod
+    def postprocess(detections: list[dict[str, Tensor]], batch: ImageBatch) -> list[dict[str, Tensor]]:
+        """Map detection boxes from resized to original image coordinates (in place, returned)."""
+        for det, size, original in zip(detections, batch.image_sizes, batch.original_sizes):
+            if size != original:
+                det["boxes"] = resize_boxes(det["boxes"], size, original)
+        return detections
