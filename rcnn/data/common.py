@@ -192,6 +192,24 @@ def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def _open_image(path: Path, decode: bool) -> Image.Image:
+    """Open an image file, decoding every pixel when ``decode``; errors name the file.
+
+    Without ``decode`` only the header is read: the returned (closed) image has a valid
+    ``size`` and ``mode`` but no pixels.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            if not decode:
+                return img
+            img.load()
+            return img.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot decode the image ({exc}); re-save or remove it") from None
+
+
 def load_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as a float32 tensor ``[3, H, W]`` in 0..1, RGB.
 
@@ -200,29 +218,17 @@ def load_image(path: str | os.PathLike) -> Tensor:
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path}: cannot decode the image ({exc}); re-save or remove it") from None
-    array = _to_rgb(image, path)  # [H, W, 3]
+    array = _to_rgb(_open_image(path, decode=True), path)  # [H, W, 3]
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # [3, H, W]
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image file from its header (cheap; the pixels are not decoded)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read the image header ({exc})") from None
-    return height, width
+def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]:
+    """``(height, width)`` of an image file; from the header alone unless ``decode``.
+
+    ``decode=True`` reads every pixel, which also finds truncated or corrupt files.
+    """
+    image = _open_image(Path(path), decode)
+    return image.height, image.width
 
 
 @dataclass
