@@ -105,8 +105,8 @@ def check_dataset(
 ) -> list[SplitReport]:
     """Check ``split`` (default: every split found) of a data set; one report per split."""
     if isinstance(path_or_spec, Mapping) or Path(path_or_spec).is_file():
-        name = split or (Path(path_or_spec).stem.removeprefix("instances_") if not isinstance(path_or_spec, Mapping) else "")
-        splits = [name]
+        stem = "" if isinstance(path_or_spec, Mapping) else Path(path_or_spec).stem.removeprefix("instances_")
+        splits = [split or stem]
     elif split:
         splits = [split]
     else:

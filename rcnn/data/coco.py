@@ -61,7 +61,9 @@ def _load_json(ann_file: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{ann_file}: not UTF-8 text ({exc.reason}); is it really a JSON file?") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object with images/annotations/categories, got a {type(data).__name__}")
+        raise ValueError(
+            f"{ann_file}: expected a JSON object with images/annotations/categories, got a {type(data).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(
@@ -178,7 +180,8 @@ def read_coco(
             continue
         height, width = img.get("height"), img.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
-            problems.append(Problem("error", file, f"needs positive integer 'height' and 'width', got {height!r} x {width!r}", where))
+            message = f"needs positive integer 'height' and 'width', got {height!r} x {width!r}"
+            problems.append(Problem("error", file, message, where))
             continue
         path = images_dir / img["file_name"]
         if not path.is_file():
@@ -204,9 +207,8 @@ def read_coco(
         if image_id not in images:  # the image itself has a problem, reported above
             continue
         if ann.get("category_id") not in cat_id_to_label:
-            problems.append(
-                Problem("error", file, f"unknown category_id {ann.get('category_id')!r} (known: {sorted(cat_id_to_label)})", where)
-            )
+            message = f"unknown category_id {ann.get('category_id')!r} (known: {sorted(cat_id_to_label)})"
+            problems.append(Problem("error", file, message, where))
             continue
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(
@@ -216,9 +218,8 @@ def read_coco(
             continue
         x, y, w, h = (float(v) for v in bbox)
         if all(math.isfinite(v) for v in bbox) and (w < 0 or h < 0):
-            problems.append(
-                Problem("error", file, f"bbox {bbox} has a negative width or height; COCO boxes are [x, y, width, height]", where)
-            )
+            message = f"bbox {bbox} has a negative width or height; COCO boxes are [x, y, width, height]"
+            problems.append(Problem("error", file, message, where))
             continue
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
@@ -246,7 +247,8 @@ def read_coco(
         area = ann.get("area")
         if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
             area = (box[2] - box[0]) * (box[3] - box[1])
-        images[image_id]["anns"].append((ann["id"], box, cat_id_to_label[ann["category_id"]], bool(iscrowd), float(area), seg))
+        label = cat_id_to_label[ann["category_id"]]
+        images[image_id]["anns"].append((ann["id"], box, label, bool(iscrowd), float(area), seg))
 
     records = []
     for image_id, img in images.items():

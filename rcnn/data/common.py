@@ -159,7 +159,8 @@ def check_box(
             )
         )
         return None
-    clipped = [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+    clipped = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+               min(max(x2, 0.0), width), min(max(y2, 0.0), height)]  # fmt: skip
     if (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]) <= 0:
         problems.append(Problem("warning", file, f"zero-area box {[x1, y1, x2, y2]} dropped", where))
         return None
