@@ -1,0 +1,55 @@
+"""``rcnn evaluate``: COCO box (and mask) AP and VOC mAP of a trained model on a data set split.
+
+    rcnn evaluate --weights runs/frcnn/last [--data PATH] [--split val] [--out metrics.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rcnn.commands.common import add_config_arguments
+
+
+def run(args: argparse.Namespace) -> int:
+    from rcnn.config import load_config
+    from rcnn.data.build import build_dataset
+    from rcnn.inference import evaluate_model
+    from rcnn.training.checkpoint import find_checkpoint, load_model, write_json
+    from rcnn.training.run import proposal_source
+
+    model, config, _ = load_model(args.weights)
+    if args.config is not None or args.overrides:  # data settings from another config / --set
+        config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
+    data_root = args.data or config.data.root
+    split = args.split or config.data.val_split
+    dataset = build_dataset(data_root, split, with_masks=config.model.name == "mask_rcnn", images_dir=config.data.images)
+    proposals_file = args.proposals or config.data.proposals_val
+    proposals = proposal_source(proposals_file) if proposals_file else None
+    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True)
+    print(metrics.pop("summary", ""))
+    print(f"VOC mAP@0.5 (area): {metrics['voc']['mAP']:.4f}   seconds/image: {metrics['seconds_per_image']:.3f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, metrics)
+        print(f"metrics written to {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="COCO AP and VOC mAP of a trained model",
+        description="Evaluate a checkpoint (its run directory, step directory or model.safetensors) on a "
+        "data set split: COCO box AP (and mask AP for Mask R-CNN) through pycocotools, and VOC mAP@0.5.",
+    )
+    parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--data", help="data set path (default: the config's data.root)")
+    parser.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
+    parser.add_argument("--proposals", help="proposals file for Fast R-CNN / R-CNN (default: data.proposals_val)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--out", help="write all metrics to this JSON file")
+    parser.set_defaults(func=run)

@@ -1,0 +1,359 @@
+"""The one training loop every model of the library uses.
+
+SGD with momentum and weight decay (or AdamW), linear warm-up then a step or cosine schedule,
+optional gradient clipping, mixed precision on CUDA, a tqdm progress bar with live losses,
+TensorBoard scalars and a ``metrics.jsonl`` log, periodic evaluation, atomic checkpoints every
+``checkpoint_every`` iterations, exact resumption (``resume=True`` continues from ``last`` with
+the same weights, optimiser, schedule, RNG and data order as if never stopped), a guard that
+skips and reports non-finite losses, and DDP when launched with ``torchrun`` (gloo on CPU, NCCL
+on CUDA), each process taking its own share of every global batch.
+
+The learning rate scales linearly with the total batch (Goyal et al., 2017): ``lr`` is meant for
+``lr_batch_size`` images per step (default: ``batch_size``), and the loop uses
+``lr * batch_size * world_size / lr_batch_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rcnn.config import TrainConfig
+from rcnn.data.transforms import collate_fn
+from rcnn.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
+
+Evaluator = Callable[[nn.Module], dict[str, Any]]
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did."""
+
+    iterations: int  # iteration reached (the total, counting resumed ones)
+    seconds: float  # wall time of this call's training steps
+    losses: dict[str, float]  # mean of each loss over the last ``log_every`` steps
+    skipped_steps: int  # steps skipped for a non-finite loss
+    metrics: dict[str, Any] = field(default_factory=dict)  # last evaluation
+    checkpoint: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the process's CUDA device when available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"train.device: {exc}") from None
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group when started by ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def lr_factor(iteration: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``iteration``: warm-up, then the schedule."""
+    if cfg.schedule == "step":
+        milestones = [s * cfg.iterations if s <= 1 else s for s in cfg.steps]
+        factor = cfg.gamma ** sum(iteration >= m for m in milestones)
+    elif cfg.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(iteration / cfg.iterations, 1.0)))
+    else:
+        factor = 1.0
+    if iteration < cfg.warmup_iterations:
+        alpha = iteration / cfg.warmup_iterations
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or AdamW over the trainable parameters.
+
+    Normalisation parameters and biases get no weight decay.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: every parameter of the model is frozen")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+class _BatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless, deterministic batches: epoch e is a permutation seeded by (seed, e).
+
+    Each element is ``(dataset index, item seed)``; the item seed drives that item's random
+    augmentation, so the data a given iteration sees does not depend on workers or restarts.
+    Under DDP, rank r takes the r-th slice of every global batch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_iteration: int, rank: int, world: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.rank, self.world = start_iteration, rank, world
+        self.global_batch = batch_size * world
+        if size < self.global_batch:
+            raise ValueError(
+                f"the training set has {size} images, fewer than one batch of {self.global_batch} "
+                "(train.batch_size x processes); lower train.batch_size"
+            )
+        self.per_epoch = size // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        iteration = self.start
+        while True:
+            epoch, step = divmod(iteration, self.per_epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=generator)
+            lo = step * self.global_batch + self.rank * self.batch_size
+            batch = order[lo : lo + self.batch_size].tolist()
+            yield [(index, (self.seed * 7919 + iteration) * 65_537 + pos) for pos, index in enumerate(batch)]
+            iteration += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for display
+        return 2**31
+
+
+class _SeededItems(Dataset):
+    """Fetch ``dataset[index]`` with the RNG seeded by the item seed (restored afterwards)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple:
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    proposals = None
+    if targets and "proposals" in targets[0]:
+        proposals = [t.pop("proposals") for t in targets]
+    return images, targets, proposals
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    evaluator: Evaluator | None = None,
+    resume: bool = False,
+    config_yaml: str | None = None,
+    class_names: Sequence[str] | None = None,
+    iterations: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` for ``cfg.iterations`` (or ``iterations``) steps.
+
+    Args:
+        model: a detector in the library's API (``model(images, targets[, proposals]) -> losses``).
+        dataset: items ``(image, target)``; a ``target["proposals"]`` is passed as proposals.
+        cfg: the ``train`` section of the config.
+        run_dir: where checkpoints (``step_*``, ``last``), ``metrics.jsonl`` and TensorBoard logs go.
+        evaluator: called with the model (in eval mode) every ``cfg.eval_every`` iterations and at
+            the end; returns a dict of metrics (numbers are logged).
+        resume: continue from ``run_dir/last`` if it exists.
+        config_yaml, class_names: stored with each checkpoint so it can be used on its own.
+        iterations: overrides ``cfg.iterations`` (the schedule still follows ``cfg.iterations``).
+        workers: data-loading processes.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    rank, world = distributed_context(device)
+    total = iterations or cfg.iterations
+    torch.manual_seed(cfg.seed + rank)
+    model.to(device)
+    model.train()
+    lr = cfg.lr * cfg.batch_size * world / (cfg.lr_batch_size or cfg.batch_size)
+    optimizer = build_optimizer(model, cfg, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    start = 0
+    if resume and (run_dir / "last").exists():
+        state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, scheduler=scheduler, restore_rng_state=True)
+        start = int(state["iteration"])
+        if world > 1:  # each process continues its own random stream
+            torch.manual_seed(cfg.seed + rank + 1000 * start)
+        log(f"resumed from {find_checkpoint(run_dir / 'last')} at iteration {start}")
+    elif resume:
+        log(f"no checkpoint in {run_dir} yet: starting from scratch")
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    use_amp = device.type == "cuda" and cfg.amp != "off"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loader = DataLoader(
+        _SeededItems(dataset),
+        batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world),  # type: ignore[arg-type]
+        collate_fn=collate_fn,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    is_main = rank == 0
+    writer = _tensorboard(run_dir) if is_main else None
+    metrics_log = (run_dir / "metrics.jsonl") if is_main else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    window: dict[str, list[float]] = {}
+    bad_in_a_row = skipped = 0
+    metrics: dict[str, Any] = {}
+    checkpoint: Path | None = None
+    elapsed = 0.0
+    bar = _progress(start, total, enabled=progress and is_main)
+
+    def save(iteration: int) -> Path | None:
+        if not is_main:
+            return None
+        return save_checkpoint(
+            run_dir, iteration, model, optimizer=optimizer, scheduler=scheduler, config_yaml=config_yaml,
+            class_names=list(class_names) if class_names else None, keep=cfg.keep_checkpoints,
+        )  # fmt: skip
+
+    def evaluate(iteration: int) -> dict[str, Any]:
+        if evaluator is None or not is_main:
+            return {}
+        model.eval()
+        try:
+            result = evaluator(model)
+        finally:
+            model.train()
+        _log_scalars(writer, metrics_log, iteration, {f"eval/{k}": v for k, v in _flat_numbers(result).items()})
+        return result
+
+    iteration = start
+    batches = iter(loader)
+    while iteration < total:
+        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
+            log(f"time budget of {cfg.time_budget_s:.0f} s reached at iteration {iteration}")
+            break
+        tic = time.perf_counter()
+        images, targets = next(batches)
+        images, targets, proposals = _to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            losses = train_model(images, targets, proposals) if proposals is not None else train_model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            skipped += 1
+            bad_in_a_row += 1
+            log(f"iteration {iteration}: non-finite loss ({', '.join(bad)}); step skipped, weights unchanged")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_a_row} non-finite losses in a row at iteration {iteration}: training diverged. "
+                    "Lower train.lr, raise train.warmup_iterations or set train.clip_grad_norm."
+                )
+        else:
+            bad_in_a_row = 0
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in losses.items():
+                window.setdefault(k, []).append(float(v.detach()))
+        scheduler.step()
+        iteration += 1
+        elapsed += time.perf_counter() - tic
+        if bar is not None:
+            bar.update(1)
+            if window:
+                bar.set_postfix({k.removeprefix("loss_"): f"{sum(v) / len(v):.3f}" for k, v in window.items()})
+        if iteration % cfg.log_every == 0 or iteration == total:
+            means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
+            _log_scalars(
+                writer, metrics_log, iteration,
+                {**{f"train/{k}": v for k, v in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
+                 "train/seconds": elapsed},
+            )  # fmt: skip
+            window = {k: v[-cfg.log_every :] for k, v in window.items()}
+        if iteration % cfg.checkpoint_every == 0 and iteration < total:
+            checkpoint = save(iteration)
+        if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total:
+            metrics = evaluate(iteration)
+    if bar is not None:
+        bar.close()
+    checkpoint = save(iteration) or checkpoint
+    if evaluator is not None:
+        metrics = evaluate(iteration)
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    final = {k: sum(v) / len(v) for k, v in window.items() if v}
+    return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint)
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _flat_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def _log_scalars(writer: Any, metrics_log: Path | None, iteration: int, values: dict[str, float]) -> None:
+    if writer is not None:
+        for key, value in values.items():
+            writer.add_scalar(key, value, iteration)
+    if metrics_log is not None:
+        with metrics_log.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"iteration": iteration, **values}) + "\n")

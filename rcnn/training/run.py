@@ -1,0 +1,158 @@
+"""From a config to a trained, evaluated model: what ``rcnn train``, ``rcnn demo`` and the
+benchmarks run.
+
+Shape shorthand:
+    P: proposals of an image
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from rcnn.config import Config, build_model, config_to_yaml
+from rcnn.data.build import build_dataset
+from rcnn.data.common import DetectionDataset
+from rcnn.data.transforms import Compose, RandomHorizontalFlip
+
+__all__ = ["TrainingSet", "prepare_data", "proposal_source", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingSet(Dataset):
+    """A data set for the training loop: optional proposals attached, then augmentation.
+
+    ``target["proposals"]`` (original image coordinates) is added before the transforms so that
+    a flip moves the proposals with the boxes.
+    """
+
+    def __init__(
+        self,
+        dataset: DetectionDataset,
+        transforms: Callable | None = None,
+        proposals: Callable[[int], Tensor] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.transforms = transforms
+        self.proposals = proposals
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image, target = self.dataset[index]
+        if self.proposals is not None:
+            target["proposals"] = self.proposals(int(target["image_id"]))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def proposal_source(path: str | os.PathLike) -> Callable[[int], Tensor]:
+    """``image_id -> proposals [P, 4]`` read from a proposals file (see docs/proposals.md)."""
+    from rcnn.proposals.io import load_proposals
+
+    proposals = load_proposals(path)
+    return lambda image_id: proposals[image_id]
+
+
+@dataclass
+class Data:
+    train: DetectionDataset
+    val: DetectionDataset | None
+
+
+def prepare_data(config: Config, *, need_train: bool = True, need_val: bool = True) -> Data:
+    """Build the train and val readers (generating the shapes set first when configured)."""
+    data = config.data
+    root = Path(data.root)
+    if data.shapes is not None and not (root / "annotations").is_dir():
+        from rcnn.data.shapes import make_shapes
+
+        logger.info("generating the shapes data set in %s", root)
+        make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed, image_size=data.shapes.image_size)
+    with_masks = config.model.name == "mask_rcnn"
+    train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, images_dir=data.images) if need_train else None
+    val = None
+    if need_val and data.val_split:
+        val = build_dataset(data.root, data.val_split, with_masks=with_masks, train=False, images_dir=data.images)
+    return Data(train, val)  # type: ignore[arg-type]
+
+
+def run_training(
+    config: Config,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the configured model on the configured data, evaluate on the val split.
+
+    Returns a summary: iterations, training seconds, final losses, evaluation metrics and the
+    checkpoint path.
+    """
+    from rcnn.inference import evaluate_model
+    from rcnn.training.loop import train
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.train.seed)
+    data = prepare_data(config)
+    model = build_model(config.model, data.train.num_classes)
+    if config.model.num_classes and config.model.num_classes != data.train.num_classes:
+        raise ValueError(
+            f"model.num_classes = {config.model.num_classes} but the training data has "
+            f"{data.train.num_classes - 1} classes + background"
+        )
+    train_proposals = proposal_source(config.data.proposals_train) if config.data.proposals_train else None
+    val_proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
+    if config.model.name in ("fast_rcnn", "rcnn") and (train_proposals is None or (data.val and val_proposals is None)):
+        raise ValueError(
+            f"model {config.model.name} needs proposals files: set data.proposals_train and data.proposals_val "
+            "(compute them with `rcnn proposals selective-search`)"
+        )
+    transforms = Compose([RandomHorizontalFlip(config.data.hflip)]) if config.data.hflip > 0 else None
+    training_set = TrainingSet(data.train, transforms, train_proposals)
+
+    evaluator = None
+    if evaluate and data.val is not None:
+        val_set = data.val
+
+        def evaluator(m: nn.Module) -> dict[str, Any]:
+            return evaluate_model(m, val_set, proposals=val_proposals)
+
+    common = dict(
+        evaluator=evaluator,
+        resume=resume,
+        config_yaml=config_to_yaml(config),
+        class_names=data.train.class_names,
+        workers=config.data.workers,
+        progress=progress,
+        log=log,
+    )
+    if config.train.scheme == "alternating":
+        from rcnn.training.alternating import train_alternating
+
+        result = train_alternating(model, training_set, config.train, out_dir, **common)
+    else:
+        result = train(model, training_set, config.train, out_dir, **common)
+    return {
+        "model": config.model.name,
+        "backbone": config.model.backbone,
+        "iterations": result.iterations,
+        "train_seconds": result.seconds,
+        "losses": result.losses,
+        "skipped_steps": result.skipped_steps,
+        "metrics": result.metrics,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }
