@@ -25,6 +25,10 @@ __all__ = ["Compose", "RandomHorizontalFlip", "Resize", "collate_fn", "resize_bo
 
 Target = dict[str, Any]
 
+# Target entries holding boxes that move with the image: the objects, and proposals attached for
+# Fast R-CNN / R-CNN training (``[P, 4]``, see rcnn.training.run.TrainingSet).
+BOX_KEYS = frozenset({"boxes", "proposals"})
+
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """``(H', W')`` with the shorter side ``min_size`` unless the longer would exceed ``max_size``.
@@ -83,8 +87,8 @@ class Resize:
             image[None], size=new_size, mode="bilinear", align_corners=False, antialias=shrinking
         )[0]  # [3, H', W']
         target = dict(target)
-        if "boxes" in target:
-            target["boxes"] = resize_boxes(target["boxes"], (height, width), new_size)
+        for key in BOX_KEYS & target.keys():
+            target[key] = resize_boxes(target[key], (height, width), new_size)
         if "masks" in target:
             masks = target["masks"]  # [N, H, W]
             target["masks"] = F.interpolate(masks[None].float(), size=new_size, mode="nearest")[0].to(masks.dtype)
@@ -108,11 +112,9 @@ class RandomHorizontalFlip:
         width = image.shape[-1]
         image = image.flip(-1)
         target = dict(target)
-        if "boxes" in target:
-            boxes = target["boxes"]  # [N, 4]
-            target["boxes"] = torch.stack(
-                (width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1
-            )
+        for key in BOX_KEYS & target.keys():
+            boxes = target[key]  # [N, 4]
+            target[key] = torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)  # [N, H, W]
         return image, target
