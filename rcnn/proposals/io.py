@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rcnn.boxes import check_boxes
+from rcnn.boxes import box_iou, check_boxes
 
 __all__ = [
     "FORMAT_NAME",
@@ -44,6 +44,7 @@ __all__ = [
     "ProposalsFile",
     "convert_proposals",
     "load_proposals",
+    "proposal_stats",
     "save_proposals",
 ]
 
@@ -359,3 +360,66 @@ def convert_proposals(
     proposals = load_proposals(source)
     boxes, scores = proposals.to_dicts()
     return save_proposals(destination, boxes, scores, settings if settings is not None else proposals.settings)
+
+
+def _ground_truth(dataset: Any, index: int) -> Tensor:
+    """The boxes ``[G, 4]`` of image ``index`` that recall counts (crowd / difficult ones left out)."""
+    if hasattr(dataset, "annotation"):  # the library's readers: no need to decode the image
+        target = dataset.annotation(index)
+    else:
+        target = dataset[index][1]
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    keep = torch.ones(boxes.shape[0], dtype=torch.bool)
+    for flag in ("iscrowd", "difficult"):
+        if flag in target:
+            keep &= ~torch.as_tensor(target[flag], dtype=torch.bool)
+    return boxes[keep]
+
+
+def proposal_stats(
+    proposals: ProposalsFile, dataset: Any | None = None, thresholds: Iterable[float] = (0.5, 0.7)
+) -> dict[str, Any]:
+    """Boxes per image and, given a data set, the recall of its ground-truth boxes.
+
+    Recall at ``t``: the fraction of ground-truth boxes (crowd and difficult ones excluded) that
+    some proposal of their image overlaps with IoU >= ``t``; ``mean_best_iou`` averages each gt
+    box's best IoU. Images are those of the data set (all must be in the file), else the file's.
+
+    Returns a dict: ``images``, ``boxes_per_image`` (``min``, ``mean``, ``median``, ``max``),
+    ``settings``; with a data set also ``gt_boxes``, ``recall`` ({threshold: fraction}) and
+    ``mean_best_iou``.
+    """
+    thresholds = tuple(float(t) for t in thresholds)
+    if dataset is not None:
+        proposals.check_covers(dataset.image_ids)
+        image_ids = [int(i) for i in dataset.image_ids]
+    else:
+        image_ids = proposals.image_ids
+    counts = np.array([proposals[i].shape[0] for i in image_ids], dtype=np.float64)
+    stats: dict[str, Any] = {
+        "images": len(image_ids),
+        "boxes_per_image": {
+            "min": int(counts.min()) if counts.size else 0,
+            "mean": float(counts.mean()) if counts.size else 0.0,
+            "median": float(np.median(counts)) if counts.size else 0.0,
+            "max": int(counts.max()) if counts.size else 0,
+        },
+        "settings": proposals.settings,
+    }
+    if dataset is None:
+        return stats
+    best: list[Tensor] = []
+    for index, image_id in enumerate(image_ids):
+        gt = _ground_truth(dataset, index)
+        boxes = proposals[image_id]
+        if gt.shape[0] == 0:
+            continue
+        if boxes.shape[0] == 0:
+            best.append(torch.zeros(gt.shape[0]))
+        else:
+            best.append(box_iou(gt, boxes).max(dim=1).values)  # [G]
+    best_iou = torch.cat(best) if best else torch.zeros(0)
+    stats["gt_boxes"] = int(best_iou.numel())
+    stats["recall"] = {t: float((best_iou >= t).float().mean()) if best_iou.numel() else float("nan") for t in thresholds}
+    stats["mean_best_iou"] = float(best_iou.mean()) if best_iou.numel() else float("nan")
+    return stats

@@ -42,7 +42,14 @@ from rcnn.boxes import clip_boxes, remove_small_boxes
 from rcnn.data.common import load_image
 from rcnn.proposals.io import ProposalsFile, load_proposals, save_proposals
 
-__all__ = ["SelectiveSearch", "compute_proposals", "selective_search"]
+__all__ = [
+    "SelectiveSearch",
+    "compute_proposals",
+    "dataset_items",
+    "ensure_dataset_proposals",
+    "selective_search",
+    "selective_search_file",
+]
 
 _MODES = ("fast", "quality")
 
@@ -152,15 +159,19 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_proposals: int =
     return SelectiveSearch(mode=mode, max_proposals=max_proposals, **options)(image)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB pixels of an image file (errors name the file)."""
+def selective_search_file(path: str | os.PathLike, search: SelectiveSearch | None = None) -> Tensor:
+    """Proposals ``[P, 4]`` float32 of an image file (default settings: ``SelectiveSearch()``).
+
+    The image is read with the data sets' reader (any mode converted to RGB; errors name the file).
+    """
     image = load_image(path)  # [3, H, W] float 0..1
-    return (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    pixels = (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # [H, W, 3]
+    return (search if search is not None else SelectiveSearch())(pixels)
 
 
 def _propose_one(search: SelectiveSearch, image_id: int, path: Path) -> np.ndarray:
     """Proposals ``[P, 4]`` float32 of one image file, as a numpy array (cheap to send between processes)."""
-    return search(_read_rgb(path)).numpy()
+    return selective_search_file(path, search).numpy()
 
 
 _WORKER_SEARCH: SelectiveSearch | None = None
@@ -293,3 +304,23 @@ def _collect(
         if time.monotonic() - last_save >= save_every_s:
             save_proposals(out_file, boxes, settings=settings)
             last_save = time.monotonic()
+
+
+def dataset_items(dataset: Any) -> list[tuple[int, Path]]:
+    """``(image_id, image_path)`` of every image of a data set (``image_ids`` and ``image_path(i)``)."""
+    return [(int(image_id), Path(dataset.image_path(i))) for i, image_id in enumerate(dataset.image_ids)]
+
+
+def ensure_dataset_proposals(
+    dataset: Any,
+    out_file: str | os.PathLike,
+    search: SelectiveSearch | None = None,
+    *,
+    workers: int = 2,
+    progress: bool = True,
+) -> ProposalsFile:
+    """The proposals of every image of ``dataset`` in ``out_file``, computed only where missing.
+
+    :func:`compute_proposals` over :func:`dataset_items`; see there for caching and resuming.
+    """
+    return compute_proposals(dataset_items(dataset), out_file, search, workers=workers, progress=progress)
