@@ -115,3 +115,16 @@ def test_json_and_npz_are_accepted_and_converted(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         load_proposals(bad)
+
+
+def test_file_written_from_plain_numpy_as_documented(tmp_path: Path) -> None:
+    """docs/proposals.md: any program writing safetensors can produce a proposals file."""
+    from safetensors.numpy import save_file as save_numpy
+
+    my_boxes = {1: [[0, 0, 4, 4], [1, 1, 3, 5]], 2: []}
+    tensors = {f"boxes/{i}": np.asarray(b, dtype=np.float32).reshape(-1, 4) for i, b in my_boxes.items()}
+    path = tmp_path / "mine.safetensors"
+    save_numpy(tensors, str(path), metadata={"format": "rcnn-proposals", "version": "1", "settings": json.dumps({"method": "mine"})})
+    proposals = load_proposals(path)
+    assert proposals.settings == {"method": "mine"} and proposals.image_ids == [1, 2]
+    assert proposals[1].tolist() == [[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 3.0, 5.0]] and proposals[2].shape == (0, 4)
