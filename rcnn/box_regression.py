@@ -28,7 +28,6 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -37,19 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from sklearn.linear_model import RidgeCV
 from torch import Tensor
 
 from rcnn.boxes import BoxCoder, box_iou
 from rcnn.matching import Matcher
+from rcnn.svm import read_model_file, write_model_file
 
 __all__ = ["DEFAULT_LAMBDAS", "BoxRegressors", "select_regression_examples"]
 
 # λ grid around R-CNN's 1000 (features of mean norm 20)
 DEFAULT_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 _WHITENING_EPS = 0.001  # added to the target covariance's eigenvalues, as R-CNN's code
+_FORMAT = "rcnn-box-regressors"
 
 
 def select_regression_examples(
@@ -258,8 +257,6 @@ class BoxRegressors:
         """Write the regressors (weights, biases, feature scale, chosen λ, settings) as safetensors."""
         if self.weights is None:
             raise ValueError("BoxRegressors: not trained yet, nothing to save")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "weights": torch.from_numpy(self.weights.copy()),  # [K, D, 4]
             "biases": torch.from_numpy(self.biases.copy()),  # [K, 4]
@@ -272,26 +269,16 @@ class BoxRegressors:
             "whiten_targets": self.whiten_targets, "target_norm": self.target_norm, "cv_folds": self.cv_folds,
             "box_coder_weights": list(self.box_coder.weights), "box_coder_clamp": self.box_coder.clamp,
         }  # fmt: skip
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "rcnn-box-regressors", "settings": json.dumps(settings)})
-        os.replace(tmp, path)
-        return path
+        return write_model_file(path, tensors, _FORMAT, {"settings": settings})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BoxRegressors:
         """Read regressors written by :meth:`save` (errors name the file)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: box regressor file not found")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable box regressor file ({exc})") from None
-        if metadata.get("format") != "rcnn-box-regressors" or "weights" not in tensors:
-            raise ValueError(f"{path}: not a box regressor file written by BoxRegressors.save")
-        settings = json.loads(metadata["settings"])
+        tensors, metadata = read_model_file(path, _FORMAT, "box regressor file")
+        names = {"weights", "biases", "feature_scale", "chosen_lambdas", "num_examples"}
+        if not names <= tensors.keys() or "settings" not in metadata:
+            raise ValueError(f"{path}: not a box regressor file written by BoxRegressors.save (entries missing)")
+        settings = dict(metadata["settings"])
         coder = BoxCoder(settings.pop("box_coder_weights"), settings.pop("box_coder_clamp"))
         regressors = cls(**settings, box_coder=coder)
         regressors.weights = tensors["weights"].numpy()

@@ -55,7 +55,51 @@ from tqdm import tqdm
 from rcnn.boxes import box_iou
 from rcnn.matching import hard_negatives
 
-__all__ = ["ClassSVMs", "ImageRegions", "MiningRecord", "class_overlaps", "mean_feature_norm"]
+__all__ = [
+    "ClassSVMs",
+    "ImageRegions",
+    "MiningRecord",
+    "class_overlaps",
+    "mean_feature_norm",
+    "read_model_file",
+    "write_model_file",
+]
+
+
+def write_model_file(path: str | os.PathLike, tensors: dict[str, Tensor], file_format: str, metadata: dict[str, Any]) -> Path:
+    """Write ``tensors`` and JSON ``metadata`` to a safetensors file atomically (temp file + rename).
+
+    Used for the R-CNN parts trained outside the network (SVMs, box regressors); ``file_format``
+    is stored and checked by :func:`read_model_file`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strings = {"format": file_format, **{key: json.dumps(value) for key, value in metadata.items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=strings)
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_file(path: str | os.PathLike, file_format: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a file written by :func:`write_model_file` with ``file_format``.
+
+    ``what`` names the content in errors ("SVM file"): ``FileNotFoundError`` for a missing file,
+    ``ValueError`` naming the file for a damaged or foreign one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            strings = handle.metadata() or {}
+        tensors = load_file(str(path))
+        if strings.get("format") != file_format:
+            raise ValueError(f"format {strings.get('format')!r}, expected {file_format!r}")
+        metadata = {key: json.loads(value) for key, value in strings.items() if key != "format"}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable {what} ({exc})") from None
+    return tensors, metadata
 
 
 def class_overlaps(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -158,6 +202,9 @@ def mean_feature_norm(source: Sequence[ImageRegions], max_images: int = 200, max
     if norms_all.size == 0 or not norms_all.mean() > 0:
         raise ValueError("mean_feature_norm: the feature source has no non-zero features")
     return float(norms_all.mean())
+
+
+_SVM_FORMAT = "rcnn-class-svms"
 
 
 class _Cache:
@@ -437,8 +484,6 @@ class ClassSVMs:
     def save(self, path: str | os.PathLike) -> Path:
         """Write weights, biases, the feature scale, the settings and the history (safetensors)."""
         weights, biases = self._check_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "weights": torch.from_numpy(weights.copy()),  # [D, K]
             "biases": torch.from_numpy(biases.copy()),  # [K]
@@ -449,35 +494,20 @@ class ClassSVMs:
             "bias_multiplier": self.bias_multiplier, "target_norm": self.target_norm,
             "max_iter": self.max_iter, "tol": self.tol,
         }  # fmt: skip
-        metadata = {
-            "format": "rcnn-class-svms",
-            "settings": json.dumps(settings),
-            "history": json.dumps([asdict(r) for r in self.history]),
-        }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        history = [asdict(r) for r in self.history]
+        return write_model_file(path, tensors, _SVM_FORMAT, {"settings": settings, "history": history})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassSVMs:
         """Read SVMs written by :meth:`save` (errors name the file)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: SVM file not found")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable SVM file ({exc})") from None
-        if metadata.get("format") != "rcnn-class-svms" or not {"weights", "biases", "feature_scale"} <= tensors.keys():
-            raise ValueError(f"{path}: not an SVM file written by ClassSVMs.save")
-        svms = cls(**json.loads(metadata["settings"]))
+        tensors, metadata = read_model_file(path, _SVM_FORMAT, "SVM file")
+        if not {"weights", "biases", "feature_scale"} <= tensors.keys() or "settings" not in metadata:
+            raise ValueError(f"{path}: not an SVM file written by ClassSVMs.save (entries missing)")
+        svms = cls(**metadata["settings"])
         svms.weights = tensors["weights"].numpy().astype(np.float32)
         svms.biases = tensors["biases"].numpy().astype(np.float32)
         svms.feature_scale = float(tensors["feature_scale"][0])
-        svms.history = [MiningRecord(**r) for r in json.loads(metadata.get("history", "[]"))]
+        svms.history = [MiningRecord(**r) for r in metadata.get("history", [])]
         if svms.weights.shape != (svms.weights.shape[0], svms.num_classes - 1) or svms.biases.shape != (svms.num_classes - 1,):
             raise ValueError(f"{path}: weights {list(svms.weights.shape)} / biases {list(svms.biases.shape)} do not fit {svms.num_classes} classes")
         return svms
