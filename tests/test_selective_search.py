@@ -75,6 +75,10 @@ def test_bad_inputs() -> None:
         SelectiveSearch(mode="slow")
     with pytest.raises(ValueError, match="max_proposals"):
         SelectiveSearch(max_proposals=0)
+    with pytest.raises(ValueError, match="no images"):
+        compute_proposals([], "unused.safetensors", progress=False)
+    with pytest.raises(ValueError, match="image id 3 appears twice"):
+        compute_proposals([(3, "a.png"), (3, "b.png")], "unused.safetensors", progress=False)
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ Shape shorthand:
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import multiprocessing
 import os
@@ -54,16 +55,23 @@ __all__ = [
 _MODES = ("fast", "quality")
 
 
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):  # no dlopen(NULL) (e.g. Windows)
+        return None
+
+
 def _seed_c_rand(seed: int) -> None:
     """Seed the C library's ``rand()``, which OpenCV's selective search uses to rank regions.
 
     Without it the order of the boxes (hence which ones survive ``max_proposals``) changes from
     call to call. Where the C library cannot be reached the order stays unseeded.
     """
-    try:
-        ctypes.CDLL(None).srand(ctypes.c_uint(seed))
-    except (OSError, AttributeError, TypeError):  # no dlopen(NULL) (e.g. Windows)
-        pass
+    library = _c_library()
+    if library is not None and hasattr(library, "srand"):
+        library.srand(ctypes.c_uint(seed))
 
 
 @dataclass(frozen=True)
@@ -258,6 +266,8 @@ def compute_proposals(
     search = search if search is not None else SelectiveSearch()
     out_file = Path(out_file)
     todo = _check_items(items)
+    if not todo:
+        raise ValueError(f"compute_proposals: no images given for {out_file}")
     settings = search.settings()
     existing = _open_cache(out_file, settings)
     if existing is not None:
