@@ -157,14 +157,16 @@ class SelectiveSearch:
         return proposals[: self.max_proposals].contiguous()  # [P, 4]
 
 
-def selective_search(image: np.ndarray, mode: str = "fast", max_proposals: int = 2000, **options: Any) -> Tensor:
-    """Proposals ``[P, 4]`` float32 for one ``[H, W, 3]`` uint8 RGB image.
+def selective_search(
+    image: np.ndarray, mode: str = "fast", max_proposals: int = 2000, min_size: float = 4.0, **options: Any
+) -> Tensor:
+    """Proposals ``[P, 4]`` float32 (x1, y1, x2, y2) for one ``[H, W, 3]`` uint8 RGB image.
 
-    A shortcut for ``SelectiveSearch(mode=mode, max_proposals=max_proposals, **options)(image)``;
-    see :class:`SelectiveSearch` for ``min_size``, ``max_side``, ``base_k``, ``inc_k``,
-    ``sigma`` and ``seed``.
+    A shortcut for ``SelectiveSearch(mode=mode, max_proposals=max_proposals, min_size=min_size,
+    **options)(image)``; see :class:`SelectiveSearch` for the arguments and ``max_side``,
+    ``base_k``, ``inc_k``, ``sigma`` and ``seed``.
     """
-    return SelectiveSearch(mode=mode, max_proposals=max_proposals, **options)(image)
+    return SelectiveSearch(mode=mode, max_proposals=max_proposals, min_size=min_size, **options)(image)
 
 
 def selective_search_file(path: str | os.PathLike, search: SelectiveSearch | None = None) -> Tensor:
