@@ -2,5 +2,6 @@
 
 from rcnn.models.base import TwoStageDetector
 from rcnn.models.faster_rcnn import FasterRCNN, faster_rcnn
+from rcnn.models.mask_rcnn import MaskRCNN, mask_rcnn
 
-__all__ = ["FasterRCNN", "TwoStageDetector", "faster_rcnn"]
+__all__ = ["FasterRCNN", "MaskRCNN", "TwoStageDetector", "faster_rcnn", "mask_rcnn"]

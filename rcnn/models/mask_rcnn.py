@@ -1,0 +1,147 @@
+"""Mask R-CNN (He et al., 2017): Faster R-CNN with RoIAlign and a mask branch beside the box branch.
+
+    image -> backbone -> RPN -> proposals --+
+                  \\------------------------ RoIAlign 7x7  -> box head -> cls (K+1) / bbox (4K)
+                   \\----------------------- RoIAlign 14x14 -> mask head -> K masks 28x28 (sigmoid)
+
+Compared with Faster R-CNN two things change: RoI pooling becomes RoIAlign (no quantisation,
+§3), for the box branch as for the mask branch, and the mask branch (``rcnn.masks``) is added,
+trained with L = L_cls + L_box + L_mask. Everything else is Faster R-CNN's, reused unchanged.
+At test time the box branch's final detections go through the mask branch, and each one's
+mask (its predicted class's channel) is pasted into the original image at its box.
+
+Shape shorthand:
+    N: images;  G: gt objects of an image;  D: detections of an image;  H, W: original image size
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rcnn.backbones import Backbone, build_backbone
+from rcnn.masks import MASK_THRESHOLD, MaskBranch, MaskSettings, paste_masks
+from rcnn.models.faster_rcnn import FasterRCNN, _override, default_settings
+from rcnn.models.transform import ImageBatch, validate_images
+
+__all__ = ["MaskRCNN", "mask_rcnn", "validate_masks"]
+
+
+def validate_masks(images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
+    """Raise a ``ValueError`` naming the image unless each target has ``masks [G, H, W]`` uint8/bool
+    matching its image's size and its number of boxes."""
+    for i, (image, target) in enumerate(zip(images, targets)):
+        masks = target.get("masks") if isinstance(target, dict) else None
+        if not isinstance(masks, Tensor):
+            raise ValueError(
+                f"targets[{i}]: Mask R-CNN needs 'masks' [G, H, W] uint8 (load the data set with with_masks=True)"
+            )
+        num_boxes = len(target["boxes"]) if isinstance(target.get("boxes"), Tensor) else None
+        expected = [num_boxes, *image.shape[1:]]
+        if masks.dim() != 3 or list(masks.shape) != expected:
+            raise ValueError(
+                f"targets[{i}]['masks']: expected [G, H, W] = {expected} (one mask per box, the image's "
+                f"size), got {list(masks.shape)}"
+            )
+        if masks.dtype not in (torch.uint8, torch.bool):
+            raise ValueError(f"targets[{i}]['masks']: expected uint8 or bool 0/1 masks, got {masks.dtype}")
+
+
+class MaskRCNN(FasterRCNN):
+    """Mask R-CNN: :class:`FasterRCNN` + :class:`rcnn.masks.MaskBranch`, RoIAlign by default.
+
+    Args:
+        backbone, num_classes, min_size, max_size, anchor_sizes, aspect_ratios, rpn, roi,
+            sampling_ratio: as for :class:`FasterRCNN`.
+        pooler: ``"align"`` (RoIAlign, the default here) or ``"pool"`` (RoI max pooling) for the
+            box branch, and for the mask branch unless ``mask.pooler`` says otherwise; ``"pool"``
+            for both is the paper's RoIPool ablation (Table 2c).
+        mask: :class:`rcnn.masks.MaskSettings` (14 x 14 input, 4 x 256 convs, 28 x 28 masks).
+        mask_probabilities: output float mask probabilities instead of binary masks (the
+            attribute of the same name may be changed later).
+
+    Eval mode adds ``masks [D, 1, H, W]`` at the original image size to each output: uint8 0/1
+    (probability >= 0.5, §3.1) or, with ``mask_probabilities``, float probabilities.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        pooler: str | None = "align",
+        sampling_ratio: int = 2,
+        mask: MaskSettings | None = None,
+        mask_probabilities: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if "mask_branch" in kwargs:
+            raise ValueError("MaskRCNN builds its own mask branch; configure it with mask=MaskSettings(...)")
+        pooler = pooler or "align"  # None: Mask R-CNN's own choice, RoIAlign (§3)
+        m = mask or MaskSettings()
+        branch = MaskBranch(
+            backbone.out_channels,
+            num_classes,
+            backbone.pool_strides,
+            pool_size=m.pool_size,
+            pooler=m.pooler or pooler,
+            num_convs=m.num_convs,
+            channels=m.channels,
+            sampling_ratio=sampling_ratio,
+        )
+        super().__init__(
+            backbone, num_classes, pooler=pooler, sampling_ratio=sampling_ratio, mask_branch=branch, **kwargs
+        )
+        self.mask_probabilities = bool(mask_probabilities)
+
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Any]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """As :meth:`TwoStageDetector.forward`; training targets must also have ``masks [G, H, W]``."""
+        if self.training and targets is not None and self.train_mode != "rpn":
+            validate_images(images)
+            validate_masks(images, targets)
+        return super().forward(images, targets, proposals)
+
+    def finalize(self, detections: list[dict[str, Tensor]], batch: ImageBatch) -> list[dict[str, Tensor]]:
+        """Map boxes back to the original images, then paste each mask there at its box."""
+        detections = super().finalize(detections, batch)
+        threshold = None if self.mask_probabilities else MASK_THRESHOLD
+        for det, size in zip(detections, batch.original_sizes):
+            det["masks"] = paste_masks(det.pop("mask_probs"), det["boxes"], size, threshold)[:, None]  # [D, 1, H, W]
+        return detections
+
+
+def mask_rcnn(
+    backbone: str | Backbone = "tiny",
+    num_classes: int = 91,
+    *,
+    pretrained_backbone: str | os.PathLike | None = None,
+    trainable_stages: int | None = None,
+    rpn: dict[str, Any] | None = None,
+    roi: dict[str, Any] | None = None,
+    mask: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> MaskRCNN:
+    """Build a :class:`MaskRCNN` from a backbone name, with settings overridden by dicts.
+
+    Example: ``mask_rcnn("resnet50_fpn", 81, pretrained_backbone="resnet50.pth", mask={"pooler": "pool"})``.
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
+    default_rpn, default_roi, _ = default_settings(backbone)
+    return MaskRCNN(
+        backbone,
+        num_classes,
+        rpn=_override(default_rpn, rpn, "rpn"),
+        roi=_override(default_roi, roi, "roi"),
+        mask=_override(MaskSettings(), mask, "mask"),
+        **kwargs,
+    )
