@@ -4,7 +4,7 @@ A checkpoint is a directory ``step_000500/`` inside the run directory holding
 
 - ``model.safetensors``: the model's weights;
 - ``optimizer.safetensors``: the optimiser's tensors (momentum buffers ...), when training;
-- ``state.json``: iteration, scheduler and RNG states, the optimiser's non-tensor state;
+- ``state.json``: iteration, base learning rate, RNG states, the optimiser's non-tensor state;
 - ``config.yaml`` and ``classes.json``: what is needed to rebuild the model for inference.
 
 Files are written to a temporary directory that is renamed into place when complete, and the
@@ -121,7 +121,6 @@ def save_checkpoint(
     model: nn.Module,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
     extra_state: dict[str, Any] | None = None,
     config_yaml: str | None = None,
     class_names: list[str] | None = None,
@@ -143,8 +142,6 @@ def save_checkpoint(
         save_file({**tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
         state["optimizer"] = meta
         state["rng"] = rng_meta
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
     write_json(tmp / "state.json", state)
     if config_yaml is not None:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -183,16 +180,19 @@ def load_checkpoint(
     model: nn.Module,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
     restore_rng_state: bool = False,
 ) -> dict[str, Any]:
-    """Load weights (and optionally optimiser, scheduler, RNG) from a checkpoint; return its state."""
+    """Load weights (and optionally the optimiser and RNG states) from a checkpoint; return its state."""
     ckpt = find_checkpoint(path)
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
     except Exception as exc:
         raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = str(exc).split("\n\t", 1)[-1].replace("\n\t", "; ")
+        raise ValueError(f"{ckpt}: weights do not fit this model ({detail}); was it trained with another config?") from None
     # keys missing only because their tensor is shared with a stored key (stored once) are fine
     own = model.state_dict()
     loaded_ptrs = {own[k].data_ptr() for k in weights if k in own and own[k].numel()}
@@ -210,8 +210,6 @@ def load_checkpoint(
             optimizer.load_state_dict(_join_optimizer_state(optim_tensors, state["optimizer"]))
         if restore_rng_state:
             restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
     return state
 
 

@@ -203,10 +203,9 @@ def train(
     model.train()
     lr = cfg.lr * cfg.batch_size * world / (cfg.lr_batch_size or cfg.batch_size)
     optimizer = build_optimizer(model, cfg, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     start = 0
     if resume and (run_dir / "last").exists():
-        state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, scheduler=scheduler, restore_rng_state=True)
+        state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, restore_rng_state=True)
         start = int(state["iteration"])
         if world > 1:  # each process continues its own random stream
             torch.manual_seed(cfg.seed + rank + 1000 * start)
@@ -224,6 +223,7 @@ def train(
         _SeededItems(dataset),
         batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world),  # type: ignore[arg-type]
         collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
@@ -243,7 +243,7 @@ def train(
         if not is_main:
             return None
         return save_checkpoint(
-            run_dir, iteration, model, optimizer=optimizer, scheduler=scheduler, config_yaml=config_yaml,
+            run_dir, iteration, model, optimizer=optimizer, extra_state={"lr": lr}, config_yaml=config_yaml,
             class_names=list(class_names) if class_names else None, keep=cfg.keep_checkpoints,
         )  # fmt: skip
 
@@ -265,6 +265,8 @@ def train(
             log(f"time budget of {cfg.time_budget_s:.0f} s reached at iteration {iteration}")
             break
         tic = time.perf_counter()
+        for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
+            group["lr"] = lr * lr_factor(iteration, cfg)
         images, targets = next(batches)
         images, targets, proposals = _to_device(images, targets, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -291,7 +293,6 @@ def train(
             scaler.update()
             for k, v in losses.items():
                 window.setdefault(k, []).append(float(v.detach()))
-        scheduler.step()
         iteration += 1
         elapsed += time.perf_counter() - tic
         if bar is not None:
