@@ -217,8 +217,24 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+# The ModelConfig fields each model's builder takes (beyond backbone, classes and weights). R-CNN
+# warps regions from the original image (no resizing, no RoI pooling): its options are in ``extra``.
+_DETECTOR_FIELDS = ("min_size", "max_size", "pooler", "sampling_ratio", "roi")
+_RPN_FIELDS = ("anchor_sizes", "aspect_ratios", "rpn")
+MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "rcnn": (),
+    "fast_rcnn": _DETECTOR_FIELDS,
+    "faster_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS,
+    "mask_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS + ("mask",),
+}
+
+
 def build_model(model: ModelConfig, num_classes: int | None = None):  # -> nn.Module
-    """The detector a :class:`ModelConfig` describes, with ``num_classes`` = K + 1."""
+    """The detector a :class:`ModelConfig` describes, with ``num_classes`` = K + 1.
+
+    Each builder gets the fields of ``MODEL_FIELDS[model.name]`` and ``model.extra``; a field set
+    away from its default for a model that does not use it is an error (it would be ignored).
+    """
     num_classes = model.num_classes or num_classes
     if num_classes is None:
         raise ValueError("model.num_classes is not set and no training data gives it")
@@ -227,21 +243,27 @@ def build_model(model: ModelConfig, num_classes: int | None = None):  # -> nn.Mo
     builder = getattr(models, model.name, None)
     if builder is None:
         raise ValueError(f"model {model.name!r} is not available in this installation")
+    accepted = MODEL_FIELDS[model.name]
+    defaults = ModelConfig()
+    for name in sorted(set().union(*MODEL_FIELDS.values()) - set(accepted)):
+        if getattr(model, name) != getattr(defaults, name):
+            users = ", ".join(m for m, fields in MODEL_FIELDS.items() if name in fields)
+            raise ValueError(f"model.{name} does not apply to {model.name} (only to {users}); remove it from the config")
+    clashing = sorted(set(model.extra) & (set(ModelConfig.model_fields) - {"extra"}))
+    if clashing:
+        raise ValueError(f"model.extra.{clashing[0]}: set model.{clashing[0]} instead")
     kwargs: dict[str, Any] = dict(
-        pretrained_backbone=model.pretrained_backbone,
-        trainable_stages=model.trainable_stages,
-        min_size=model.min_size,
-        max_size=model.max_size,
-        aspect_ratios=tuple(model.aspect_ratios),
-        sampling_ratio=model.sampling_ratio,
-        rpn=model.rpn,
-        roi=model.roi,
-        **model.extra,
+        pretrained_backbone=model.pretrained_backbone, trainable_stages=model.trainable_stages, **model.extra
     )
-    if model.anchor_sizes is not None:
-        kwargs["anchor_sizes"] = [tuple(level) for level in model.anchor_sizes]
-    if model.pooler is not None:
-        kwargs["pooler"] = model.pooler
-    if model.mask:
-        kwargs["mask"] = model.mask
+    for name in accepted:
+        value = getattr(model, name)
+        if name in ("pooler", "anchor_sizes") and value is None:
+            continue  # the builder's per-backbone default
+        if name == "mask" and not value:
+            continue
+        if name == "anchor_sizes":
+            value = [tuple(level) for level in value]
+        elif name == "aspect_ratios":
+            value = tuple(value)
+        kwargs[name] = value
     return builder(model.backbone, num_classes, **kwargs)

@@ -1,0 +1,163 @@
+"""Fast R-CNN (Girshick, 2015): one conv pass per image, RoI pooling, and a jointly trained head.
+
+    image -> backbone (conv layers) -> feature map --+
+    proposals (selective search, from a file) -------+-> RoI pooling 7x7 -> fc6 -> fc7 -> cls (K+1) / bbox (4K)
+
+Compared with R-CNN (``rcnn.models.rcnn``), the CNN runs once on the whole image instead of
+once per warped region, the last max pool becomes RoI max pooling (§2.1), and the SVMs and ridge
+regressors become two sibling layers trained with the CNN under one multi-task loss (smooth L1
+with the ``[u >= 1]`` indicator, §2.3). The proposals still come from outside the network: a
+proposals file (docs/proposals.md), given to ``model(images, targets, proposals=...)``.
+
+Everything after the proposals is :class:`rcnn.heads.RoIHeads` — Faster R-CNN later swaps only
+the proposal source. Hierarchical sampling (§2.3: N = 2 images x R/N = 64 RoIs, 25 % foreground)
+is the training loop's ``batch_size: 2`` with the heads' ``batch_size_per_image: 64``.
+
+Truncated SVD (§3.1): at test time the fc layers dominate the cost when there are many RoIs, so
+each ``u x v`` weight matrix ``W ≈ U_t Σ_t V_tᵀ`` is replaced by two layers, ``Σ_t V_tᵀ``
+(``t x v``, no bias) then ``U_t`` (``u x t``, the original bias): ``t (u + v)`` parameters
+instead of ``u v``. The paper keeps the top 1024 singular values of fc6 and 256 of fc7.
+
+Shape shorthand:
+    u, v: output and input features of a fully connected layer;  t: kept singular values
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcnn.backbones import Backbone, build_backbone
+from rcnn.heads import RoIHeads, RoIHeadSettings
+from rcnn.models.base import TwoStageDetector
+from rcnn.models.faster_rcnn import _override, default_settings
+from rcnn.models.transform import DetectionTransform
+from rcnn.ops import RoIPooler
+
+__all__ = ["FastRCNN", "compress_box_head", "fast_rcnn", "truncated_svd"]
+
+
+def truncated_svd(linear: nn.Linear, rank: int) -> nn.Sequential:
+    """``linear`` (weight ``[u, v]``) as two layers through ``rank`` (t) singular values (§3.1).
+
+    The first layer has weight ``Σ_t V_tᵀ [t, v]`` and no bias, the second ``U_t [u, t]`` and the
+    original bias. At ``rank = min(u, v)`` the product is ``W`` itself (up to rounding).
+    """
+    out_features, in_features = linear.weight.shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(
+            f"truncated SVD rank must lie in 1..{min(out_features, in_features)} for a "
+            f"{in_features} -> {out_features} layer, got {rank}"
+        )
+    weight = linear.weight.detach().double()  # [u, v]
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # [u, m], [m], [m, v]
+    first = nn.Linear(in_features, rank, bias=False)
+    second = nn.Linear(rank, out_features, bias=linear.bias is not None)
+    dtype, device = linear.weight.dtype, linear.weight.device
+    with torch.no_grad():
+        first.weight.copy_((s[:rank, None] * vh[:rank]).to(dtype))  # [t, v]
+        second.weight.copy_(u[:, :rank].to(dtype))  # [u, t]
+        if linear.bias is not None:
+            second.bias.copy_(linear.bias.detach())
+    return nn.Sequential(first, second).to(device)
+
+
+def compress_box_head(box_head: nn.Module, ranks: Sequence[int | None]) -> list[dict[str, Any]]:
+    """Replace the box head's fully connected layers, in order (fc6, fc7), by truncated SVDs.
+
+    ``ranks[i]`` is the number of singular values kept for the i-th ``nn.Linear`` of the head
+    (``None``: leave it). Works for any head made of ``nn.Linear`` layers: VGG16's and AlexNet's
+    fc6/fc7 (:class:`rcnn.backbones.ClassifierHead`) and the 2-fc MLP head. Returns one report
+    per replaced layer: name, rank, parameters before and after, and the fraction of the squared
+    singular values (the Frobenius energy of the weight) kept.
+    """
+    linears = [(name, module) for name, module in box_head.named_modules() if isinstance(module, nn.Linear)]
+    if len(linears) < len(ranks):
+        raise ValueError(
+            f"the box head has {len(linears)} fully connected layer(s), not the {len(ranks)} to compress "
+            "(a convolutional head such as ResNet's res5 has no fc6/fc7)"
+        )
+    reports = []
+    for (name, linear), rank in zip(linears, ranks):
+        if rank is None:
+            continue
+        singular = torch.linalg.svdvals(linear.weight.detach().double())
+        factored = truncated_svd(linear, int(rank))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(box_head.get_submodule(parent_name) if parent_name else box_head, attr, factored)
+        reports.append(
+            {
+                "layer": name,
+                "rank": int(rank),
+                "params_before": sum(p.numel() for p in linear.parameters()),
+                "params_after": sum(p.numel() for p in factored.parameters()),
+                "energy_kept": float((singular[:rank] ** 2).sum() / (singular**2).sum().clamp(min=1e-30)),
+            }
+        )
+    return reports
+
+
+class FastRCNN(TwoStageDetector):
+    """Fast R-CNN: backbone + RoI heads on external proposals (no RPN).
+
+    Args:
+        backbone: a :class:`rcnn.backbones.Backbone`; its box head is fc6/fc7.
+        num_classes: K + 1 (background included).
+        min_size, max_size: image rescaling (600 / 1000, §2.3); a tuple of ``min_size`` draws one
+            per image in training (multi-scale, §5.2).
+        roi: RoI-head settings; default the paper's (64 RoIs per image, 25 % foreground with
+            IoU >= 0.5, background [0.1, 0.5), per-class NMS 0.3) on single-level backbones.
+        pooler: ``"pool"`` (RoI max pooling, §2.1 — the default on single-level backbones) or
+            ``"align"``.
+        sampling_ratio: RoIAlign's samples per bin side.
+
+    ``model(images, targets, proposals=...)``: see :class:`rcnn.models.base.TwoStageDetector`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        min_size: int | Sequence[int] = 600,
+        max_size: int = 1000,
+        roi: RoIHeadSettings | None = None,
+        pooler: str | None = None,
+        sampling_ratio: int = 2,
+    ) -> None:
+        _, default_roi, default_pooler = default_settings(backbone)
+        roi_pooler = RoIPooler(backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio)
+        roi_heads = RoIHeads(roi_pooler, backbone.box_head, num_classes, roi or default_roi)
+        super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=None)
+
+    def compress_fc(self, fc6_rank: int | None = 1024, fc7_rank: int | None = 256) -> list[dict[str, Any]]:
+        """Truncated SVD of fc6 and fc7 for faster detection (§3.1: top 1024 and 256 singular values).
+
+        Meant for a trained model at test time (after this, the two factors would be trained
+        separately). Returns :func:`compress_box_head`'s reports.
+        """
+        return compress_box_head(self.roi_heads.box_head, (fc6_rank, fc7_rank))
+
+
+def fast_rcnn(
+    backbone: str | Backbone = "tiny",
+    num_classes: int = 21,
+    *,
+    pretrained_backbone: str | os.PathLike | None = None,
+    trainable_stages: int | None = None,
+    roi: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> FastRCNN:
+    """Build a :class:`FastRCNN` from a backbone name, with RoI-head settings overridden by a dict.
+
+    Example: ``fast_rcnn("vgg16", 21, pretrained_backbone="vgg16.pth", trainable_stages=3)``
+    (VGG16 fine-tuned from conv3_1 up, §4.5).
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
+    _, default_roi, _ = default_settings(backbone)
+    return FastRCNN(backbone, num_classes, roi=_override(default_roi, roi, "roi"), **kwargs)
