@@ -35,7 +35,7 @@ __all__ = [
     "Backbone",
     "LoadReport",
     "build_backbone",
-    "fold_frozen_batchnorm",
+    "fold_batchnorm",
     "load_pretrained",
 ]
 
@@ -412,28 +412,35 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike) -> LoadReport:
     return LoadReport(loaded=sorted(mapped), missing=missing, unexpected=unexpected)
 
 
-def fold_frozen_batchnorm(module: nn.Module) -> int:
-    """Fold each ``FrozenBatchNorm2d`` that directly follows a ``Conv2d`` into that conv.
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold each BatchNorm that directly follows a ``Conv2d`` into that conv, for inference.
 
-    A frozen BatchNorm is a fixed per-channel affine map, so ``bn(conv(x))`` equals a single
-    conv with rescaled weights and a bias: same outputs, one pass over the activations fewer.
-    Used for inference only (the folded conv is not meant to be trained further with the
-    BatchNorm semantics). Returns the number of layers folded.
+    At inference a BatchNorm (frozen, or ordinary in eval mode) is a fixed per-channel affine
+    map of its running statistics, so ``bn(conv(x))`` equals one conv with rescaled weights and
+    a bias: the same outputs with one pass over the activations fewer. The folded model must
+    not be trained further. Returns the number of layers folded.
     """
     folded = 0
     for parent in module.modules():
         names = list(parent._modules)
         for prev_name, name in zip(names, names[1:]):
             conv, bn = parent._modules[prev_name], parent._modules[name]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # [C]
-                bias = bn.bias - bn.running_mean * scale
-                with torch.no_grad():
-                    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                    if conv.bias is None:
-                        conv.bias = nn.Parameter(bias.clone(), requires_grad=conv.weight.requires_grad)
-                    else:
-                        conv.bias.copy_(conv.bias * scale + bias)
-                parent._modules[name] = nn.Identity()
-                folded += 1
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or bn.running_var is None:  # batch statistics only: not foldable
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)  # [C]
+            if bn.weight is not None:
+                scale = bn.weight * scale
+            bias = -bn.running_mean * scale
+            if bn.bias is not None:
+                bias = bias + bn.bias
+            with torch.no_grad():
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+                else:
+                    conv.bias.copy_(conv.bias * scale + bias)
+            parent._modules[name] = nn.Identity()
+            folded += 1
     return folded

@@ -6,7 +6,7 @@ import torchvision
 from safetensors.torch import save_file
 from torchvision.ops import FrozenBatchNorm2d
 
-from rcnn.backbones import BACKBONES, build_backbone, fold_frozen_batchnorm, load_pretrained
+from rcnn.backbones import BACKBONES, build_backbone, fold_batchnorm, load_pretrained
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -84,20 +84,21 @@ def test_freeze_stages():
         build_backbone("tiny", trainable_stages=9)
 
 
-def test_fold_frozen_batchnorm_keeps_outputs():
-    backbone = build_backbone("mobilenet_v3_fpn", norm="frozen").eval()
+@pytest.mark.parametrize("norm", ["frozen", "bn"])
+def test_fold_batchnorm_keeps_outputs(norm):
+    backbone = build_backbone("mobilenet_v3_fpn", norm=norm).eval()
     g = torch.Generator().manual_seed(0)
     for m in backbone.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
             m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     x = torch.rand(1, 3, 96, 96, generator=g)
     with torch.no_grad():
         before = backbone(x)
-        assert fold_frozen_batchnorm(backbone) > 40
+        assert fold_batchnorm(backbone) > 40
         after = backbone(x)
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in backbone.modules())
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

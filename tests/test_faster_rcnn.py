@@ -112,3 +112,21 @@ def test_training_needs_targets_and_modes():
     with pytest.raises(ValueError, match="train_mode"):
         model.set_train_mode("both")
     assert isinstance(model, FasterRCNN)
+
+
+def test_optimize_for_inference_keeps_outputs(shapes_train):
+    torch.manual_seed(0)
+    model = faster_rcnn("tiny", shapes_train.num_classes, min_size=128, max_size=128).train()
+    for _ in range(2):  # give BatchNorm non-trivial running statistics
+        model([shapes_train[i][0] for i in range(2)], [shapes_train[i][1] for i in range(2)])
+    model.eval()
+    images = [shapes_train[i][0] for i in range(2)]
+    with torch.inference_mode():
+        before = model(images)
+        model.optimize_for_inference()
+        after = model(images)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="optimized for inference"):
+        model.train()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone
+from rcnn.backbones import Backbone, fold_batchnorm
 from rcnn.heads import RoIHeads
 from rcnn.models.transform import DetectionTransform, ImageBatch, validate_images, validate_targets
 from rcnn.proposals.rpn import RegionProposalNetwork
@@ -56,6 +56,19 @@ class TwoStageDetector(nn.Module):
         self.transform = transform
         self.num_classes = roi_heads.num_classes
         self.train_mode = "joint"
+
+    def optimize_for_inference(self) -> TwoStageDetector:
+        """Prepare the model for fast inference, in place: eval mode, BatchNorm folded into the
+        preceding convolutions (same outputs, less work). The model cannot be trained afterwards."""
+        self.eval()
+        fold_batchnorm(self.backbone)
+        self._inference_only = True
+        return self
+
+    def train(self, mode: bool = True) -> TwoStageDetector:
+        if mode and getattr(self, "_inference_only", False):
+            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
+        return super().train(mode)
 
     def set_train_mode(self, mode: str) -> None:
         """Choose what training optimises: one of ``TRAIN_MODES``."""

@@ -214,7 +214,11 @@ def load_checkpoint(
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, list[str]]:
-    """Rebuild a trained model from its checkpoint alone: ``(model in eval mode, config, class names)``."""
+    """Rebuild a trained model from its checkpoint alone: ``(model, config, class names)``.
+
+    The model is in eval mode and optimised for inference (it cannot be trained further; to
+    continue training, use ``rcnn train --resume``).
+    """
     from rcnn.config import build_model, load_config
 
     ckpt = find_checkpoint(path)
@@ -227,4 +231,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = build_model(config.model, num_classes)
     load_checkpoint(ckpt, model)
     model.to(device).eval()
+    if hasattr(model, "optimize_for_inference"):
+        model.optimize_for_inference()
     return model, config, class_names or [f"class_{i}" for i in range(model.num_classes)]
