@@ -238,3 +238,17 @@ def test_distributed_training_with_torchrun(shapes_root, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANK-OK") == 2 and (tmp_path / "run" / "last").exists()
+
+
+def test_every_config_field_is_documented():
+    from dataclasses import fields
+
+    from rcnn.config import AlternatingConfig, DataConfig, ModelConfig, TrainConfig
+    from rcnn.heads import RoIHeadSettings
+    from rcnn.proposals.rpn import RPNSettings
+
+    text = (Path(__file__).parent.parent / "docs" / "configs.md").read_text()
+    names = [*ModelConfig.model_fields, *DataConfig.model_fields, *TrainConfig.model_fields, *AlternatingConfig.model_fields]
+    names += [f.name for f in fields(RPNSettings)] + [f.name for f in fields(RoIHeadSettings)]
+    missing = [n for n in names if f"`{n}`" not in text]
+    assert missing == [], f"docs/configs.md does not describe {missing}"

@@ -49,8 +49,8 @@ def default_settings(backbone: Backbone) -> tuple[RPNSettings, RoIHeadSettings, 
     64 RoIs per image with background IoU in [0.1, 0.5); NMS 0.3). FPN backbones get the
     conventions of the FPN paper and of torchvision's peer models, so the two can be compared
     like for like: RoIAlign, 2000/2000 then 1000/1000 proposals per level/image, all anchors
-    used, the "batch" RPN loss normalisation with beta 1/9, 512 RoIs per image with background
-    in [0, 0.5), NMS 0.5.
+    used, the "batch" RPN loss normalisation, smooth L1 with beta 1/9 in both losses, 512 RoIs
+    per image with background in [0, 0.5), NMS 0.5.
     """
     if len(backbone.strides) == 1:
         return RPNSettings(), RoIHeadSettings(), "pool"
@@ -58,7 +58,7 @@ def default_settings(backbone: Backbone) -> tuple[RPNSettings, RoIHeadSettings, 
         pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
         allowed_border=None, loss_normalization="batch", beta=1.0 / 9,
     )
-    roi = RoIHeadSettings(batch_size_per_image=512, bg_iou_thresh_lo=0.0, nms_thresh=0.5, box_loss_beta=1.0)
+    roi = RoIHeadSettings(batch_size_per_image=512, bg_iou_thresh_lo=0.0, nms_thresh=0.5, box_loss_beta=1.0 / 9)
     return rpn, roi, "align"
 
 

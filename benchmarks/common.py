@@ -1,0 +1,116 @@
+"""Timing, result files and report tables shared by the benchmarks.
+
+Timings follow one protocol: the two things compared run in the same process, interleaved
+(A B B A A B ...), each after a warm-up; the best (minimum) of the rounds is kept, both as CPU
+seconds (``time.process_time``, all threads; the steadier figure on a shared machine) and as
+wall seconds. Ratios are ours / peer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def measure(fn: Callable[[], Any]) -> tuple[float, float]:
+    """``(cpu_seconds, wall_seconds)`` of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def time_pair(ours: Callable[[], Any], peer: Callable[[], Any], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Interleaved best-of-``rounds`` timing of two callables; see the module docstring."""
+    for _ in range(warmup):
+        ours()
+        peer()
+    best = {"ours": [float("inf"), float("inf")], "peer": [float("inf"), float("inf")]}
+    for r in range(rounds):
+        order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
+        for name, fn in order:
+            cpu, wall = measure(fn)
+            best[name] = [min(best[name][0], cpu), min(best[name][1], wall)]
+    return {
+        "ours_cpu_s": best["ours"][0], "ours_wall_s": best["ours"][1],
+        "peer_cpu_s": best["peer"][0], "peer_wall_s": best["peer"][1],
+        "ratio_cpu": best["ours"][0] / best["peer"][0], "ratio_wall": best["ours"][1] / best["peer"][1],
+    }  # fmt: skip
+
+
+def time_one(fn: Callable[[], Any], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Best-of-``rounds`` CPU and wall seconds of one callable."""
+    for _ in range(warmup):
+        fn()
+    runs = [measure(fn) for _ in range(rounds)]
+    return {"cpu_s": min(r[0] for r in runs), "wall_s": min(r[1] for r in runs)}
+
+
+def peak_rss_mb(module: str, *args: str) -> float:
+    """Peak resident memory (MiB) of ``python -m module args...`` run in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024.0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_result(name: str, data: dict[str, Any], command: str) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (atomically) with the machine and the command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "command": command, "machine": machine(), **data}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats get 3 significant decimals."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

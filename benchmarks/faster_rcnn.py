@@ -1,0 +1,226 @@
+"""Faster R-CNN against its peer, torchvision's Faster R-CNN, on the same inputs in one process.
+
+    python -m benchmarks.faster_rcnn [--quick] [--skip-accuracy]
+
+Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (random initialisation, no downloads):
+inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
+included; the network sees exactly that size), one training step on a batch of 2 at 512x512,
+and peak memory. Accuracy: both detectors built on the *same* tiny backbone, anchors and
+settings, trained by the same loop for the same wall-clock budget on the shapes data, then
+COCO AP on its val split. Writes ``benchmarks/results/faster_rcnn.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from benchmarks.common import peak_rss_mb, table, time_pair, write_result
+from rcnn.models import faster_rcnn
+
+ARCHS = {
+    "resnet50_fpn": (torchvision.models.detection.fasterrcnn_resnet50_fpn, {}),
+    # torchvision's MobileNetV3 Faster R-CNN drops proposals scoring under 0.05
+    "mobilenet_v3_fpn": (torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn, {"score_thresh": 0.05}),
+}
+
+
+def build_pair(arch: str, height: int, width: int) -> tuple[nn.Module, nn.Module]:
+    """Our model and torchvision's, same architecture and settings, processing exactly H x W."""
+    small, large = min(height, width), max(height, width)
+    peer_fn, rpn = ARCHS[arch]
+    torch.manual_seed(0)
+    ours = faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn)
+    peer = peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large)
+    return ours, peer
+
+
+def inference(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
+    ours, peer = build_pair(arch, *size)
+    ours.eval().optimize_for_inference()
+    peer.eval()
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        result = time_pair(lambda: ours([image]), lambda: peer([image]), rounds=rounds)
+    return {"arch": arch, "size": list(size), **result}
+
+
+def train_step(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
+    ours, peer = build_pair(arch, *size)
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, *size, generator=g) for _ in range(2)]
+    targets = []
+    for _ in images:
+        xy = torch.rand(3, 2, generator=g) * (min(size) / 2)
+        wh = torch.rand(3, 2, generator=g) * (min(size) / 3) + 16
+        targets.append({"boxes": torch.cat((xy, xy + wh), 1), "labels": torch.randint(1, 91, (3,), generator=g)})
+
+    def stepper(model: nn.Module):
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            losses = model(images, copy.deepcopy(targets))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+
+        return step
+
+    return {"arch": arch, "size": list(size), "batch": 2, **time_pair(stepper(ours), stepper(peer), rounds=rounds)}
+
+
+def _memory_probe(which: str, arch: str, height: int, width: int) -> None:
+    """Run one inference in this process (for ``peak_rss_mb``)."""
+    ours, peer = build_pair(arch, height, width)
+    model = ours.optimize_for_inference() if which == "ours" else peer.eval()
+    del ours, peer  # only the measured model stays alive
+    with torch.inference_mode():
+        for _ in range(2):
+            model([torch.rand(3, height, width)])
+
+
+class _Features(nn.Module):
+    """Present our tiny backbone's body the way torchvision's detectors expect a backbone."""
+
+    def __init__(self, body: nn.Module, forward: Any, out_channels: int) -> None:
+        super().__init__()
+        self.body, self._forward, self.out_channels = body, forward, out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        return OrderedDict([("0", self._forward(self.body, x)[0])])
+
+
+def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """Ours and torchvision's Faster R-CNN on the same tiny backbone, anchors, head and settings."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from rcnn.backbones import MLPHead, build_backbone
+    from rcnn.config import load_config
+
+    cfg = load_config("faster_rcnn_tiny_shapes").model
+    torch.manual_seed(0)
+    ours = faster_rcnn(
+        "tiny", num_classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_sizes=cfg.anchor_sizes,
+        rpn={**cfg.rpn, "allowed_border": None, "loss_normalization": "batch", "beta": 1 / 9}, roi=cfg.roi,
+        pooler="align",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny")
+    s = ours.rpn.settings
+    r = ours.roi_heads.settings
+    peer = FasterRCNN(
+        _Features(backbone.body, backbone._body_forward, backbone.out_channels),
+        rpn_anchor_generator=AnchorGenerator((tuple(cfg.anchor_sizes[0]),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        box_head=MLPHead(backbone.out_channels, 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        min_size=cfg.min_size, max_size=cfg.max_size,
+        rpn_pre_nms_top_n_train=s.pre_nms_top_n_train, rpn_post_nms_top_n_train=s.post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=s.pre_nms_top_n_test, rpn_post_nms_top_n_test=s.post_nms_top_n_test,
+        box_batch_size_per_image=r.batch_size_per_image, box_nms_thresh=r.nms_thresh,
+    )  # fmt: skip
+    return ours, peer
+
+
+def accuracy(budget_s: float, data_root: Path) -> dict[str, Any]:
+    """Both tiny detectors trained by the same loop for ``budget_s`` seconds; COCO AP on shapes val."""
+    from rcnn.config import load_config
+    from rcnn.inference import evaluate_model
+    from rcnn.training.loop import train
+    from rcnn.training.run import TrainingSet, prepare_data
+
+    config = load_config("faster_rcnn_tiny_shapes", [f"data.root={data_root}"])
+    data = prepare_data(config)
+    from rcnn.data.transforms import RandomHorizontalFlip
+
+    training_set = TrainingSet(data.train, RandomHorizontalFlip(0.5))
+    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "checkpoint_every": 10**9})
+    out: dict[str, Any] = {"budget_s": budget_s, "train_images": len(data.train), "val_images": len(data.val)}
+    for name, model in zip(("ours", "peer"), tiny_pair(data.train.num_classes)):
+        run_dir = Path("/tmp") / f"rcnn_bench_{name}"
+        result = train(model, training_set, train_cfg, run_dir, progress=False, log=lambda s: None)
+        metrics = evaluate_model(model, data.val)
+        out[name] = {
+            "iterations": result.iterations, "train_s": result.seconds,
+            "AP": metrics["bbox"]["AP"], "AP50": metrics["bbox"]["AP50"], "ms_per_image": 1000 * metrics["seconds_per_image"],
+        }  # fmt: skip
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [[r["arch"], f"{r['size'][0]}x{r['size'][1]}", r["ours_cpu_s"], r["peer_cpu_s"], r["ratio_cpu"],
+             r["ours_wall_s"], r["peer_wall_s"], r["ratio_wall"]] for r in result["inference"]]  # fmt: skip
+    parts = ["Inference, one image, seconds (best of the rounds; CPU = all threads):", "",
+             table(["architecture", "size", "ours CPU", "torchvision CPU", "ratio CPU", "ours wall",
+                    "torchvision wall", "ratio wall"], rows)]  # fmt: skip
+    rows = [[r["arch"], f"{r['batch']} x {r['size'][0]}x{r['size'][1]}", r["ours_cpu_s"], r["peer_cpu_s"], r["ratio_cpu"],
+             r["ours_wall_s"], r["peer_wall_s"], r["ratio_wall"]] for r in result["train_step"]]  # fmt: skip
+    parts += ["", "One training step (forward, backward, SGD), seconds:", "",
+              table(["architecture", "batch", "ours CPU", "torchvision CPU", "ratio CPU", "ours wall",
+                     "torchvision wall", "ratio wall"], rows)]  # fmt: skip
+    if result.get("memory"):
+        rows = [[m["arch"], f"{m['size'][0]}x{m['size'][1]}", m["ours_mb"], m["peer_mb"], m["ours_mb"] / m["peer_mb"]]
+                for m in result["memory"]]  # fmt: skip
+        parts += ["", "Peak resident memory of a process running inference, MiB:", "",
+                  table(["architecture", "size", "ours", "torchvision", "ratio"], rows)]  # fmt: skip
+    acc = result.get("accuracy")
+    if acc:
+        rows = [[n, acc[k]["iterations"], acc[k]["train_s"], acc[k]["AP"], acc[k]["AP50"], acc[k]["ms_per_image"]]
+                for n, k in (("rcnn", "ours"), ("torchvision", "peer"))]  # fmt: skip
+        parts += ["", f"Accuracy on shapes val ({acc['val_images']} images) after {acc['budget_s']:.0f} s of training "
+                  f"on {acc['train_images']} images, same tiny backbone, anchors, heads and loop:", "",
+                  table(["library", "iterations", "train s", "AP", "AP@0.5", "ms/image"], rows)]  # fmt: skip
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, a shorter training budget")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--budget", type=float, help="training seconds per detector for the accuracy part")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default="data/shapes", help="shapes data root (generated if absent)")
+    parser.add_argument("--memory-probe", nargs=4, metavar=("WHICH", "ARCH", "H", "W"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        which, arch, h, w = args.memory_probe
+        _memory_probe(which, arch, int(h), int(w))
+        return {}
+    rounds = 3 if args.quick else 5
+    result: dict[str, Any] = {"inference": [], "train_step": [], "memory": []}
+    for arch in ARCHS:
+        for size in ((800, 1066), (512, 512)):
+            result["inference"].append(inference(arch, size, rounds))
+            print(result["inference"][-1], flush=True)
+        result["train_step"].append(train_step(arch, (512, 512), rounds))
+        print(result["train_step"][-1], flush=True)
+        mem = {"arch": arch, "size": [800, 1066]}
+        for which in ("ours", "peer"):
+            mem[f"{which}_mb"] = peak_rss_mb("benchmarks.faster_rcnn", "--memory-probe", which, arch, "800", "1066")
+        result["memory"].append(mem)
+        print(mem, flush=True)
+    if not args.skip_accuracy:
+        budget = args.budget or (120.0 if args.quick else 600.0)
+        result["accuracy"] = accuracy(budget, Path(args.data))
+        print(result["accuracy"], flush=True)
+    command = "python -m benchmarks.faster_rcnn " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_result("faster_rcnn", result, command.strip())
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
