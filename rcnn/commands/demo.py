@@ -35,13 +35,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.iterations={args.iterations}")
     config = load_config(DEMO_CONFIGS[args.model], overrides)
     if config.model.name in ("fast_rcnn", "rcnn"):
-        from rcnn.proposals.selective_search import ensure_dataset_proposals
-
-        data = prepare_data(config)
-        for split, key in ((data.train, "proposals_train"), (data.val, "proposals_val")):
-            path = out / f"selective_search_{split.split_name}.safetensors"
-            ensure_dataset_proposals(split, path)
-            setattr(config.data, key, str(path))
+        # selective search proposals: computed by run_training on the first run, then read from here
+        config.data.proposals_train = str(out / f"selective_search_{config.data.train_split}.safetensors")
+        config.data.proposals_val = str(out / f"selective_search_{config.data.val_split}.safetensors")
     start = time.perf_counter()
     summary = run_training(config, out / "run", resume=args.resume)
     summary["total_seconds"] = time.perf_counter() - start

@@ -4,5 +4,17 @@ from rcnn.models.base import TwoStageDetector
 from rcnn.models.fast_rcnn import FastRCNN, fast_rcnn
 from rcnn.models.faster_rcnn import FasterRCNN, faster_rcnn
 from rcnn.models.mask_rcnn import MaskRCNN, mask_rcnn
+from rcnn.models.rcnn import RCNN, RCNNSettings, rcnn
 
-__all__ = ["FastRCNN", "FasterRCNN", "MaskRCNN", "TwoStageDetector", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
+__all__ = [
+    "RCNN",
+    "FastRCNN",
+    "FasterRCNN",
+    "MaskRCNN",
+    "RCNNSettings",
+    "TwoStageDetector",
+    "fast_rcnn",
+    "faster_rcnn",
+    "mask_rcnn",
+    "rcnn",
+]

@@ -54,7 +54,11 @@ def truncated_svd(linear: nn.Linear, rank: int) -> nn.Sequential:
             f"{in_features} -> {out_features} layer, got {rank}"
         )
     weight = linear.weight.detach().double()  # [u, v]
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # [u, m], [m], [m, v]
+    if out_features >= in_features:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # [u, m], [m], [m, v]
+    else:  # LAPACK is much faster on the tall orientation: W^T = V Σ U^T
+        v, s, uh = torch.linalg.svd(weight.T, full_matrices=False)  # [v, m], [m], [m, u]
+        u, vh = uh.T, v.T
     first = nn.Linear(in_features, rank, bias=False)
     second = nn.Linear(rank, out_features, bias=linear.bias is not None)
     dtype, device = linear.weight.dtype, linear.weight.device
@@ -85,8 +89,10 @@ def compress_box_head(box_head: nn.Module, ranks: Sequence[int | None]) -> list[
     for (name, linear), rank in zip(linears, ranks):
         if rank is None:
             continue
-        singular = torch.linalg.svdvals(linear.weight.detach().double())
         factored = truncated_svd(linear, int(rank))
+        # ||Σ_t V_tᵀ||² is the sum of the kept squared singular values, ||W||² the sum of all
+        kept = factored[0].weight.detach().double().square().sum()
+        total = linear.weight.detach().double().square().sum().clamp(min=1e-30)
         parent_name, _, attr = name.rpartition(".")
         setattr(box_head.get_submodule(parent_name) if parent_name else box_head, attr, factored)
         reports.append(
@@ -95,7 +101,7 @@ def compress_box_head(box_head: nn.Module, ranks: Sequence[int | None]) -> list[
                 "rank": int(rank),
                 "params_before": sum(p.numel() for p in linear.parameters()),
                 "params_after": sum(p.numel() for p in factored.parameters()),
-                "energy_kept": float((singular[:rank] ** 2).sum() / (singular**2).sum().clamp(min=1e-30)),
+                "energy_kept": float(kept / total),
             }
         )
     return reports

@@ -23,7 +23,7 @@ from rcnn.data.build import build_dataset
 from rcnn.data.common import DetectionDataset
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
 
-__all__ = ["TrainingSet", "prepare_data", "proposal_source", "run_training"]
+__all__ = ["TrainingSet", "ensure_proposal_files", "prepare_data", "proposal_source", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,27 @@ def proposal_source(path: str | os.PathLike) -> Callable[[int], Tensor]:
 
     proposals = load_proposals(path)
     return lambda image_id: proposals[image_id]
+
+
+def ensure_proposal_files(
+    config: Config, data: Data, *, log: Callable[[str], None] = print, progress: bool = True
+) -> None:
+    """For R-CNN and Fast R-CNN: compute selective search proposals (default settings) into the
+    configured proposals files that do not exist yet; check that existing ones cover their split
+    (``MissingProposalsError`` naming the file and the missing image ids otherwise)."""
+    if config.model.name not in ("fast_rcnn", "rcnn"):
+        return
+    from rcnn.proposals.io import load_proposals
+    from rcnn.proposals.selective_search import ensure_dataset_proposals
+
+    for dataset, path in ((data.train, config.data.proposals_train), (data.val, config.data.proposals_val)):
+        if dataset is None or not path:
+            continue
+        if Path(path).exists():
+            load_proposals(path).check_covers(dataset.image_ids)
+        else:
+            log(f"{path} not found: computing selective search proposals for its split into it")
+            ensure_dataset_proposals(dataset, path, workers=max(config.data.workers, 1), progress=progress)
 
 
 @dataclass
@@ -114,6 +135,7 @@ def run_training(
             f"model.num_classes = {config.model.num_classes} but the training data has "
             f"{data.train.num_classes - 1} classes + background"
         )
+    ensure_proposal_files(config, data, log=log, progress=progress)
     train_proposals = proposal_source(config.data.proposals_train) if config.data.proposals_train else None
     val_proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
     if config.model.name in ("fast_rcnn", "rcnn") and (train_proposals is None or (data.val and val_proposals is None)):
@@ -140,7 +162,11 @@ def run_training(
         progress=progress,
         log=log,
     )
-    if config.train.scheme == "alternating":
+    if config.model.name == "rcnn":
+        from rcnn.training.rcnn_stages import train_rcnn
+
+        result = train_rcnn(model, training_set, config.train, out_dir, **common)
+    elif config.train.scheme == "alternating":
         from rcnn.training.alternating import train_alternating
 
         result = train_alternating(model, training_set, config.train, out_dir, **common)

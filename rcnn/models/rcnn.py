@@ -1,0 +1,409 @@
+"""R-CNN (Girshick et al., 2014): a CNN on every warped region, per-class SVMs, ridge box regression.
+
+    image -> proposals (selective search, from a file) -> warp each to S x S (+ context padding)
+          -> CNN (conv layers -> pool5 -> fc6 -> fc7) -> per-class linear SVMs on fc7
+          -> per-class NMS (IoU 0.3) -> class-specific ridge box regression on pool5
+
+The network is the backbone's: its convolutional body, a max pool to the box head's input size
+(pool5: for VGG16 at 227 px, conv5_3 is 14x14 and this is VGG's own 2x2 pool; for AlexNet, 13x13
+-> 6x6 with windows 3 and stride 2, AlexNet's pool5 exactly) and its box head (fc6, fc7). Only
+the last layer is new: a (K+1)-way classifier for fine-tuning on warped regions (§2.3).
+
+Training is R-CNN's multi-stage procedure (``rcnn.training.rcnn_stages``):
+
+1. fine-tune the CNN on warped regions, K + 1 classes — this module's training mode:
+   ``model(images, targets, proposals) -> {"loss_cls"}``, driven by the common training loop;
+2. extract fc7 (and pool5) features of every training region into a disk cache;
+3. train one linear SVM per class with hard negative mining (``rcnn.svm.ClassSVMs``);
+4. train the class-specific box regressors (``rcnn.box_regression.BoxRegressors``).
+
+The SVMs and the regressors are stored in the module as buffers (:meth:`RCNN.set_svms`,
+:meth:`RCNN.set_box_regressors`), so a checkpoint of the module is the whole trained R-CNN.
+Eval mode follows the library's API: ``model(images, proposals=...)`` -> per image ``boxes``,
+``labels``, ``scores`` in original image coordinates (R-CNN never resizes the image: regions are
+cut from the original). The scores are SVM scores (unbounded, > 0 on the positive side); before
+the SVMs are trained, the fine-tuned softmax scores regions (R-CNN appendix B compares the two).
+
+Shape shorthand:
+    N: images;  P: proposals of an image;  R: regions (warped crops);  G: gt boxes of an image
+    K: foreground classes (K + 1 with background);  D: detections of an image
+    C: conv channels;  Q: pool5 side (``pool_size``);  F: fc7 features;  E: regression features
+    S: warp size
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rcnn.backbones import Backbone, build_backbone, fold_batchnorm
+from rcnn.box_regression import DEFAULT_LAMBDAS, BoxRegressors
+from rcnn.boxes import box_iou, clip_boxes, remove_small_boxes
+from rcnn.losses import softmax_log_loss
+from rcnn.matching import BalancedSampler, Matcher
+from rcnn.models.faster_rcnn import _override
+from rcnn.models.transform import IMAGENET_MEAN, IMAGENET_STD, validate_images, validate_targets
+from rcnn.ops import batched_nms
+from rcnn.svm import ClassSVMs
+from rcnn.warp import WARP_MODES, warp_regions
+
+__all__ = ["RCNN", "RCNNSettings", "rcnn"]
+
+_MIN_REGION_SIZE = 1.0  # proposals narrower or lower than 1 px are dropped (nothing to warp)
+
+
+@dataclass
+class RCNNSettings:
+    """R-CNN's hyper-parameters; defaults from the paper and its code (``rcnn_train.m`` and friends).
+
+    Attributes:
+        warp_size: side S of the warped regions (227 for AlexNet; smaller for small networks).
+        warp_mode: ``"anisotropic"`` (the paper's choice), ``"isotropic_context"`` or
+            ``"isotropic_pad"`` (``rcnn.warp``).
+        context_padding: p, output pixels of image context around the box (16 at 227, App. A).
+        fg_iou_thresh: fine-tuning labels a region with a gt's class if IoU >= 0.5, else background.
+        batch_size, positive_fraction: regions per fine-tuning step over all its images, and the
+            foreground share: 128 = 32 positives + 96 background (§2.3).
+        add_gt_as_proposals: the gt boxes are fine-tuning regions too (R-CNN's window files).
+        regression_features: ``"pool5"`` (the paper, App. C) or ``"fc7"`` for the box regressors.
+        feature_batch_size: regions per CNN forward pass when extracting features.
+        svm_C, svm_positive_weight: the SVMs' regularisation and positive loss weight (0.001, 2).
+        svm_negative_iou: SVM negatives have IoU < 0.3 with every gt of the class (§2.3).
+        svm_max_rounds: passes of hard negative mining (1; 0 = none, the initial negatives only).
+        svm_initial_images, svm_initial_negatives: the initial negatives come from the first this
+            many images, at most this many per class chosen at random (1 image, all of them).
+        svm_retrain_limit: retrain a class's SVM when this many hard negatives have accumulated.
+        bbox_min_iou: regression examples have IoU >= 0.6 with a gt (App. C).
+        bbox_lambdas: the ridge penalties cross-validation chooses from (around the paper's 1000).
+        nms_thresh: per-class NMS IoU at test time (0.3, §2.2).
+        svm_score_thresh: regions whose SVM score is below this are dropped (-1: the margin).
+        softmax_score_thresh: the same for softmax probabilities (before the SVMs are trained).
+        detections_per_image: at most this many detections per image.
+    """
+
+    warp_size: int = 227
+    warp_mode: str = "anisotropic"
+    context_padding: int = 16
+    fg_iou_thresh: float = 0.5
+    batch_size: int = 128
+    positive_fraction: float = 0.25
+    add_gt_as_proposals: bool = True
+    regression_features: str = "pool5"
+    feature_batch_size: int = 128
+    svm_C: float = 1e-3
+    svm_positive_weight: float = 2.0
+    svm_negative_iou: float = 0.3
+    svm_max_rounds: int = 1
+    svm_initial_images: int = 1
+    svm_initial_negatives: int | None = None
+    svm_retrain_limit: int = 2000
+    bbox_min_iou: float = 0.6
+    bbox_lambdas: Sequence[float] = DEFAULT_LAMBDAS
+    nms_thresh: float = 0.3
+    svm_score_thresh: float = -1.0
+    softmax_score_thresh: float = 0.05
+    detections_per_image: int = 100
+
+    def __post_init__(self) -> None:
+        if self.warp_mode not in WARP_MODES:
+            raise ValueError(f"R-CNN warp_mode must be one of {WARP_MODES}, got {self.warp_mode!r}")
+        if self.warp_size < 8 or not 0 <= 2 * self.context_padding < self.warp_size:
+            raise ValueError(
+                f"R-CNN needs warp_size >= 8 and 0 <= 2 * context_padding < warp_size, got "
+                f"{self.warp_size} and {self.context_padding}"
+            )
+        if self.regression_features not in ("pool5", "fc7"):
+            raise ValueError(f"R-CNN regression_features must be 'pool5' or 'fc7', got {self.regression_features!r}")
+        if self.batch_size < 1 or self.feature_batch_size < 1:
+            raise ValueError("R-CNN batch_size and feature_batch_size must be positive")
+        self.bbox_lambdas = tuple(float(v) for v in self.bbox_lambdas)
+
+
+class RCNN(nn.Module):
+    """R-CNN: a CNN on warped regions, per-class SVMs and box regressors (see the module doc).
+
+    Args:
+        backbone: a single-level :class:`rcnn.backbones.Backbone` (conv body + fc6/fc7 box head).
+        num_classes: K + 1 (background included).
+        settings: :class:`RCNNSettings`.
+        image_mean, image_std: the network's input normalisation; regions outside the image are
+            filled with the mean (zero after normalisation, as R-CNN's code).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        settings: RCNNSettings | None = None,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if len(backbone.strides) != 1:
+            raise ValueError(
+                f"R-CNN runs the CNN on whole warped regions and needs a single-level backbone; "
+                f"{backbone.name!r} has {len(backbone.strides)} feature levels"
+            )
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        self.settings = s = settings or RCNNSettings()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        num_fg = num_classes - 1
+        fc7_dim = backbone.box_head.out_features
+        pool5_dim = backbone.out_channels * backbone.pool_size**2
+        reg_dim = pool5_dim if s.regression_features == "pool5" else fc7_dim
+        # fine-tuning's new (K+1)-way classification layer, initialised as Fast R-CNN's (std 0.01)
+        self.cls_score = nn.Linear(fc7_dim, num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.zeros_(self.cls_score.bias)
+        self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
+        # the parts trained outside the network, as buffers so that they travel in checkpoints
+        self.register_buffer("svm_weights", torch.zeros(fc7_dim, num_fg))  # [F, K]
+        self.register_buffer("svm_biases", torch.zeros(num_fg))  # [K]
+        self.register_buffer("svm_feature_scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("bbox_weights", torch.zeros(num_fg, reg_dim, 4))  # [K, E, 4]
+        self.register_buffer("bbox_biases", torch.zeros(num_fg, 4))  # [K, 4]
+        self.register_buffer("bbox_feature_scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("trained_parts", torch.zeros(2, dtype=torch.bool))  # SVMs, regressors
+        self.matcher = Matcher(s.fg_iou_thresh, s.fg_iou_thresh)  # below 0.5: background
+        self.sampler = BalancedSampler(s.batch_size, s.positive_fraction)
+        self.use_box_regression = True  # switch off to measure its effect (ablation)
+
+    def optimize_for_inference(self) -> RCNN:
+        """Eval mode with BatchNorm folded into the convolutions (same outputs, less work), in
+        place; the model cannot be trained afterwards."""
+        self.eval()
+        fold_batchnorm(self.backbone)
+        self._inference_only = True
+        return self
+
+    def train(self, mode: bool = True) -> RCNN:
+        if mode and getattr(self, "_inference_only", False):
+            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
+        return super().train(mode)
+
+    # -- the parts trained outside the network ----------------------------------------------
+    def set_svms(self, svms: ClassSVMs) -> None:
+        """Use trained SVMs to score regions (stored in the module's buffers)."""
+        weights, biases = svms.weights, svms.biases
+        if weights is None or biases is None:
+            raise ValueError("ClassSVMs: not trained yet")
+        if svms.num_classes != self.num_classes or weights.shape != tuple(self.svm_weights.shape):
+            raise ValueError(
+                f"SVMs for {svms.num_classes} classes on {weights.shape[0]}-d features do not fit this R-CNN "
+                f"({self.num_classes} classes, fc7 of {self.svm_weights.shape[0]})"
+            )
+        self.svm_weights.copy_(torch.from_numpy(weights))
+        self.svm_biases.copy_(torch.from_numpy(biases))
+        self.svm_feature_scale.fill_(svms.feature_scale)
+        self.trained_parts[0] = True
+
+    def set_box_regressors(self, regressors: BoxRegressors) -> None:
+        """Use trained box regressors to refine detections (stored in the module's buffers)."""
+        if regressors.weights is None:
+            raise ValueError("BoxRegressors: not trained yet")
+        if regressors.num_classes != self.num_classes or regressors.weights.shape != tuple(self.bbox_weights.shape):
+            raise ValueError(
+                f"box regressors of shape {list(regressors.weights.shape)} do not fit this R-CNN's "
+                f"{list(self.bbox_weights.shape)} ({self.settings.regression_features} features)"
+            )
+        if tuple(regressors.box_coder.weights) != (1.0, 1.0, 1.0, 1.0):
+            raise ValueError("R-CNN's box regressors use the seed's t-targets (BoxCoder weights 1)")
+        self.bbox_weights.copy_(torch.from_numpy(regressors.weights))
+        self.bbox_biases.copy_(torch.from_numpy(regressors.biases))
+        self.bbox_feature_scale.fill_(regressors.feature_scale)
+        self.trained_parts[1] = True
+
+    def svms(self) -> ClassSVMs | None:
+        """The SVMs held in the buffers (``None`` before :meth:`set_svms`)."""
+        if not bool(self.trained_parts[0]):
+            return None
+        svms = ClassSVMs(self.num_classes)
+        svms.weights = self.svm_weights.detach().cpu().numpy()
+        svms.biases = self.svm_biases.detach().cpu().numpy()
+        svms.feature_scale = float(self.svm_feature_scale)
+        return svms
+
+    def box_regressors(self) -> BoxRegressors | None:
+        """The box regressors held in the buffers (``None`` before :meth:`set_box_regressors`)."""
+        if not bool(self.trained_parts[1]):
+            return None
+        regressors = BoxRegressors(self.num_classes)
+        regressors.weights = self.bbox_weights.detach().cpu().numpy()
+        regressors.biases = self.bbox_biases.detach().cpu().numpy()
+        regressors.feature_scale = float(self.bbox_feature_scale)
+        return regressors
+
+    # -- regions -> features ----------------------------------------------------------------
+    def warp(self, image: Tensor, boxes: Tensor) -> Tensor:
+        """Warped, normalised regions ``[R, 3, S, S]`` of ``image [3, H, W]`` (0..1) at ``boxes [R, 4]``."""
+        s = self.settings
+        mean = self.image_mean.to(image.dtype)
+        crops = warp_regions(image, boxes, s.warp_size, s.warp_mode, s.context_padding, fill=mean.flatten())
+        return (crops - mean) / self.image_std.to(image.dtype)
+
+    def cnn(self, crops: Tensor) -> tuple[Tensor, Tensor]:
+        """``crops [R, 3, S, S]`` -> ``(pool5 [R, C, Q, Q], fc7 [R, F])``."""
+        conv = self.backbone(crops)[0]  # [R, C, S/stride, S/stride]
+        pool5 = F.adaptive_max_pool2d(conv, self.backbone.pool_size)  # [R, C, Q, Q]
+        return pool5, self.backbone.box_head(pool5)
+
+    def region_features(self, image: Tensor, boxes: Tensor, regression_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """fc7 features ``[R, F]`` of ``boxes [R, 4]``, and the regression features ``[E_rows, E]``.
+
+        ``regression_rows`` (int64 ``[R']``, default all rows) selects the regions whose regression
+        features (pool5 flattened, or fc7) are returned, in that order. Regions go through the CNN
+        ``feature_batch_size`` at a time.
+        """
+        chunk = self.settings.feature_batch_size
+        fc7_parts, reg_parts = [], []
+        wanted = None
+        if regression_rows is not None:
+            wanted = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+            wanted[regression_rows] = True
+        for start in range(0, boxes.shape[0], chunk):
+            pool5, fc7 = self.cnn(self.warp(image, boxes[start : start + chunk]))
+            fc7_parts.append(fc7)
+            reg = pool5.flatten(1) if self.settings.regression_features == "pool5" else fc7
+            reg_parts.append(reg if wanted is None else reg[wanted[start : start + chunk]])
+        fc7 = torch.cat(fc7_parts) if fc7_parts else image.new_zeros((0, self.svm_weights.shape[0]))
+        reg = torch.cat(reg_parts) if reg_parts else image.new_zeros((0, self.bbox_weights.shape[1]))
+        if regression_rows is not None:  # from ascending row order back to the order asked for
+            reg = reg[torch.searchsorted(wanted.nonzero().flatten(), regression_rows)]
+        return fc7, reg
+
+    # -- the API ----------------------------------------------------------------------------
+    def forward(
+        self,
+        images: Sequence[Tensor],
+        targets: Sequence[dict[str, Any]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: ``{"loss_cls"}`` of fine-tuning; eval: detections per image (module doc)."""
+        validate_images(images)
+        if proposals is None:
+            raise ValueError("R-CNN needs proposals: model(images, targets, proposals=...) (see docs/proposals.md)")
+        if len(proposals) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
+        regions = [self.clean_proposals(p.to(image.dtype), image) for p, image in zip(proposals, images)]
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets (call model.eval() for inference)")
+            validate_targets(targets, len(images), self.num_classes)
+            return self.finetune_loss(images, targets, regions)
+        return [self.detect(image, boxes) for image, boxes in zip(images, regions)]
+
+    @staticmethod
+    def clean_proposals(proposals: Tensor, image: Tensor) -> Tensor:
+        """Proposals ``[P, 4]`` clipped to the image, without those under 1 px."""
+        boxes = clip_boxes(proposals, image.shape[1:])
+        return boxes[remove_small_boxes(boxes, _MIN_REGION_SIZE)]
+
+    def finetune_loss(
+        self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]], proposals: Sequence[Tensor]
+    ) -> dict[str, Tensor]:
+        """Fine-tuning (§2.3): sample 128 regions over the batch (32 foreground with IoU >= 0.5),
+        warp them, and return the (K+1)-way log loss ``{"loss_cls"}``."""
+        boxes_per_image, labels_per_image = [], []
+        for boxes, target in zip(proposals, targets):
+            gt_boxes, gt_labels = target["boxes"].to(boxes.dtype), target["labels"]
+            if self.settings.add_gt_as_proposals:
+                boxes = torch.cat((boxes, gt_boxes))
+            matches = self.matcher(box_iou(gt_boxes, boxes))  # [P]
+            labels = gt_labels[matches.clamp(min=0)] if gt_boxes.numel() else torch.zeros_like(matches)
+            labels = torch.where(matches >= 0, labels, 0)
+            boxes_per_image.append(boxes)
+            labels_per_image.append(labels)
+        owner = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels_per_image)])  # [sum P]
+        all_labels = torch.cat(labels_per_image)
+        pos, neg = self.sampler(all_labels)  # the 32 + 96 are drawn from the whole batch
+        chosen = torch.cat((pos, neg))
+        offsets = [0]
+        for boxes in boxes_per_image:
+            offsets.append(offsets[-1] + boxes.shape[0])
+        crops, labels = [], []
+        for i, image in enumerate(images):
+            rows = chosen[owner[chosen] == i]
+            if rows.numel():
+                crops.append(self.warp(image, boxes_per_image[i][rows - offsets[i]]))
+                labels.append(all_labels[rows])
+        if not crops:
+            return {"loss_cls": self.cls_score.weight.sum() * 0.0}
+        _, fc7 = self.cnn(torch.cat(crops))
+        return {"loss_cls": softmax_log_loss(self.cls_score(fc7), torch.cat(labels))}
+
+    def class_scores(self, fc7: Tensor) -> tuple[Tensor, float]:
+        """Scores ``[R, K]`` of regions from their ``fc7 [R, F]``, and the threshold for them.
+
+        SVM scores when the SVMs are trained, else the fine-tuned softmax's probabilities.
+        """
+        svms = self.svms()
+        if svms is not None:
+            return svms.decision_function(fc7), self.settings.svm_score_thresh
+        return torch.softmax(self.cls_score(fc7), dim=-1)[:, 1:], self.settings.softmax_score_thresh
+
+    def detect(self, image: Tensor, proposals: Tensor) -> dict[str, Tensor]:
+        """Detections of one image ``[3, H, W]`` from its (clean) ``proposals [P, 4]``."""
+        fc7, reg = self.region_features(image, proposals)  # [P, F], [P, E]
+        scores, threshold = self.class_scores(fc7)  # [P, K]
+        return self.postprocess(proposals, scores, reg, threshold, tuple(image.shape[1:]))
+
+    def postprocess(
+        self, proposals: Tensor, scores: Tensor, reg_features: Tensor, score_thresh: float, image_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Scores -> per-class NMS -> box regression (the seed's order), for one image.
+
+        ``proposals [P, 4]``, ``scores [P, K]``, ``reg_features [P, E]``. Regions scoring above
+        ``score_thresh`` for a class go through that class's NMS on their *proposal* boxes; the
+        best ``detections_per_image`` survivors are then moved by their class's regressor.
+        """
+        s = self.settings
+        num_props, num_fg = scores.shape
+        labels = torch.arange(1, num_fg + 1, device=scores.device).repeat(num_props)  # [P*K]
+        rows = torch.arange(num_props, device=scores.device).repeat_interleave(num_fg)  # [P*K]
+        flat = scores.reshape(-1)  # [P*K]
+        keep = (flat > score_thresh).nonzero().flatten()
+        rows, labels, flat = rows[keep], labels[keep], flat[keep]
+        keep = batched_nms(proposals[rows], flat, labels, s.nms_thresh)[: s.detections_per_image]
+        rows, labels, flat = rows[keep], labels[keep], flat[keep]
+        boxes = proposals[rows]
+        regressors = self.box_regressors() if self.use_box_regression else None
+        if regressors is not None and rows.numel():
+            boxes = clip_boxes(regressors.predict(reg_features[rows], boxes, labels).to(boxes.dtype), image_size)
+        return {"boxes": boxes, "labels": labels, "scores": flat.to(torch.float32)}
+
+    def feature_fingerprint(self) -> str:
+        """A hash of the CNN's weights: what the feature cache depends on."""
+        digest = hashlib.sha1()
+        for name, tensor in self.backbone.state_dict().items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
+        return digest.hexdigest()
+
+
+def rcnn(
+    backbone: str | Backbone = "alexnet",
+    num_classes: int = 21,
+    *,
+    pretrained_backbone: str | os.PathLike | None = None,
+    trainable_stages: int | None = None,
+    **settings: Any,
+) -> RCNN:
+    """Build an :class:`RCNN` from a backbone name; keyword arguments override :class:`RCNNSettings`.
+
+    Example: ``rcnn("alexnet", 21, pretrained_backbone="alexnet.pth")`` (the paper's network) or
+    ``rcnn("tiny", 6, warp_size=64, context_padding=4)``.
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
+    return RCNN(backbone, num_classes, _override(RCNNSettings(), settings, "R-CNN"))
