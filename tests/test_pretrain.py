@@ -1,0 +1,61 @@
+"""Backbone pre-training (the seed's step 1): the loss falls and the weights load into detectors."""
+
+import pytest
+import torch
+from PIL import Image
+
+from rcnn.backbones import BACKBONES, build_backbone, load_pretrained
+from rcnn.config import TrainConfig
+from rcnn.data.coco import CocoDetection
+from rcnn.data.shapes import shapes_paths
+from rcnn.training.pretrain import BackboneClassifier, CropDataset, ImageFolderDataset, classification_accuracy, pretrain
+
+
+def test_crops_of_shapes_train_a_classifier(shapes_root, tmp_path):
+    data = CocoDetection(*shapes_paths(shapes_root, "train"))
+    crops = CropDataset(data, size=32)
+    assert len(crops) >= 20 and crops.class_names == ["circle", "square", "triangle", "star", "hexagon"]
+    image, target = crops[0]
+    assert image.shape == (3, 32, 32) and 0 <= target["label"] < 5
+    cfg = TrainConfig(iterations=80, batch_size=16, lr=0.01, schedule="constant", warmup_iterations=0, log_every=10,
+                      checkpoint_every=1000)  # fmt: skip
+    torch.manual_seed(0)
+    before = classification_accuracy(BackboneClassifier(build_backbone("tiny"), 5), crops)
+    summary = pretrain("tiny", crops, 5, cfg, tmp_path, val_set=crops, progress=False, log=lambda s: None)
+    assert summary["metrics"]["loss"] < 0.7 * before["loss"]
+    assert summary["metrics"]["top1"] > before["top1"]
+    report = load_pretrained(build_backbone("tiny"), summary["weights"])
+    assert report.missing == [] and report.unexpected == []
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n != "tiny"])
+def test_pretrained_weights_load_into_each_backbone(name, tmp_path):
+    from safetensors.torch import save_file
+
+    source = BackboneClassifier(build_backbone(name), 3)  # what pretrain() saves: the backbone's state
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
+    report = load_pretrained(build_backbone(name, norm="frozen"), path)
+    assert report.missing == [] and report.unexpected == []
+
+
+def test_image_folder_and_errors(tmp_path):
+    for cls, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 30), colour).save(tmp_path / cls / f"{i}.png")
+    ds = ImageFolderDataset(tmp_path, size=16)
+    assert ds.class_names == ["blue", "red"] and len(ds) == 6
+    image, target = ds[0]
+    assert image.shape == (3, 16, 16) and target == {"label": 0}
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ImageFolderDataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="one sub-folder per class"):
+        ImageFolderDataset(tmp_path / "red")
+
+
+def test_cli_pretrain_needs_one_source(capsys):
+    from rcnn.cli import main
+
+    assert main(["pretrain", "--out", "/tmp/x"]) == 2
+    assert "exactly one of --images" in capsys.readouterr().err
