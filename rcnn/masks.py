@@ -128,8 +128,10 @@ def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_gt: Tensor, mask_s
         return proposals.new_zeros((0, mask_size, mask_size))
     if int(matched_gt.min()) < 0 or int(matched_gt.max()) >= gt_masks.shape[0]:
         raise ValueError(f"mask_targets: matched_gt indices must lie in [0, {gt_masks.shape[0] - 1}]")
-    masks = gt_masks[:, None].to(proposals.dtype)  # [G, 1, H, W]
-    rois = torch.cat((matched_gt[:, None].to(proposals.dtype), proposals), dim=1)  # [R, 5]
+    # only the matched objects' masks are made float (a full-size float copy of all G can be large)
+    used, index = torch.unique(matched_gt, return_inverse=True)  # [U], [R] into used
+    masks = gt_masks[used][:, None].to(proposals.dtype)  # [U, 1, H, W]
+    rois = torch.cat((index[:, None].to(proposals.dtype), proposals), dim=1)  # [R, 5]
     # sampling_ratio 0: ceil(bin size) samples per bin side, so no mask pixel is skipped
     cells = roi_align(masks, rois, mask_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)  # [R, 1, m, m]
     return (cells[:, 0] >= 0.5).to(proposals.dtype)

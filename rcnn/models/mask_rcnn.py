@@ -26,22 +26,21 @@ from torch import Tensor
 from rcnn.backbones import Backbone, build_backbone
 from rcnn.masks import MASK_THRESHOLD, MaskBranch, MaskSettings, paste_masks
 from rcnn.models.faster_rcnn import FasterRCNN, _override, default_settings
-from rcnn.models.transform import ImageBatch, validate_images
+from rcnn.models.transform import ImageBatch, validate_images, validate_targets
 
 __all__ = ["MaskRCNN", "mask_rcnn", "validate_masks"]
 
 
 def validate_masks(images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
     """Raise a ``ValueError`` naming the image unless each target has ``masks [G, H, W]`` uint8/bool
-    matching its image's size and its number of boxes."""
+    matching its image's size and its number of boxes (checked images and targets)."""
     for i, (image, target) in enumerate(zip(images, targets)):
-        masks = target.get("masks") if isinstance(target, dict) else None
+        masks = target.get("masks")
         if not isinstance(masks, Tensor):
             raise ValueError(
                 f"targets[{i}]: Mask R-CNN needs 'masks' [G, H, W] uint8 (load the data set with with_masks=True)"
             )
-        num_boxes = len(target["boxes"]) if isinstance(target.get("boxes"), Tensor) else None
-        expected = [num_boxes, *image.shape[1:]]
+        expected = [len(target["boxes"]), *image.shape[1:]]
         if masks.dim() != 3 or list(masks.shape) != expected:
             raise ValueError(
                 f"targets[{i}]['masks']: expected [G, H, W] = {expected} (one mask per box, the image's "
@@ -107,6 +106,7 @@ class MaskRCNN(FasterRCNN):
         """As :meth:`TwoStageDetector.forward`; training targets must also have ``masks [G, H, W]``."""
         if self.training and targets is not None and self.train_mode != "rpn":
             validate_images(images)
+            validate_targets(targets, len(images), self.num_classes)
             validate_masks(images, targets)
         return super().forward(images, targets, proposals)
 
