@@ -107,6 +107,8 @@ def test_lr_schedule_and_linear_scaling(data, tmp_path):
     assert lr_factor(10, c) == 1.0 and lr_factor(50, c) == pytest.approx(0.1) and lr_factor(80, c) == pytest.approx(0.01)
     cos = TrainConfig(iterations=100, schedule="cosine", warmup_iterations=0)
     assert lr_factor(50, cos) == pytest.approx(0.5) and lr_factor(100, cos) == pytest.approx(0.0, abs=1e-12)
+    budget = TrainConfig(iterations=1000, time_budget_s=60.0, steps=[0.5], warmup_iterations=0)
+    assert lr_factor(10, budget, elapsed=20.0) == 1.0 and lr_factor(10, budget, elapsed=31.0) == pytest.approx(0.1)
     model = small_model(data.num_classes)
     train(model, data, cfg(iterations=1, lr=0.01, batch_size=4, lr_batch_size=2, warmup_iterations=0), tmp_path, **QUIET)
     state = load_checkpoint(tmp_path, small_model(data.num_classes))

@@ -72,13 +72,22 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def lr_factor(iteration: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate at ``iteration``: warm-up, then the schedule."""
+def lr_factor(iteration: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Multiplier of the base learning rate at ``iteration``: warm-up, then the schedule.
+
+    The schedule follows the fraction of training done: ``iteration / iterations``, or, with a
+    ``time_budget_s``, the larger of that and ``elapsed / time_budget_s``, so that a run cut by its
+    time budget still goes through its whole schedule. (Such a run resumes with the schedule of its
+    iteration count, as elapsed time is not replayed.)
+    """
+    progress = iteration / cfg.iterations
+    if cfg.time_budget_s:
+        progress = max(progress, elapsed / cfg.time_budget_s)
     if cfg.schedule == "step":
-        milestones = [s * cfg.iterations if s <= 1 else s for s in cfg.steps]
-        factor = cfg.gamma ** sum(iteration >= m for m in milestones)
+        milestones = [s if s <= 1 else s / cfg.iterations for s in cfg.steps]
+        factor = cfg.gamma ** sum(progress >= m - 1e-12 for m in milestones)
     elif cfg.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(iteration / cfg.iterations, 1.0)))
+        factor = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     else:
         factor = 1.0
     if iteration < cfg.warmup_iterations:
@@ -266,7 +275,7 @@ def train(
             break
         tic = time.perf_counter()
         for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
-            group["lr"] = lr * lr_factor(iteration, cfg)
+            group["lr"] = lr * lr_factor(iteration, cfg, elapsed)
         images, targets = next(batches)
         images, targets, proposals = _to_device(images, targets, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
