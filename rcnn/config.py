@@ -33,6 +33,8 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODEL_NAMES = ("rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn")
+# The packaged config of each generation on the shapes data (demo, lineage benchmark).
+SHAPES_CONFIGS = {name: f"{name}_tiny_shapes" for name in MODEL_NAMES}
 
 
 class _Section(BaseModel):
