@@ -114,3 +114,37 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def shapes_data(config_name: str, data_root: Path):
+    """Train and val readers of the shapes data set (generated if absent) for a packaged config."""
+    from rcnn.config import load_config
+    from rcnn.training.run import prepare_data
+
+    return prepare_data(load_config(config_name, [f"data.root={data_root}"]))
+
+
+def train_and_evaluate(model: torch.nn.Module, config_name: str, data: Any, budget_s: float, run_name: str) -> dict[str, Any]:
+    """Train ``model`` with the config's training settings for ``budget_s`` seconds, by the library's
+    loop (any torchvision-API detector works), then evaluate it on ``data.val``."""
+    import tempfile
+
+    from rcnn.config import load_config
+    from rcnn.data.transforms import RandomHorizontalFlip
+    from rcnn.inference import evaluate_model
+    from rcnn.training.loop import train
+    from rcnn.training.run import TrainingSet
+
+    config = load_config(config_name)
+    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "checkpoint_every": 10**9})
+    training_set = TrainingSet(data.train, RandomHorizontalFlip(config.data.hflip))
+    with tempfile.TemporaryDirectory(prefix=f"rcnn_bench_{run_name}_") as run_dir:
+        result = train(model, training_set, train_cfg, run_dir, progress=False, log=lambda s: None)
+    metrics = evaluate_model(model, data.val)
+    out = {
+        "iterations": result.iterations, "train_s": result.seconds, "AP": metrics["bbox"]["AP"],
+        "AP50": metrics["bbox"]["AP50"], "ms_per_image": 1000 * metrics["seconds_per_image"],
+    }  # fmt: skip
+    if "segm" in metrics:
+        out.update(mask_AP=metrics["segm"]["AP"], mask_AP50=metrics["segm"]["AP50"], mask_AP75=metrics["segm"]["AP75"])
+    return out

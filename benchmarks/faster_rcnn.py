@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.common import peak_rss_mb, table, time_pair, write_result
+from benchmarks.common import peak_rss_mb, shapes_data, table, time_pair, train_and_evaluate, write_result
 from rcnn.models import faster_rcnn
 
 ARCHS = {
@@ -38,8 +38,9 @@ def build_pair(arch: str, height: int, width: int) -> tuple[nn.Module, nn.Module
     small, large = min(height, width), max(height, width)
     peer_fn, rpn = ARCHS[arch]
     torch.manual_seed(0)
-    ours = faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn)
-    peer = peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large)
+    # score threshold 0: both keep their 100 best detections, so post-processing does equal work
+    ours = faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0})
+    peer = peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0)
     return ours, peer
 
 
@@ -88,7 +89,7 @@ def _memory_probe(which: str, arch: str, height: int, width: int) -> None:
             model([torch.rand(3, height, width)])
 
 
-class _Features(nn.Module):
+class Features(nn.Module):
     """Present our tiny backbone's body the way torchvision's detectors expect a backbone."""
 
     def __init__(self, body: nn.Module, forward: Any, out_channels: int) -> None:
@@ -121,7 +122,7 @@ def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
     s = ours.rpn.settings
     r = ours.roi_heads.settings
     peer = FasterRCNN(
-        _Features(backbone.body, backbone._body_forward, backbone.out_channels),
+        Features(backbone.body, backbone._body_forward, backbone.out_channels),
         rpn_anchor_generator=AnchorGenerator((tuple(cfg.anchor_sizes[0]),), ((0.5, 1.0, 2.0),)),
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
         box_head=MLPHead(backbone.out_channels, 7, 256),
@@ -136,26 +137,11 @@ def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
 
 def accuracy(budget_s: float, data_root: Path) -> dict[str, Any]:
     """Both tiny detectors trained by the same loop for ``budget_s`` seconds; COCO AP on shapes val."""
-    from rcnn.config import load_config
-    from rcnn.inference import evaluate_model
-    from rcnn.training.loop import train
-    from rcnn.training.run import TrainingSet, prepare_data
-
-    config = load_config("faster_rcnn_tiny_shapes", [f"data.root={data_root}"])
-    data = prepare_data(config)
-    from rcnn.data.transforms import RandomHorizontalFlip
-
-    training_set = TrainingSet(data.train, RandomHorizontalFlip(0.5))
-    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "checkpoint_every": 10**9})
-    out: dict[str, Any] = {"budget_s": budget_s, "train_images": len(data.train), "val_images": len(data.val)}
+    out: dict[str, Any] = {"budget_s": budget_s}
+    data = shapes_data("faster_rcnn_tiny_shapes", data_root)
+    out.update(train_images=len(data.train), val_images=len(data.val))
     for name, model in zip(("ours", "peer"), tiny_pair(data.train.num_classes)):
-        run_dir = Path("/tmp") / f"rcnn_bench_{name}"
-        result = train(model, training_set, train_cfg, run_dir, progress=False, log=lambda s: None)
-        metrics = evaluate_model(model, data.val)
-        out[name] = {
-            "iterations": result.iterations, "train_s": result.seconds,
-            "AP": metrics["bbox"]["AP"], "AP50": metrics["bbox"]["AP50"], "ms_per_image": 1000 * metrics["seconds_per_image"],
-        }  # fmt: skip
+        out[name] = train_and_evaluate(model, "faster_rcnn_tiny_shapes", data, budget_s, f"frcnn_{name}")
     return out
 
 
