@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for index in range(min(args.pictures, len(data.val))):
         image, target = data.val[index]
         tiles.append(draw_detections(image, target, class_names, scale=2.0))
-        tiles.append(draw_detections(image, outputs[int(target["image_id"])], class_names, 0.5, scale=2.0))
+        threshold = getattr(model, "display_score_thresh", 0.5)  # R-CNN: SVM scores, 0 = the decision boundary
+        tiles.append(draw_detections(image, outputs[int(target["image_id"])], class_names, threshold, scale=2.0))
     picture = save_grid(tiles, out / "predictions.png", ncols=4)
     summary["pictures"] = str(picture)
     write_json(out / "summary.json", summary)

@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
         proposals = {str(Path(p)): selective_search_file(p) for p in args.images}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # R-CNN's scores are SVM decision values, positive on the object side: its own default
+    threshold = args.score_thresh if args.score_thresh is not None else getattr(model, "display_score_thresh", 0.5)
     for path, image, output in predict_images(model, args.images, proposals=proposals):
-        keep = output["scores"] >= args.score_thresh
+        keep = output["scores"] >= threshold
         kept = {k: v[keep] for k, v in output.items()}
-        picture = draw_detections(image, kept, class_names, score_threshold=args.score_thresh)
+        picture = draw_detections(image, kept, class_names, score_threshold=threshold)
         picture.save(out / f"{path.stem}.png")
         detections = [
             {"label": class_names[int(label)], "score": round(float(score), 4),
@@ -53,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and list detections scoring at least this")
+    parser.add_argument(
+        "--score-thresh", type=float,
+        help="draw and list detections scoring at least this (default 0.5; 0 for R-CNN, whose scores are SVM values)",
+    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.set_defaults(func=run)

@@ -130,6 +130,9 @@ class RCNNSettings:
 class RCNN(nn.Module):
     """R-CNN: a CNN on warped regions, per-class SVMs and box regressors (see the module doc).
 
+    ``display_score_thresh``: detections scoring at least this are drawn by ``rcnn predict`` and
+    the demo — 0, the SVMs' decision boundary (other detectors' scores are probabilities: 0.5).
+
     Args:
         backbone: a single-level :class:`rcnn.backbones.Backbone` (conv body + fc6/fc7 box head).
         num_classes: K + 1 (background included).
@@ -137,6 +140,8 @@ class RCNN(nn.Module):
         image_mean, image_std: the network's input normalisation; regions outside the image are
             filled with the mean (zero after normalisation, as R-CNN's code).
     """
+
+    display_score_thresh = 0.0
 
     def __init__(
         self,
