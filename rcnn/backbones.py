@@ -37,6 +37,7 @@ __all__ = [
     "build_backbone",
     "fold_batchnorm",
     "load_pretrained",
+    "resolve_backbone",
 ]
 
 
@@ -326,6 +327,17 @@ def build_backbone(
         load_pretrained(backbone, pretrained)
     backbone.freeze_stages(trainable_stages)
     return backbone
+
+
+def resolve_backbone(
+    backbone: str | Backbone, pretrained: str | os.PathLike | None = None, trainable_stages: int | None = None
+) -> Backbone:
+    """``backbone`` itself if it is a :class:`Backbone`, else :func:`build_backbone` of that name."""
+    if isinstance(backbone, Backbone):
+        if pretrained is not None or trainable_stages is not None:
+            raise ValueError("pretrained_backbone / trainable_stages apply to a backbone name, not a built Backbone")
+        return backbone
+    return build_backbone(backbone, pretrained, trainable_stages)
 
 
 @dataclass

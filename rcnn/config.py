@@ -11,6 +11,7 @@ Packaged configs can be given by name: ``--config faster_rcnn_tiny_shapes`` find
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ __all__ = [
     "build_model",
     "config_to_yaml",
     "load_config",
+    "override_settings",
     "resolve_config_path",
 ]
 
@@ -229,6 +231,18 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "faster_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS,
     "mask_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS + ("mask",),
 }
+
+
+def override_settings(settings: Any, overrides: dict[str, Any] | None, what: str) -> Any:
+    """A copy of the settings dataclass ``settings`` with ``overrides`` applied; unknown keys are an
+    error naming ``what`` (e.g. "rpn") and the known fields."""
+    if not overrides:
+        return settings
+    known = {f.name for f in dataclasses.fields(settings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(settings, **overrides)
 
 
 def build_model(model: ModelConfig, num_classes: int | None = None):  # -> nn.Module

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rcnn.backbones import Backbone
 from rcnn.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
 from rcnn.losses import fast_rcnn_loss
 from rcnn.matching import BalancedSampler, Matcher
 from rcnn.ops import RoIPooler, batched_nms
 
-__all__ = ["BoxPredictor", "RoIHeads", "RoIHeadSettings", "SampledRoIs"]
+__all__ = ["BoxPredictor", "RoIHeadSettings", "RoIHeads", "SampledRoIs", "default_roi_settings"]
 
 
 class BoxPredictor(nn.Module):
@@ -82,6 +83,20 @@ class RoIHeadSettings:
     detections_per_image: int = 100
 
 
+def default_roi_settings(backbone: Backbone) -> tuple[RoIHeadSettings, str]:
+    """RoI-head settings and RoI pooler kind (``"pool"`` or ``"align"``) for a backbone.
+
+    Single-level backbones get the Fast / Faster R-CNN papers' settings: RoI max pooling, 64 RoIs
+    per image with background IoU in [0.1, 0.5), per-class NMS 0.3, smooth L1 with beta 1. FPN
+    backbones get the conventions of the FPN paper and of torchvision's peer models, so that the
+    two can be compared like for like: RoIAlign, 512 RoIs per image with background in [0, 0.5),
+    NMS 0.5, beta 1/9.
+    """
+    if len(backbone.strides) == 1:
+        return RoIHeadSettings(), "pool"
+    return RoIHeadSettings(batch_size_per_image=512, bg_iou_thresh_lo=0.0, nms_thresh=0.5, box_loss_beta=1.0 / 9), "align"
+
+
 @dataclass
 class SampledRoIs:
     """The RoIs sampled for training from one batch, with their targets."""
@@ -121,6 +136,22 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder(s.bbox_reg_weights)
         self.matcher = Matcher(s.fg_iou_thresh, s.bg_iou_thresh_hi, min_negative=s.bg_iou_thresh_lo)
         self.sampler = BalancedSampler(s.batch_size_per_image, s.positive_fraction)
+
+    @classmethod
+    def for_backbone(
+        cls,
+        backbone: Backbone,
+        num_classes: int,
+        settings: RoIHeadSettings | None = None,
+        pooler: str | None = None,
+        sampling_ratio: int = 2,
+        mask_branch: nn.Module | None = None,
+    ) -> RoIHeads:
+        """The RoI heads on ``backbone``: its box head, pooled at its ``pool_size`` from its
+        ``pool_strides``; settings and pooler default to :func:`default_roi_settings`."""
+        default, default_pooler = default_roi_settings(backbone)
+        roi_pooler = RoIPooler(backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio)
+        return cls(roi_pooler, backbone.box_head, num_classes, settings or default, mask_branch)
 
     def sample(self, proposals: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
         """Label proposals by IoU with the gt and sample a balanced mini-batch of RoIs per image."""

@@ -31,12 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcnn.backbones import Backbone, build_backbone
-from rcnn.heads import RoIHeads, RoIHeadSettings
+from rcnn.backbones import Backbone, resolve_backbone
+from rcnn.config import override_settings
+from rcnn.heads import RoIHeads, RoIHeadSettings, default_roi_settings
 from rcnn.models.base import TwoStageDetector
-from rcnn.models.faster_rcnn import _override, default_settings
 from rcnn.models.transform import DetectionTransform
-from rcnn.ops import RoIPooler
 
 __all__ = ["FastRCNN", "compress_box_head", "fast_rcnn", "truncated_svd"]
 
@@ -135,9 +134,7 @@ class FastRCNN(TwoStageDetector):
         pooler: str | None = None,
         sampling_ratio: int = 2,
     ) -> None:
-        _, default_roi, default_pooler = default_settings(backbone)
-        roi_pooler = RoIPooler(backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio)
-        roi_heads = RoIHeads(roi_pooler, backbone.box_head, num_classes, roi or default_roi)
+        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio)
         super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=None)
 
     def compress_fc(self, fc6_rank: int | None = 1024, fc7_rank: int | None = 256) -> list[dict[str, Any]]:
@@ -163,7 +160,5 @@ def fast_rcnn(
     Example: ``fast_rcnn("vgg16", 21, pretrained_backbone="vgg16.pth", trainable_stages=3)``
     (VGG16 fine-tuned from conv3_1 up, §4.5).
     """
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
-    _, default_roi, _ = default_settings(backbone)
-    return FastRCNN(backbone, num_classes, roi=_override(default_roi, roi, "roi"), **kwargs)
+    backbone = resolve_backbone(backbone, pretrained_backbone, trainable_stages)
+    return FastRCNN(backbone, num_classes, roi=override_settings(default_roi_settings(backbone)[0], roi, "roi"), **kwargs)

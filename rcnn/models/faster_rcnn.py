@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields, replace
 from typing import Any
 
 from rcnn.anchors import AnchorGenerator
-from rcnn.backbones import Backbone, build_backbone
-from rcnn.heads import RoIHeads, RoIHeadSettings
+from rcnn.backbones import Backbone, resolve_backbone
+from rcnn.config import override_settings
+from rcnn.heads import RoIHeads, RoIHeadSettings, default_roi_settings
 from rcnn.models.base import TwoStageDetector
 from rcnn.models.transform import DetectionTransform
-from rcnn.ops import RoIPooler
-from rcnn.proposals.rpn import RegionProposalNetwork, RPNHead, RPNSettings
+from rcnn.proposals.rpn import RegionProposalNetwork, RPNHead, RPNSettings, default_rpn_settings
 
-__all__ = ["FasterRCNN", "default_settings", "faster_rcnn"]
+__all__ = ["FasterRCNN", "build_detector", "default_anchor_sizes", "faster_rcnn"]
 
 
 def default_anchor_sizes(backbone: Backbone) -> tuple[tuple[float, ...], ...]:
@@ -41,37 +40,6 @@ def default_anchor_sizes(backbone: Backbone) -> tuple[tuple[float, ...], ...]:
     return ((128.0, 256.0, 512.0),)
 
 
-def default_settings(backbone: Backbone) -> tuple[RPNSettings, RoIHeadSettings, str]:
-    """RPN settings, RoI settings and RoI pooler kind for a backbone.
-
-    Single-level backbones get the Faster R-CNN paper's settings (RoI pooling; 12000/2000
-    proposals before/after NMS in training, 6000/300 at test; cross-boundary anchors ignored;
-    64 RoIs per image with background IoU in [0.1, 0.5); NMS 0.3). FPN backbones get the
-    conventions of the FPN paper and of torchvision's peer models, so the two can be compared
-    like for like: RoIAlign, 2000/2000 then 1000/1000 proposals per level/image, all anchors
-    used, the "batch" RPN loss normalisation, smooth L1 with beta 1/9 in both losses, 512 RoIs
-    per image with background in [0, 0.5), NMS 0.5.
-    """
-    if len(backbone.strides) == 1:
-        return RPNSettings(), RoIHeadSettings(), "pool"
-    rpn = RPNSettings(
-        pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
-        allowed_border=None, loss_normalization="batch", beta=1.0 / 9,
-    )
-    roi = RoIHeadSettings(batch_size_per_image=512, bg_iou_thresh_lo=0.0, nms_thresh=0.5, box_loss_beta=1.0 / 9)
-    return rpn, roi, "align"
-
-
-def _override(settings: Any, overrides: dict[str, Any] | None, what: str) -> Any:
-    if not overrides:
-        return settings
-    known = {f.name for f in fields(settings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
-    return replace(settings, **overrides)
-
-
 class FasterRCNN(TwoStageDetector):
     """Faster R-CNN: backbone + RPN + Fast R-CNN RoI heads, trained jointly or alternately.
 
@@ -81,7 +49,8 @@ class FasterRCNN(TwoStageDetector):
         min_size, max_size: image rescaling (600 / 1000 in the papers).
         anchor_sizes, aspect_ratios: per feature level (see :class:`rcnn.anchors.AnchorGenerator`);
             default :func:`default_anchor_sizes` and ratios 1:2, 1:1, 2:1.
-        rpn, roi: RPN and RoI-head settings; default :func:`default_settings`.
+        rpn, roi: RPN and RoI-head settings; default :func:`rcnn.proposals.rpn.default_rpn_settings`
+            and :func:`rcnn.heads.default_roi_settings` (the papers' on one level, FPN conventions on FPNs).
         pooler: ``"pool"`` (RoI max pooling) or ``"align"`` (RoIAlign); default per backbone.
         sampling_ratio: RoIAlign's samples per bin side.
         mask_branch: Mask R-CNN's branch (see :class:`rcnn.models.MaskRCNN`).
@@ -102,7 +71,6 @@ class FasterRCNN(TwoStageDetector):
         sampling_ratio: int = 2,
         mask_branch: Any = None,
     ) -> None:
-        default_rpn, default_roi, default_pooler = default_settings(backbone)
         anchors = AnchorGenerator(anchor_sizes or default_anchor_sizes(backbone), (tuple(aspect_ratios),))
         if len(anchors.sizes) != len(backbone.strides):
             raise ValueError(
@@ -110,15 +78,15 @@ class FasterRCNN(TwoStageDetector):
                 f"{len(backbone.strides)} feature levels (strides {backbone.strides})"
             )
         head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location[0])
-        rpn_module = RegionProposalNetwork(anchors, head, backbone.strides, rpn or default_rpn)
-        roi_pooler = RoIPooler(backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio)
-        roi_heads = RoIHeads(roi_pooler, backbone.box_head, num_classes, roi or default_roi, mask_branch)
+        rpn_module = RegionProposalNetwork(anchors, head, backbone.strides, rpn or default_rpn_settings(backbone))
+        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio, mask_branch)
         super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=rpn_module)
 
 
-def faster_rcnn(
-    backbone: str | Backbone = "tiny",
-    num_classes: int = 91,
+def build_detector(
+    cls: type[FasterRCNN],
+    backbone: str | Backbone,
+    num_classes: int,
     *,
     pretrained_backbone: str | os.PathLike | None = None,
     trainable_stages: int | None = None,
@@ -126,17 +94,17 @@ def faster_rcnn(
     roi: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
-    """Build a :class:`FasterRCNN` from a backbone name, with settings overridden by dicts.
+    """``cls`` (:class:`FasterRCNN` or a subclass) on a backbone given by name, with the default
+    RPN and RoI settings overridden by the dicts ``rpn`` and ``roi``."""
+    backbone = resolve_backbone(backbone, pretrained_backbone, trainable_stages)
+    rpn_settings = override_settings(default_rpn_settings(backbone), rpn, "rpn")
+    roi_settings = override_settings(default_roi_settings(backbone)[0], roi, "roi")
+    return cls(backbone, num_classes, rpn=rpn_settings, roi=roi_settings, **kwargs)
+
+
+def faster_rcnn(backbone: str | Backbone = "tiny", num_classes: int = 91, **kwargs: Any) -> FasterRCNN:
+    """Build a :class:`FasterRCNN` from a backbone name (see :func:`build_detector` for the options).
 
     Example: ``faster_rcnn("resnet50_fpn", 21, pretrained_backbone="resnet50.pth", rpn={"nms_thresh": 0.6})``.
     """
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
-    default_rpn, default_roi, _ = default_settings(backbone)
-    return FasterRCNN(
-        backbone,
-        num_classes,
-        rpn=_override(default_rpn, rpn, "rpn"),
-        roi=_override(default_roi, roi, "roi"),
-        **kwargs,
-    )
+    return build_detector(FasterRCNN, backbone, num_classes, **kwargs)

@@ -16,16 +16,16 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rcnn.backbones import Backbone, build_backbone
+from rcnn.backbones import Backbone
+from rcnn.config import override_settings
 from rcnn.masks import MASK_THRESHOLD, MaskBranch, MaskSettings, paste_masks
-from rcnn.models.faster_rcnn import FasterRCNN, _override, default_settings
+from rcnn.models.faster_rcnn import FasterRCNN, build_detector
 from rcnn.models.transform import ImageBatch, validate_images, validate_targets
 
 __all__ = ["MaskRCNN", "mask_rcnn", "validate_masks"]
@@ -120,28 +120,11 @@ class MaskRCNN(FasterRCNN):
 
 
 def mask_rcnn(
-    backbone: str | Backbone = "tiny",
-    num_classes: int = 91,
-    *,
-    pretrained_backbone: str | os.PathLike | None = None,
-    trainable_stages: int | None = None,
-    rpn: dict[str, Any] | None = None,
-    roi: dict[str, Any] | None = None,
-    mask: dict[str, Any] | None = None,
-    **kwargs: Any,
+    backbone: str | Backbone = "tiny", num_classes: int = 91, *, mask: dict[str, Any] | None = None, **kwargs: Any
 ) -> MaskRCNN:
-    """Build a :class:`MaskRCNN` from a backbone name, with settings overridden by dicts.
+    """Build a :class:`MaskRCNN` from a backbone name, as :func:`rcnn.models.faster_rcnn.build_detector`,
+    with the mask branch's settings overridden by the dict ``mask``.
 
     Example: ``mask_rcnn("resnet50_fpn", 81, pretrained_backbone="resnet50.pth", mask={"pooler": "pool"})``.
     """
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
-    default_rpn, default_roi, _ = default_settings(backbone)
-    return MaskRCNN(
-        backbone,
-        num_classes,
-        rpn=_override(default_rpn, rpn, "rpn"),
-        roi=_override(default_roi, roi, "roi"),
-        mask=_override(MaskSettings(), mask, "mask"),
-        **kwargs,
-    )
+    return build_detector(MaskRCNN, backbone, num_classes, mask=override_settings(MaskSettings(), mask, "mask"), **kwargs)

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone, build_backbone, fold_batchnorm
+from rcnn.backbones import Backbone, fold_batchnorm, resolve_backbone
 from rcnn.box_regression import DEFAULT_LAMBDAS, BoxRegressors
 from rcnn.boxes import box_iou, clip_boxes, remove_small_boxes
 from rcnn.losses import softmax_log_loss
 from rcnn.matching import BalancedSampler, Matcher
-from rcnn.models.faster_rcnn import _override
+from rcnn.config import override_settings
 from rcnn.models.transform import IMAGENET_MEAN, IMAGENET_STD, validate_images, validate_targets
 from rcnn.ops import batched_nms
 from rcnn.svm import ClassSVMs
@@ -409,6 +409,5 @@ def rcnn(
     Example: ``rcnn("alexnet", 21, pretrained_backbone="alexnet.pth")`` (the paper's network) or
     ``rcnn("tiny", 6, warp_size=64, context_padding=4)``.
     """
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, pretrained_backbone, trainable_stages)
-    return RCNN(backbone, num_classes, _override(RCNNSettings(), settings, "R-CNN"))
+    backbone = resolve_backbone(backbone, pretrained_backbone, trainable_stages)
+    return RCNN(backbone, num_classes, override_settings(RCNNSettings(), settings, "R-CNN"))

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from rcnn.anchors import AnchorGenerator
+from rcnn.backbones import Backbone
 from rcnn.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
 from rcnn.losses import rpn_loss
 from rcnn.matching import BalancedSampler, Matcher
 from rcnn.ops import batched_nms
 
-__all__ = ["RPNHead", "RPNSettings", "RegionProposalNetwork"]
+__all__ = ["RPNHead", "RPNSettings", "RegionProposalNetwork", "default_rpn_settings"]
 
 
 class RPNHead(nn.Module):
@@ -97,6 +98,20 @@ class RPNSettings:
     loss_normalization: str = "paper"
     box_weight: float = 10.0
     beta: float = 1.0
+
+
+def default_rpn_settings(backbone: Backbone) -> RPNSettings:
+    """The Faster R-CNN paper's RPN settings on single-level backbones (12000 / 2000 proposals
+    before / after NMS in training, 6000 / 300 at test, cross-boundary anchors ignored, the
+    paper's loss normalisation); on FPN backbones the FPN / torchvision conventions (2000 / 2000
+    per level / image in training, 1000 / 1000 at test, all anchors used, the "batch" loss
+    normalisation with beta 1/9)."""
+    if len(backbone.strides) == 1:
+        return RPNSettings()
+    return RPNSettings(
+        pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
+        allowed_border=None, loss_normalization="batch", beta=1.0 / 9,
+    )  # fmt: skip
 
 
 class RegionProposalNetwork(nn.Module):
