@@ -27,6 +27,15 @@ QUIET = dict(progress=False, log=lambda s: None)
 rcnn_module = importlib.import_module("rcnn.models.rcnn")  # the attribute rcnn.models.rcnn is the builder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One compute thread: on small tensors two threads mostly wait for each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def proposals(shapes_root, tmp_path_factory):
     """Selective search proposals files of the train and val splits of the test shapes set."""
