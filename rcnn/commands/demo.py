@@ -14,12 +14,7 @@ import json
 import time
 from pathlib import Path
 
-DEMO_CONFIGS = {
-    "faster_rcnn": "faster_rcnn_tiny_shapes",
-    "mask_rcnn": "mask_rcnn_tiny_shapes",
-    "fast_rcnn": "fast_rcnn_tiny_shapes",
-    "rcnn": "rcnn_tiny_shapes",
-}
+from rcnn.config import SHAPES_CONFIGS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"data.root={out / 'shapes'}", *args.overrides]
     if args.iterations:
         overrides.append(f"train.iterations={args.iterations}")
-    config = load_config(DEMO_CONFIGS[args.model], overrides)
+    config = load_config(SHAPES_CONFIGS[args.model], overrides)
     if config.model.name in ("fast_rcnn", "rcnn"):
         # selective search proposals: computed by run_training on the first run, then read from here
         config.data.proposals_train = str(out / f"selective_search_{config.data.train_split}.safetensors")
@@ -82,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate the shapes data set, train a detector on it from scratch, evaluate it and "
         "write pictures of its predictions. Runs offline on a CPU in minutes.",
     )
-    parser.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="faster_rcnn", help="which generation")
+    parser.add_argument("--model", choices=sorted(SHAPES_CONFIGS), default="faster_rcnn", help="which generation")
     parser.add_argument("--out", default="demo_out", help="output folder (data, run, pictures, summary)")
     parser.add_argument("--iterations", type=int, help="training iterations (default: the demo config's)")
     parser.add_argument("--pictures", type=int, default=8, help="validation images to draw")
