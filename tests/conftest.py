@@ -15,6 +15,33 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shapes(tmp_path_factory.mktemp("shapes"), n_train=12, n_val=8, seed=0, image_size=128)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One compute thread for a test module: on small tensors, two threads mostly wait for each
+    other, the more so on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def proposals(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Selective search proposals files of the train and val splits of ``shapes_root``."""
+    from rcnn.data.build import build_dataset
+    from rcnn.proposals.selective_search import ensure_dataset_proposals
+
+    out = tmp_path_factory.mktemp("proposals")
+    return {
+        split: ensure_dataset_proposals(
+            build_dataset(shapes_root, split), out / f"{split}.safetensors", workers=0, progress=False
+        ).path
+        for split in ("train", "val")
+    }
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One compute thread per test process when pytest-xdist runs several: no oversubscription."""
     import os

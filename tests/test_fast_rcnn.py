@@ -15,30 +15,11 @@ from rcnn.inference import evaluate_model
 from rcnn.models import FastRCNN, fast_rcnn
 from rcnn.models.fast_rcnn import compress_box_head
 from rcnn.proposals.io import MissingProposalsError, load_proposals, save_proposals
-from rcnn.proposals.selective_search import ensure_dataset_proposals
 from rcnn.training.checkpoint import load_model
 from rcnn.training.run import proposal_source, run_training
 
 QUIET = dict(progress=False, log=lambda s: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One compute thread: on small tensors two threads mostly wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def proposals(shapes_root, tmp_path_factory):
-    """Selective search proposals files of the train and val splits of the test shapes set."""
-    out = tmp_path_factory.mktemp("fast_rcnn_proposals")
-    return {
-        split: ensure_dataset_proposals(build_dataset(shapes_root, split), out / f"{split}.safetensors", workers=0, progress=False).path
-        for split in ("train", "val")
-    }
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(shapes_root, proposals, *overrides):

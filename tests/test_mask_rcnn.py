@@ -133,16 +133,6 @@ def mean_mask_iou(items, outputs):
     return sum(ious) / len(ious)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: many small ops train faster, and reproducibly, without a second thread
-    that competes for 2 shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_overfit_a_few_shapes_images(tmp_path, one_thread):
     # 4 images with 1-4 unoccluded objects of at least 16 px (two stride-8 cells): enough for the
     # tiny backbone to learn their masks in 150 steps. (Occluded objects, whose visible part is the

@@ -17,33 +17,14 @@ from rcnn.data.build import build_dataset
 from rcnn.inference import evaluate_model, predict_dataset
 from rcnn.models import RCNN, rcnn
 from rcnn.proposals.io import MissingProposalsError, load_proposals, save_proposals
-from rcnn.proposals.selective_search import ensure_dataset_proposals
 from rcnn.svm import ClassSVMs
 from rcnn.training.checkpoint import load_checkpoint, load_model
 from rcnn.training.rcnn_stages import FeatureCache, extract_features
 from rcnn.training.run import proposal_source, run_training
 
 QUIET = dict(progress=False, log=lambda s: None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 rcnn_module = importlib.import_module("rcnn.models.rcnn")  # the attribute rcnn.models.rcnn is the builder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One compute thread: on small tensors two threads mostly wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def proposals(shapes_root, tmp_path_factory):
-    """Selective search proposals files of the train and val splits of the test shapes set."""
-    out = tmp_path_factory.mktemp("rcnn_proposals")
-    return {
-        split: ensure_dataset_proposals(build_dataset(shapes_root, split), out / f"{split}.safetensors", workers=0, progress=False).path
-        for split in ("train", "val")
-    }
 
 
 def small_config(shapes_root, proposals, *overrides):
