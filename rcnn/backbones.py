@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "InferenceOptimizable",
     "LoadReport",
     "build_backbone",
     "fold_batchnorm",
@@ -422,6 +423,24 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike) -> LoadReport:
     backbone.load_state_dict(mapped, strict=False)
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
     return LoadReport(loaded=sorted(mapped), missing=missing, unexpected=unexpected)
+
+
+class InferenceOptimizable:
+    """Mixin for detectors with a ``backbone``: :meth:`optimize_for_inference`, and a guard that
+    refuses to train a model so optimised."""
+
+    def optimize_for_inference(self):
+        """Prepare the model for fast inference, in place: eval mode, BatchNorm folded into the
+        preceding convolutions (same outputs, less work). The model cannot be trained afterwards."""
+        self.eval()
+        fold_batchnorm(self.backbone)
+        self._inference_only = True
+        return self
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "_inference_only", False):
+            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
+        return super().train(mode)
 
 
 def fold_batchnorm(module: nn.Module) -> int:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rcnn.masks import MASK_THRESHOLD
+
 __all__ = ["class_colour", "draw_detections", "save_grid", "to_pil"]
 
 # Distinct, saturated colours (Kelly's list of maximum contrast), indexed by label.
@@ -26,7 +28,6 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
     (241, 58, 19), (35, 44, 22),
 )  # fmt: skip
 MASK_ALPHA = 0.45
-MASK_THRESHOLD = 0.5  # as in rcnn.evaluation: mask probabilities binarised at 0.5
 
 
 def class_colour(label: int) -> tuple[int, int, int]:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from rcnn.data.common import DetectionDataset
+from rcnn.masks import MASK_THRESHOLD
 
 __all__ = ["Detections", "prepare_predictions"]
 
-MASK_THRESHOLD = 0.5  # Mask R-CNN §3: the mask is binarised at 0.5
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone, fold_batchnorm
+from rcnn.backbones import Backbone, InferenceOptimizable
 from rcnn.heads import RoIHeads
 from rcnn.models.transform import DetectionTransform, ImageBatch, validate_images, validate_targets
 from rcnn.proposals.rpn import RegionProposalNetwork
@@ -39,7 +39,7 @@ __all__ = ["TRAIN_MODES", "TwoStageDetector"]
 TRAIN_MODES = ("joint", "rpn", "detector")
 
 
-class TwoStageDetector(nn.Module):
+class TwoStageDetector(InferenceOptimizable, nn.Module):
     """Backbone + (RPN or external proposals) + RoI heads, with input/output transforms."""
 
     def __init__(
@@ -56,19 +56,6 @@ class TwoStageDetector(nn.Module):
         self.transform = transform
         self.num_classes = roi_heads.num_classes
         self.train_mode = "joint"
-
-    def optimize_for_inference(self) -> TwoStageDetector:
-        """Prepare the model for fast inference, in place: eval mode, BatchNorm folded into the
-        preceding convolutions (same outputs, less work). The model cannot be trained afterwards."""
-        self.eval()
-        fold_batchnorm(self.backbone)
-        self._inference_only = True
-        return self
-
-    def train(self, mode: bool = True) -> TwoStageDetector:
-        if mode and getattr(self, "_inference_only", False):
-            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
-        return super().train(mode)
 
     def set_train_mode(self, mode: str) -> None:
         """Choose what training optimises: one of ``TRAIN_MODES``."""
@@ -88,7 +75,7 @@ class TwoStageDetector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets (call model.eval() for inference)")
-            validate_targets(targets, len(images), self.num_classes)
+            self.check_targets(images, targets)
         if proposals is not None:
             if len(proposals) != len(images):
                 raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
@@ -103,6 +90,10 @@ class TwoStageDetector(nn.Module):
         if self.training:
             return {**losses, **head_losses}
         return self.finalize(detections, batch)
+
+    def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
+        """Raise a ``ValueError`` naming the image and field for malformed training targets."""
+        validate_targets(targets, len(images), self.num_classes)
 
     def propose(
         self,

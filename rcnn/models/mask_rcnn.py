@@ -26,7 +26,7 @@ from rcnn.backbones import Backbone
 from rcnn.config import override_settings
 from rcnn.masks import MASK_THRESHOLD, MaskBranch, MaskSettings, paste_masks
 from rcnn.models.faster_rcnn import FasterRCNN, build_detector
-from rcnn.models.transform import ImageBatch, validate_images, validate_targets
+from rcnn.models.transform import ImageBatch
 
 __all__ = ["MaskRCNN", "mask_rcnn", "validate_masks"]
 
@@ -97,18 +97,12 @@ class MaskRCNN(FasterRCNN):
         )
         self.mask_probabilities = bool(mask_probabilities)
 
-    def forward(
-        self,
-        images: Sequence[Tensor],
-        targets: Sequence[dict[str, Any]] | None = None,
-        proposals: Sequence[Tensor] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """As :meth:`TwoStageDetector.forward`; training targets must also have ``masks [G, H, W]``."""
-        if self.training and targets is not None and self.train_mode != "rpn":
-            validate_images(images)
-            validate_targets(targets, len(images), self.num_classes)
+    def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
+        """As :meth:`TwoStageDetector.check_targets`; the targets must also have ``masks [G, H, W]``
+        (except when training the RPN alone)."""
+        super().check_targets(images, targets)
+        if self.train_mode != "rpn":
             validate_masks(images, targets)
-        return super().forward(images, targets, proposals)
 
     def finalize(self, detections: list[dict[str, Tensor]], batch: ImageBatch) -> list[dict[str, Tensor]]:
         """Map boxes back to the original images, then paste each mask there at its box."""

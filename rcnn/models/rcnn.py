@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone, fold_batchnorm, resolve_backbone
+from rcnn.backbones import Backbone, InferenceOptimizable, resolve_backbone
 from rcnn.box_regression import DEFAULT_LAMBDAS, BoxRegressors
 from rcnn.boxes import box_iou, clip_boxes, remove_small_boxes
 from rcnn.losses import softmax_log_loss
@@ -127,7 +127,7 @@ class RCNNSettings:
         self.bbox_lambdas = tuple(float(v) for v in self.bbox_lambdas)
 
 
-class RCNN(nn.Module):
+class RCNN(InferenceOptimizable, nn.Module):
     """R-CNN: a CNN on warped regions, per-class SVMs and box regressors (see the module doc).
 
     ``display_score_thresh``: detections scoring at least this are drawn by ``rcnn predict`` and
@@ -183,19 +183,6 @@ class RCNN(nn.Module):
         self.matcher = Matcher(s.fg_iou_thresh, s.fg_iou_thresh)  # below 0.5: background
         self.sampler = BalancedSampler(s.batch_size, s.positive_fraction)
         self.use_box_regression = True  # switch off to measure its effect (ablation)
-
-    def optimize_for_inference(self) -> RCNN:
-        """Eval mode with BatchNorm folded into the convolutions (same outputs, less work), in
-        place; the model cannot be trained afterwards."""
-        self.eval()
-        fold_batchnorm(self.backbone)
-        self._inference_only = True
-        return self
-
-    def train(self, mode: bool = True) -> RCNN:
-        if mode and getattr(self, "_inference_only", False):
-            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
-        return super().train(mode)
 
     # -- the parts trained outside the network ----------------------------------------------
     def set_svms(self, svms: ClassSVMs) -> None:
