@@ -17,8 +17,8 @@ in ``--work`` is reused, an interrupted one continues.
   selective search, and the model given the proposals, for R-CNN and Fast R-CNN; Faster R-CNN
   (tiny backbone, same images; a shorter training: only its time is compared) for reference.
 
-COCO AP and AP@0.5 on the val split. Writes ``benchmarks/results/rcnn_ablation.json`` and the
-tables to ``docs/benchmarks_rcnn.md``.
+COCO AP and AP@0.5 on the val split. Writes ``benchmarks/results/rcnn_ablation.json``; the tables
+go to ``docs/benchmarks.md`` (``python -m benchmarks.run --report-only``).
 """
 
 from __future__ import annotations
@@ -285,14 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["faster_rcnn"] = faster_rcnn_part(data, work, settings, val)
     command = "python -m benchmarks.rcnn_ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     write_result("rcnn_ablation", result, command.strip())
-    return _write_report(result, command.strip())
-
-
-def _write_report(result: dict[str, Any], command: str) -> dict[str, Any]:
-    text = markdown(result)
-    doc = ROOT / "docs" / "benchmarks_rcnn.md"
-    doc.write_text(f"# R-CNN and Fast R-CNN: ablations and inference times\n\n`{command}`\n\n{text}\n", encoding="utf-8")
-    print(text)
+    print(markdown(result))
     return result
 
 
