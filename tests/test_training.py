@@ -247,10 +247,16 @@ def test_every_config_field_is_documented():
 
     from rcnn.config import AlternatingConfig, DataConfig, ModelConfig, TrainConfig
     from rcnn.heads import RoIHeadSettings
+    from rcnn.masks import MaskSettings
+    from rcnn.models.rcnn import RCNNSettings
     from rcnn.proposals.rpn import RPNSettings
 
     text = (Path(__file__).parent.parent / "docs" / "configs.md").read_text()
     names = [*ModelConfig.model_fields, *DataConfig.model_fields, *TrainConfig.model_fields, *AlternatingConfig.model_fields]
     names += [f.name for f in fields(RPNSettings)] + [f.name for f in fields(RoIHeadSettings)]
+    names += [f.name for f in fields(MaskSettings)]
     missing = [n for n in names if f"`{n}`" not in text]
     assert missing == [], f"docs/configs.md does not describe {missing}"
+    rcnn_text = (Path(__file__).parent.parent / "docs" / "rcnn.md").read_text()
+    missing = [f.name for f in fields(RCNNSettings) if f"`{f.name}`" not in rcnn_text]
+    assert missing == [], f"docs/rcnn.md does not describe {missing}"
