@@ -171,7 +171,7 @@ def _pretrain_child(data_root: str, out: str, backbone: str, iterations: int, th
 
     train_set = CropDataset(build_dataset(data_root, "train"), size=48)
     val_set = CropDataset(build_dataset(data_root, "val"), size=48, augment=False)
-    cfg = TrainConfig(iterations=iterations, batch_size=64, lr=0.02, schedule="cosine", warmup_iterations=20,
+    cfg = TrainConfig(iterations=iterations, batch_size=min(64, len(train_set)), lr=0.02, schedule="cosine", warmup_iterations=20,
                       checkpoint_every=10**9)  # fmt: skip
     tic = time.perf_counter()
     summary = pretrain(backbone, train_set, len(train_set.class_names), cfg, out, val_set=val_set, progress=False,
@@ -189,6 +189,8 @@ def run_lineage(
     budget_s: float | None = None,
     pretrained: str | None = None,
     compare_random_init: bool = True,
+    pretrain_iterations: int | None = None,
+    timing_images: int | None = None,
     threads: int = 2,
     results_dir: str | os.PathLike = "benchmarks/results",
     img_dir: str | os.PathLike = "docs/img",
@@ -209,12 +211,12 @@ def run_lineage(
     result: dict[str, Any] = {"quick": quick, "budget_s": budget, "data": str(data_root), "backbone": "tiny"}
     if pretrained is None:
         log("pre-training the tiny backbone on object crops (the seed's step 1)")
-        result["pretrain"] = _in_child(_pretrain_child, str(data_root), str(out / "pretrain"), "tiny",
-                                       150 if quick else 600, threads)  # fmt: skip
+        iterations = pretrain_iterations or (150 if quick else 600)
+        result["pretrain"] = _in_child(_pretrain_child, str(data_root), str(out / "pretrain"), "tiny", iterations, threads)
         pretrained = result["pretrain"]["weights"]
         log(f"  top-1 {result['pretrain']['top1']:.3f} in {result['pretrain']['seconds']:.0f} s")
     result["pretrained"] = pretrained
-    timing_images = 20 if quick else 50
+    timing_images = timing_images or (20 if quick else 50)
     result["models"] = {}
     for name in models:
         log(f"training {name} for {budget:.0f} s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -307,7 +308,7 @@ def train(
         if bar is not None:
             bar.update(1)
             if window:
-                bar.set_postfix({k.removeprefix("loss_"): f"{sum(v) / len(v):.3f}" for k, v in window.items()})
+                bar.set_postfix({k.removeprefix("loss_"): f"{sum(v) / len(v):.3f}" for k, v in window.items()}, refresh=False)
         if iteration % cfg.log_every == 0 or iteration == total:
             means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
             _log_scalars(
@@ -338,7 +339,8 @@ def _progress(start: int, total: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    interactive = sys.stderr.isatty()  # into a log file: a line every 30 s, not a redraw per step
+    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if interactive else 30)
 
 
 def _tensorboard(run_dir: Path):
