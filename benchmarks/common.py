@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -60,11 +59,32 @@ def time_one(fn: Callable[[], Any], rounds: int = 5, warmup: int = 1) -> dict[st
 
 
 def peak_rss_mb(module: str, *args: str) -> float:
-    """Peak resident memory (MiB) of ``python -m module args...`` run in a fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, capture_output=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024.0
+    """Peak resident memory (MiB) of ``python -m module args...`` run in a fresh process.
+
+    The child must end by calling :func:`print_peak_rss`: ``RUSAGE_CHILDREN`` would give the
+    largest of all children so far, not this one's.
+    """
+    out = subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("peak_rss_kb=")]
+    if not lines:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} did not report its peak memory:\n{out.stdout[-2000:]}")
+    return int(lines[-1].split("=")[1]) / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak-memory count afresh (Linux: ``/proc/self/clear_refs``), so what was
+    allocated before, e.g. a model built only to copy weights from, is not counted."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as err:
+        raise RuntimeError("cannot reset the peak memory count: needs Linux >= 4.0 and /proc") from err
+
+
+def print_peak_rss() -> None:
+    """Report this process's peak resident memory (since :func:`reset_peak_rss`) to :func:`peak_rss_mb`."""
+    status = Path("/proc/self/status").read_text()
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    print(f"peak_rss_kb={kb}", flush=True)
 
 
 def machine() -> dict[str, Any]:

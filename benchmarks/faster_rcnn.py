@@ -2,8 +2,8 @@
 
     python -m benchmarks.faster_rcnn [--quick] [--skip-accuracy]
 
-Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (random initialisation, no downloads):
-inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
+Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (torchvision's random initialisation, copied into ours,
+no downloads): inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
 included; the network sees exactly that size), one training step on a batch of 2 at 512x512,
 and peak memory. Accuracy: both detectors built on the *same* tiny backbone, anchors and
 settings, trained by the same loop for the same wall-clock budget on the shapes data, then
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.common import peak_rss_mb, shapes_data, table, time_pair, train_and_evaluate, write_result
+from benchmarks.common import peak_rss_mb, print_peak_rss, reset_peak_rss, shapes_data, table, time_pair, train_and_evaluate, write_result
 from rcnn.models import faster_rcnn
 
 ARCHS = {
@@ -33,15 +34,50 @@ ARCHS = {
 }
 
 
-def build_pair(arch: str, height: int, width: int) -> tuple[nn.Module, nn.Module]:
-    """Our model and torchvision's, same architecture and settings, processing exactly H x W."""
+def build(which: str, arch: str, height: int, width: int) -> nn.Module:
+    """Our model (``which="ours"``) or torchvision's, same architecture and settings, processing exactly H x W."""
     small, large = min(height, width), max(height, width)
     peer_fn, rpn = ARCHS[arch]
     torch.manual_seed(0)
     # score threshold 0: both keep their 100 best detections, so post-processing does equal work
-    ours = faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0})
-    peer = peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0)
+    if which == "ours":
+        return faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0})
+    return peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0)
+
+
+def build_pair(arch: str, height: int, width: int) -> tuple[nn.Module, nn.Module]:
+    """Our model and torchvision's (see :func:`build`), ours holding torchvision's random weights.
+
+    Same weights, so the same proposals and the same work in the heads: left with their own random
+    initialisations the two RPNs keep different numbers of proposals after NMS (1000 against 266
+    for ResNet-50-FPN at 512x512), which would time the initialisations rather than the code.
+    """
+    ours, peer = build("ours", arch, height, width), build("peer", arch, height, width)
+    copy_weights(peer, ours)
     return ours, peer
+
+
+def copy_weights(peer: nn.Module, ours: nn.Module) -> None:
+    """Load a torchvision detector's parameters and buffers into ours, matched in registration order.
+
+    Our box head is registered twice (on the backbone, which builds it, and in the RoI heads), so
+    its first copy is skipped. Our box deltas and mask logits have no background class where
+    torchvision's do, so the peer's leading background rows (4 deltas, 1 mask) are dropped; every
+    other tensor must match the peer's one for one in shape.
+    """
+    mine = {k: v for k, v in ours.state_dict().items() if not k.startswith("backbone.box_head.") and "num_batches_tracked" not in k}
+    theirs = {k: v for k, v in peer.state_dict().items() if "num_batches_tracked" not in k}
+    if len(mine) != len(theirs):
+        raise ValueError(f"{len(mine)} tensors in our model, {len(theirs)} in torchvision's")
+    state = {}
+    for (key, own), (peer_key, value) in zip(mine.items(), theirs.items()):
+        extra = value.shape[0] - own.shape[0] if value.dim() == own.dim() else 0
+        if extra in (1, 4) and value.shape[1:] == own.shape[1:] and peer_key.endswith(("bbox_pred.weight", "bbox_pred.bias", "mask_fcn_logits.weight", "mask_fcn_logits.bias")):
+            value = value[extra:]  # the background class's rows
+        if own.shape != value.shape:
+            raise ValueError(f"{key} {tuple(own.shape)} against {peer_key} {tuple(value.shape)}")
+        state[key] = value
+    ours.load_state_dict(state, strict=False)
 
 
 def inference(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
@@ -80,13 +116,16 @@ def train_step(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
 
 
 def _memory_probe(which: str, arch: str, height: int, width: int) -> None:
-    """Run one inference in this process (for ``peak_rss_mb``)."""
+    """Run inference in this process and report the peak memory of that alone (for ``peak_rss_mb``)."""
     ours, peer = build_pair(arch, height, width)
-    model = ours.optimize_for_inference() if which == "ours" else peer.eval()
+    model = ours.eval().optimize_for_inference() if which == "ours" else peer.eval()
     del ours, peer  # only the measured model stays alive
+    gc.collect()
+    reset_peak_rss()
     with torch.inference_mode():
         for _ in range(2):
             model([torch.rand(3, height, width)])
+    print_peak_rss()
 
 
 class Features(nn.Module):

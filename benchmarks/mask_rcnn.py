@@ -2,8 +2,9 @@
 
     python -m benchmarks.mask_rcnn [--quick] [--skip-accuracy]
 
-- Inference seconds per image, ResNet-50-FPN, random initialisation, same input, both keeping
-  their 100 best detections (so the mask head does the same work), 2 threads.
+- Inference seconds per image, ResNet-50-FPN, torchvision's random initialisation copied into
+  ours, same input, both keeping their 100 best detections (so the mask head does the same
+  work), 2 threads.
 - Accuracy at an equal training budget on the shapes data: ours and torchvision's built on the
   same tiny backbone, anchors, box head and a 2 x 64 mask head, trained by the same loop.
 - Ablation (Mask R-CNN §3, Table 2c): the same model with RoI max pooling instead of RoIAlign in
@@ -23,7 +24,7 @@ import torch
 import torchvision
 
 from benchmarks.common import shapes_data, table, time_pair, train_and_evaluate, write_result
-from benchmarks.faster_rcnn import Features
+from benchmarks.faster_rcnn import Features, copy_weights
 from rcnn.models import mask_rcnn
 
 CONFIG = "mask_rcnn_tiny_shapes"
@@ -36,6 +37,7 @@ def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
     peer = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0
     )
+    copy_weights(peer, ours)  # same weights, same proposals: see benchmarks.faster_rcnn.build_pair
     ours.eval().optimize_for_inference()
     peer.eval()
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
