@@ -258,16 +258,24 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike = "docs/img") -> lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     img_dir = Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = result["models"]
     names = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, row in rows.items():
-        ax.scatter(row["ms_per_image"], row["AP50"], s=60)
-        ax.annotate(names[key], (row["ms_per_image"], row["AP50"]), textcoords="offset points", xytext=(6, 4))
+    points = [(names[key], row, "o") for key, row in rows.items()]
+    if result.get("faster_rcnn_random_init"):
+        points.append(("Faster R-CNN, random init", result["faster_rcnn_random_init"], "x"))
+    for k, (label, row, marker) in enumerate(points):
+        ax.scatter(row["ms_per_image"], row["AP50"], s=60, marker=marker)
+        # labels alternately above and below their point, so neighbours do not overlap
+        ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points", xytext=(6, 5 if k % 2 == 0 else -14))
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("test time per image, ms (log scale, CPU, proposals included)")
     ax.set_ylabel("box AP@0.5 on shapes val")
     ax.set_ylim(0, 1)
