@@ -1,13 +1,15 @@
 """Faster R-CNN against its peer, torchvision's Faster R-CNN, on the same inputs in one process.
 
-    python -m benchmarks.faster_rcnn [--quick] [--skip-accuracy]
+    python -m benchmarks.faster_rcnn [--quick] [--budget S] [--skip-accuracy]
+    python -m benchmarks.faster_rcnn --skip-timing --budget S --accuracy-models ours_paper   # add a row
 
 Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (torchvision's random initialisation, copied into ours,
 no downloads): inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
 included; the network sees exactly that size), one training step on a batch of 2 at 512x512,
 and peak memory. Accuracy: both detectors built on the *same* tiny backbone, anchors and
 settings, trained by the same loop for the same wall-clock budget on the shapes data, then
-COCO AP on its val split. Writes ``benchmarks/results/faster_rcnn.json``.
+COCO AP on its val split; beside them our packaged config as it is (the paper's RPN settings).
+Writes ``benchmarks/results/faster_rcnn.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import gc
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,17 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.common import peak_rss_mb, print_peak_rss, reset_peak_rss, shapes_data, table, time_pair, train_and_evaluate, write_result
+from benchmarks.common import (
+    peak_rss_mb,
+    print_peak_rss,
+    read_result,
+    reset_peak_rss,
+    shapes_data,
+    table,
+    time_pair,
+    train_and_evaluate,
+    write_result,
+)
 from rcnn.models import faster_rcnn
 
 ARCHS = {
@@ -174,13 +187,33 @@ def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
     return ours, peer
 
 
-def accuracy(budget_s: float, data_root: Path) -> dict[str, Any]:
-    """Both tiny detectors trained by the same loop for ``budget_s`` seconds; COCO AP on shapes val."""
+ACCURACY_MODELS = {
+    "ours": "rcnn, torchvision's settings",
+    "peer": "torchvision",
+    "ours_paper": "rcnn, packaged config (paper RPN loss, cross-border anchors ignored)",
+}
+
+
+def accuracy(budget_s: float, data_root: Path, names: Sequence[str] = tuple(ACCURACY_MODELS)) -> dict[str, Any]:
+    """Tiny detectors trained by the same loop for ``budget_s`` seconds; COCO AP on shapes val.
+
+    ``ours`` and ``peer`` share every setting (:func:`tiny_pair`); ``ours_paper`` is the packaged
+    config ``faster_rcnn_tiny_shapes`` as it is, with the Faster R-CNN paper's RPN loss
+    normalisation and cross-border anchors ignored in training.
+    """
+    from rcnn.config import build_model, load_config
+
     out: dict[str, Any] = {"budget_s": budget_s}
     data = shapes_data("faster_rcnn_tiny_shapes", data_root)
     out.update(train_images=len(data.train), val_images=len(data.val))
-    for name, model in zip(("ours", "peer"), tiny_pair(data.train.num_classes)):
+    for name in names:
+        if name == "ours_paper":
+            torch.manual_seed(0)
+            model = build_model(load_config("faster_rcnn_tiny_shapes").model, data.train.num_classes)
+        else:
+            model = dict(zip(("ours", "peer"), tiny_pair(data.train.num_classes)))[name]
         out[name] = train_and_evaluate(model, "faster_rcnn_tiny_shapes", data, budget_s, f"frcnn_{name}")
+        print(name, out[name], flush=True)
     return out
 
 
@@ -203,10 +236,13 @@ def markdown(result: dict[str, Any]) -> str:
     acc = result.get("accuracy")
     if acc:
         rows = [[n, acc[k]["iterations"], acc[k]["train_s"], acc[k]["AP"], acc[k]["AP50"], acc[k]["ms_per_image"]]
-                for n, k in (("rcnn", "ours"), ("torchvision", "peer"))]  # fmt: skip
+                for k, n in ACCURACY_MODELS.items() if k in acc]  # fmt: skip
         parts += ["", f"Accuracy on shapes val ({acc['val_images']} images) after {acc['budget_s']:.0f} s of training "
                   f"on {acc['train_images']} images, same tiny backbone, anchors, heads and loop:", "",
                   table(["library", "iterations", "train s", "AP", "AP@0.5", "ms/image"], rows)]  # fmt: skip
+        for k, n in ACCURACY_MODELS.items():
+            if "command" in acc.get(k, {}):
+                parts += ["", f"Row \"{n}\" trained afterwards, same machine, data and budget: `{acc[k]['command']}`."]
     return "\n".join(parts)
 
 
@@ -217,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget", type=float, help="training seconds per detector for the accuracy part")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default="data/shapes", help="shapes data root (generated if absent)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="only the accuracy part, merged into the existing results file (same budget)")
+    parser.add_argument("--accuracy-models", default=",".join(ACCURACY_MODELS),
+                        help=f"comma-separated, of {', '.join(ACCURACY_MODELS)}")
     parser.add_argument("--memory-probe", nargs=4, metavar=("WHICH", "ARCH", "H", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -225,6 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _memory_probe(which, arch, int(h), int(w))
         return {}
     rounds = 3 if args.quick else 5
+    command = ("python -m benchmarks.faster_rcnn " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    names = [n for n in args.accuracy_models.split(",") if n]
+    if unknown := set(names) - set(ACCURACY_MODELS):
+        parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")
+    budget = args.budget or (120.0 if args.quick else 600.0)
+    if args.skip_timing:
+        return _merge_accuracy(budget, Path(args.data), names, command)
     result: dict[str, Any] = {"inference": [], "train_step": [], "memory": []}
     for arch in ARCHS:
         for size in ((800, 1066), (512, 512)):
@@ -238,11 +285,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["memory"].append(mem)
         print(mem, flush=True)
     if not args.skip_accuracy:
-        budget = args.budget or (120.0 if args.quick else 600.0)
-        result["accuracy"] = accuracy(budget, Path(args.data))
-        print(result["accuracy"], flush=True)
-    command = "python -m benchmarks.faster_rcnn " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_result("faster_rcnn", result, command.strip())
+        result["accuracy"] = accuracy(budget, Path(args.data), names)
+    write_result("faster_rcnn", result, command)
+    print(markdown(result))
+    return result
+
+
+def _merge_accuracy(budget: float, data_root: Path, names: Sequence[str], command: str) -> dict[str, Any]:
+    """Train ``names`` and add their rows to the accuracy part of the existing results file."""
+    result = read_result("faster_rcnn")
+    if result is None or result.get("accuracy", {}).get("budget_s") != budget:
+        raise SystemExit(f"--skip-timing adds rows to benchmarks/results/faster_rcnn.json: it needs one whose "
+                         f"accuracy part was trained for the same budget ({budget:.0f} s); run without it first")  # fmt: skip
+    added = accuracy(budget, data_root, names)
+    for name in names:
+        result["accuracy"][name] = {**added[name], "command": command}
+    data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
+    write_result("faster_rcnn", data, result["command"])
     print(markdown(result))
     return result
 
