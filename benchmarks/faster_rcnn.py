@@ -240,6 +240,15 @@ def markdown(result: dict[str, Any]) -> str:
         parts += ["", f"Accuracy on shapes val ({acc['val_images']} images) after {acc['budget_s']:.0f} s of training "
                   f"on {acc['train_images']} images, same tiny backbone, anchors, heads and loop:", "",
                   table(["library", "iterations", "train s", "AP", "AP@0.5", "ms/image"], rows)]  # fmt: skip
+        if "ours" in acc and "peer" in acc and acc["ours"]["AP"] < acc["peer"]["AP"]:
+            gap = acc["peer"]["AP"] - acc["ours"]["AP"]
+            line = f"With identical settings ours trails torchvision by {gap:.3f} AP at this budget"
+            if "ours_paper" in acc:
+                line += f"; with the paper's RPN settings by {acc['peer']['AP'] - acc['ours_paper']['AP']:.3f}"
+            parts += ["", line + ". Still different between the two: the predictors' initialisation (ours the "
+                      "Fast R-CNN paper's N(0, 0.01) and N(0, 0.001), torchvision's nn.Linear default), the anchor "
+                      "centres (ours at cell centres, torchvision's at cell corners) and RoIAlign's half-pixel "
+                      "offset (ours aligned=True, torchvision's legacy False)."]  # fmt: skip
         for k, n in ACCURACY_MODELS.items():
             if "command" in acc.get(k, {}):
                 parts += ["", f"Row \"{n}\" trained afterwards, same machine, data and budget: `{acc[k]['command']}`."]
