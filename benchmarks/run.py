@@ -33,6 +33,14 @@ there; `make bench` reruns the quick settings and regenerates this page from
 process, interleaved (A B B A ...), best of several rounds, as CPU seconds (all threads; the
 steadier figure on a shared machine) beside wall seconds. Ratios are ours / torchvision: below
 1 means faster.
+
+Run times on 2 CPU cores: `make bench` (quick settings: Faster R-CNN against torchvision with
+120 s budgets, the lineage with 90 s each) took 21 minutes, plus about 3 minutes to create the
+environment on a fresh clone. `python -m benchmarks.run --full` (600 s budgets, 5 timing rounds)
+has not been run end to end yet; from its parts (the Faster R-CNN comparison at 600 s took 24
+minutes, five lineage trainings of 600 s plus R-CNN's post-training stages, selective search and
+evaluation about 65) it takes about 1.5 hours; `--all` adds the Mask R-CNN comparison (32
+minutes at 600 s) and the R-CNN ablations (about 40).
 """
 
 
