@@ -107,6 +107,11 @@ def machine() -> dict[str, Any]:
     }
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """``python -m module args...``: the command a result records as its provenance."""
+    return " ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
 def write_result(name: str, data: dict[str, Any], command: str) -> Path:
     """Write ``benchmarks/results/<name>.json`` (atomically) with the machine and the command."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import (
+    command_line,
     peak_rss_mb,
     print_peak_rss,
     read_result,
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _memory_probe(which, arch, int(h), int(w))
         return {}
     rounds = 3 if args.quick else 5
-    command = ("python -m benchmarks.faster_rcnn " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line("benchmarks.faster_rcnn", argv)
     names = [n for n in args.accuracy_models.split(",") if n]
     if unknown := set(names) - set(ACCURACY_MODELS):
         parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")

@@ -16,14 +16,13 @@ Writes ``benchmarks/results/mask_rcnn.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 
-from benchmarks.common import shapes_data, table, time_pair, train_and_evaluate, write_result
+from benchmarks.common import command_line, shapes_data, table, time_pair, train_and_evaluate, write_result
 from benchmarks.faster_rcnn import Features, copy_weights
 from rcnn.models import mask_rcnn
 
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(result["inference"][-1], flush=True)
     if not args.skip_accuracy:
         result["accuracy"] = accuracy(args.budget or (120.0 if args.quick else 600.0), Path(args.data))
-    command = "python -m benchmarks.mask_rcnn " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_result("mask_rcnn", result, command.strip())
+    write_result("mask_rcnn", result, command_line("benchmarks.mask_rcnn", argv))
     print(markdown(result))
     return result
 

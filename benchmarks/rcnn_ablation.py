@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import cv2
 import torch
 
-from benchmarks.common import ROOT, measure, read_result, table, time_one, time_pair, write_result
+from benchmarks.common import ROOT, command_line, measure, read_result, table, time_one, time_pair, write_result
 from rcnn.config import Config, load_config
 from rcnn.data.build import build_dataset
 from rcnn.inference import evaluate_model
@@ -283,8 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["rcnn"] = rcnn_part(data, work, settings, val, val_props)
     result["fast_rcnn"] = fast_rcnn_part(data, work, settings, val, val_props)
     result["faster_rcnn"] = faster_rcnn_part(data, work, settings, val)
-    command = "python -m benchmarks.rcnn_ablation " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_result("rcnn_ablation", result, command.strip())
+    write_result("rcnn_ablation", result, command_line("benchmarks.rcnn_ablation", argv))
     print(markdown(result))
     return result
 
