@@ -206,12 +206,13 @@ def accuracy(budget_s: float, data_root: Path, names: Sequence[str] = tuple(ACCU
     out: dict[str, Any] = {"budget_s": budget_s}
     data = shapes_data("faster_rcnn_tiny_shapes", data_root)
     out.update(train_images=len(data.train), val_images=len(data.val))
+    pair = dict(zip(("ours", "peer"), tiny_pair(data.train.num_classes))) if {"ours", "peer"} & set(names) else {}
     for name in names:
         if name == "ours_paper":
             torch.manual_seed(0)
             model = build_model(load_config("faster_rcnn_tiny_shapes").model, data.train.num_classes)
         else:
-            model = dict(zip(("ours", "peer"), tiny_pair(data.train.num_classes)))[name]
+            model = pair[name]
         out[name] = train_and_evaluate(model, "faster_rcnn_tiny_shapes", data, budget_s, f"frcnn_{name}")
         print(name, out[name], flush=True)
     return out
