@@ -339,7 +339,7 @@ def _progress(start: int, total: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    interactive = sys.stderr.isatty()  # into a log file: a line every 30 s, not a redraw per step
+    interactive = sys.stderr.isatty()  # into a log file: an occasional line, not a redraw per step
     return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if interactive else 30)
 
 
