@@ -78,6 +78,35 @@ def test_roi_align_equals_reference(aligned, sampling_ratio):
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
+    # our CPU backward (a sparse map) against torchvision's own: RoIs inside, across and outside
+    # the map, a zero-size one, several per image, a rectangular map and output
+    import torchvision
+
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(3, 4, 12, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(40, 3, 90.0, g).double()
+    rois[:3, 1:] = torch.tensor([[30.0, 30.0, 30.0, 30.0], [-20.0, -10.0, 40.0, 100.0], [75.0, 52.0, 95.0, 60.0]])
+    out = roi_align(feats, rois, (3, 5), 0.2, sampling_ratio, aligned)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(out, feats, grad_out)
+    peer = torchvision.ops.roi_align(feats, rois, (3, 5), 0.2, sampling_ratio, aligned)
+    (theirs,) = torch.autograd.grad(peer, feats, grad_out)
+    torch.testing.assert_close(out, peer, rtol=0, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert theirs.abs().sum() > 0
+
+
+def test_roi_align_gradcheck_and_empty():
+    feats = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 20.0, 18.0], [1, -3.0, -2.0, 10.0, 30.0], [0, 0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: roi_align(x, rois, 3, 0.25, 2, True), (feats,))
+    roi_align(feats, rois[:0], 3, 0.25, 2).sum().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() == 0
+
+
 def test_roi_align_no_quantisation():
     # a linear ramp: RoIAlign's average of bilinear samples equals the ramp at the bin centre
     ramp = torch.arange(16.0).repeat(16, 1)[None, None]  # value = x + 0 at cell centre x + 0.5
