@@ -1,6 +1,7 @@
 """Mask R-CNN against torchvision's Mask R-CNN, and the seed's RoIAlign-versus-RoIPool claim.
 
     python -m benchmarks.mask_rcnn [--quick] [--skip-accuracy]
+    python -m benchmarks.mask_rcnn --skip-timing --budget S --accuracy-models ours_align   # retrain a row
 
 - Inference seconds per image, ResNet-50-FPN, torchvision's random initialisation copied into
   ours, same input, both keeping their 100 best detections (so the mask head does the same
@@ -16,17 +17,27 @@ Writes ``benchmarks/results/mask_rcnn.json``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 
-from benchmarks.common import command_line, shapes_data, table, time_pair, train_and_evaluate, write_result
+from benchmarks.common import (
+    command_line,
+    read_result,
+    shapes_data,
+    table,
+    time_pair,
+    train_and_evaluate,
+    write_result,
+)
 from benchmarks.faster_rcnn import Features, copy_weights
 from rcnn.models import mask_rcnn
 
 CONFIG = "mask_rcnn_tiny_shapes"
+ACCURACY_MODELS = {"ours_align": "rcnn, RoIAlign", "ours_pool": "rcnn, RoIPool", "peer": "torchvision, RoIAlign"}
 
 
 def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
@@ -82,11 +93,12 @@ def tiny_models(num_classes: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def accuracy(budget_s: float, data_root: Path) -> dict[str, Any]:
+def accuracy(budget_s: float, data_root: Path, names: Sequence[str] = tuple(ACCURACY_MODELS)) -> dict[str, Any]:
     data = shapes_data(CONFIG, data_root)
     out: dict[str, Any] = {"budget_s": budget_s, "train_images": len(data.train), "val_images": len(data.val)}
-    for name, model in tiny_models(data.train.num_classes).items():
-        out[name] = train_and_evaluate(model, CONFIG, data, budget_s, f"mask_{name}")
+    models = tiny_models(data.train.num_classes)
+    for name in names:
+        out[name] = train_and_evaluate(models[name], CONFIG, data, budget_s, f"mask_{name}")
         print(name, out[name], flush=True)
     return out
 
@@ -98,12 +110,14 @@ def markdown(result: dict[str, Any]) -> str:
              table(["size", "ours CPU", "torchvision CPU", "ratio CPU", "ours wall", "torchvision wall", "ratio wall"], rows)]  # fmt: skip
     acc = result.get("accuracy")
     if acc:
-        labels = {"ours_align": "rcnn, RoIAlign", "ours_pool": "rcnn, RoIPool", "peer": "torchvision, RoIAlign"}
-        rows = [[labels[k], acc[k]["iterations"], acc[k]["AP"], acc[k]["mask_AP"], acc[k]["mask_AP50"], acc[k]["mask_AP75"]]
-                for k in labels if k in acc]  # fmt: skip
+        rows = [[n, acc[k]["iterations"], acc[k]["AP"], acc[k]["mask_AP"], acc[k]["mask_AP50"], acc[k]["mask_AP75"]]
+                for k, n in ACCURACY_MODELS.items() if k in acc]  # fmt: skip
         parts += ["", f"Shapes val ({acc['val_images']} images) after {acc['budget_s']:.0f} s of training on "
                   f"{acc['train_images']} images, same tiny backbone and heads:", "",
                   table(["model", "iterations", "box AP", "mask AP", "mask AP@0.5", "mask AP@0.75"], rows)]  # fmt: skip
+        for k, n in ACCURACY_MODELS.items():
+            if "command" in acc.get(k, {}):
+                parts += ["", f"Row \"{n}\" trained afterwards, same machine, data and budget: `{acc[k]['command']}`."]
     return "\n".join(parts)
 
 
@@ -114,16 +128,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget", type=float, help="training seconds per model (default 600, quick 120)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default="data/shapes")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="only the accuracy part, merged into the existing results file (same budget)")
+    parser.add_argument("--accuracy-models", default=",".join(ACCURACY_MODELS),
+                        help=f"comma-separated, of {', '.join(ACCURACY_MODELS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    names = [n for n in args.accuracy_models.split(",") if n]
+    if unknown := set(names) - set(ACCURACY_MODELS):
+        parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")
+    budget = args.budget or (120.0 if args.quick else 600.0)
+    command = command_line("benchmarks.mask_rcnn", argv)
+    if args.skip_timing:
+        return _merge_accuracy(budget, Path(args.data), names, command)
     rounds = 3 if args.quick else 5
     result: dict[str, Any] = {"inference": []}
     for size in ((800, 1066), (512, 512)):
         result["inference"].append(inference(size, rounds))
         print(result["inference"][-1], flush=True)
     if not args.skip_accuracy:
-        result["accuracy"] = accuracy(args.budget or (120.0 if args.quick else 600.0), Path(args.data))
-    write_result("mask_rcnn", result, command_line("benchmarks.mask_rcnn", argv))
+        result["accuracy"] = accuracy(budget, Path(args.data), names)
+    write_result("mask_rcnn", result, command)
+    print(markdown(result))
+    return result
+
+
+def _merge_accuracy(budget: float, data_root: Path, names: Sequence[str], command: str) -> dict[str, Any]:
+    """Train ``names`` again and replace their rows in the accuracy part of the existing results file."""
+    result = read_result("mask_rcnn")
+    if result is None or result.get("accuracy", {}).get("budget_s") != budget:
+        raise SystemExit(f"--skip-timing replaces rows of benchmarks/results/mask_rcnn.json: it needs one whose "
+                         f"accuracy part was trained for the same budget ({budget:.0f} s); run without it first")  # fmt: skip
+    added = accuracy(budget, data_root, names)
+    for name in names:
+        result["accuracy"][name] = {**added[name], "command": command}
+    data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
+    write_result("mask_rcnn", data, result["command"])
     print(markdown(result))
     return result
 
