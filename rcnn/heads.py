@@ -31,21 +31,28 @@ __all__ = ["BoxPredictor", "RoIHeadSettings", "RoIHeads", "SampledRoIs", "defaul
 class BoxPredictor(nn.Module):
     """The two sibling output layers: class scores ``[R, K+1]`` and class-specific deltas ``[R, 4K]``.
 
-    Initialised as in Fast R-CNN §2.2: zero-mean Gaussians with std 0.01 (classification) and
-    0.001 (box regression), zero biases.
+    ``init="gaussian"`` initialises them as in Fast R-CNN §2.2: zero-mean Gaussians with std 0.01
+    (classification) and 0.001 (box regression), zero biases. ``init="uniform"`` keeps PyTorch's
+    ``nn.Linear`` default, U(-1/sqrt(F), 1/sqrt(F)), as torchvision's predictor does: weights about
+    6x (scores) and 60x (deltas) larger at the start, so more gradient reaches the box head and the
+    backbone early on, which helps when training from scratch on a short budget (measured in
+    docs/benchmarks.md).
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, init: str = "gaussian") -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        if init not in ("gaussian", "uniform"):
+            raise ValueError(f"roi.predictor_init must be 'gaussian' or 'uniform', got {init!r}")
         self.num_classes = num_classes
         self.cls_score = nn.Linear(in_features, num_classes)
         self.bbox_pred = nn.Linear(in_features, 4 * (num_classes - 1))
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        if init == "gaussian":
+            nn.init.normal_(self.cls_score.weight, std=0.01)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.cls_score.bias)
+            nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # [R, F] -> [R, K+1], [R, 4K]
         return self.cls_score(x), self.bbox_pred(x)
@@ -67,6 +74,8 @@ class RoIHeadSettings:
         score_thresh: detections below this probability are dropped (0.05).
         nms_thresh: per-class NMS IoU at test time (0.3 in Fast R-CNN; 0.5 is the modern choice).
         detections_per_image: at most this many detections per image (100).
+        predictor_init: ``"gaussian"`` (Fast R-CNN's std 0.01 / 0.001) or ``"uniform"`` (PyTorch's
+            default, as torchvision); see :class:`BoxPredictor`.
     """
 
     fg_iou_thresh: float = 0.5
@@ -81,6 +90,7 @@ class RoIHeadSettings:
     score_thresh: float = 0.05
     nms_thresh: float = 0.3
     detections_per_image: int = 100
+    predictor_init: str = "gaussian"
 
 
 def default_roi_settings(backbone: Backbone) -> tuple[RoIHeadSettings, str]:
@@ -130,7 +140,7 @@ class RoIHeads(nn.Module):
         self.settings = s = settings or RoIHeadSettings()
         self.pooler = pooler
         self.box_head = box_head
-        self.predictor = BoxPredictor(box_head.out_features, num_classes)
+        self.predictor = BoxPredictor(box_head.out_features, num_classes, s.predictor_init)
         self.mask_branch = mask_branch
         self.num_classes = num_classes
         self.box_coder = BoxCoder(s.bbox_reg_weights)

@@ -49,6 +49,13 @@ def test_predictor_init_and_shapes():
     assert pred.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.2)
     with pytest.raises(ValueError, match="background"):
         BoxPredictor(32, 1)
+    torch.manual_seed(0)
+    uniform = BoxPredictor(256, 6, init="uniform")  # PyTorch's default: U(-1/16, 1/16), std 1/(16 sqrt(3))
+    for layer in (uniform.cls_score, uniform.bbox_pred):
+        assert layer.weight.abs().max().item() <= 1 / 16
+        assert layer.weight.std().item() == pytest.approx(1 / (16 * 3**0.5), rel=0.1)
+    with pytest.raises(ValueError, match="predictor_init"):
+        BoxPredictor(32, 4, init="zeros")
 
 
 def test_postprocess_per_class_nms_threshold_and_limit():
