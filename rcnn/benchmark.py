@@ -268,17 +268,35 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike = "docs/img") -> lis
     points = [(names[key], row, "o") for key, row in rows.items()]
     if result.get("faster_rcnn_random_init"):
         points.append(("Faster R-CNN, random init", result["faster_rcnn_random_init"], "x"))
-    for k, (label, row, marker) in enumerate(points):
+    for label, row, marker in points:
         ax.scatter(row["ms_per_image"], row["AP50"], s=60, marker=marker)
-        # labels alternately above and below their point, so neighbours do not overlap
-        ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points", xytext=(6, 5 if k % 2 == 0 else -14))
     ax.set_xscale("log")
+    times = [row["ms_per_image"] for _, row, _ in points]
+    ax.set_xlim(min(times) / 1.6, max(times) * 1.6)  # room for the labels of the outer points
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    # each label goes to the first of four places beside its point where it overlaps no label placed
+    # before (highest points first), so close points such as two Faster R-CNN variants stay legible
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    places = [((6, 5), "left"), ((6, -14), "left"), ((-6, 5), "right"), ((-6, -14), "right")]
+    for label, row, _ in sorted(points, key=lambda p: -p[1]["AP50"]):
+        for offset, align in places:
+            note = ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points",
+                               xytext=offset, ha=align)  # fmt: skip
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        else:
+            note = ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points", xytext=(6, 5))
+            box = note.get_window_extent(renderer)
+        placed.append(box)
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("test time per image, ms (log scale, CPU, proposals included)")
     ax.set_ylabel("box AP@0.5 on shapes val")
-    ax.set_ylim(0, 1)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"The R-CNN lineage: {result['budget_s']:.0f} s of training each")
     fig.tight_layout()
