@@ -161,7 +161,9 @@ def train_and_evaluate(model: torch.nn.Module, config_name: str, data: Any, budg
     from rcnn.training.run import TrainingSet
 
     config = load_config(config_name)
-    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "checkpoint_every": 10**9})
+    # the budget alone ends training (the config's iteration count would stop a faster model early,
+    # leaving it part of its budget unused); the schedule then follows elapsed time (see lr_factor)
+    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "iterations": 10**7, "checkpoint_every": 10**9})
     training_set = TrainingSet(data.train, RandomHorizontalFlip(config.data.hflip))
     with tempfile.TemporaryDirectory(prefix=f"rcnn_bench_{run_name}_") as run_dir:
         result = train(model, training_set, train_cfg, run_dir, progress=False, log=lambda s: None)

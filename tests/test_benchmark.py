@@ -24,3 +24,32 @@ def test_lineage_runs_all_four_generations(shapes_root, tmp_path):
     assert all((tmp_path / "img" / n).stat().st_size > 1000 for n in ("lineage_speed_accuracy.png", "lineage_training_curves.png"))
     table = markdown(result)
     assert len(table.splitlines()) == 2 + len(MODELS) + 1 and "Mask R-CNN" in table
+
+
+def test_faster_rcnn_peer_pair_is_like_for_like():
+    # the accuracy comparison's premise: with torchvision's weights copied in, ours computes exactly
+    # what torchvision's Faster R-CNN computes (same proposals, scores and boxes)
+    import torch
+
+    from benchmarks.faster_rcnn import copy_weights, tiny_pair
+
+    ours, peer = tiny_pair(4)
+    peer.train()
+    opt = torch.optim.SGD(peer.parameters(), lr=0.02)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0]]), "labels": torch.tensor([k + 1])} for k in range(2)]
+    for _ in range(5):  # away from the initial weights, where every score is about equal
+        loss = sum(peer(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    copy_weights(peer, ours)
+    ours.eval()
+    peer.eval()
+    with torch.no_grad():
+        a, b = ours(images[:1])[0], peer(images[:1])[0]
+    assert len(a["boxes"]) > 0
+    torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+    assert torch.equal(a["labels"], b["labels"])
