@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,23 @@ def write_result(name: str, data: dict[str, Any], command: str) -> Path:
 def read_result(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def merge_accuracy(
+    name: str, budget: float, rows: Sequence[str], command: str, train: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Train ``rows`` again (``train()`` returns them) into the accuracy part of ``benchmarks/results/<name>.json``,
+    each marked with ``command``; the file's other rows, timings and command stay. Returns the merged result."""
+    result = read_result(name)
+    if result is None or result.get("accuracy", {}).get("budget_s") != budget:
+        raise SystemExit(f"--skip-timing trains rows into benchmarks/results/{name}.json: it needs one whose "
+                         f"accuracy part was trained for the same budget ({budget:.0f} s); run without it first")  # fmt: skip
+    added = train()
+    for row in rows:
+        result["accuracy"][row] = {**added[row], "command": command}
+    data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
+    write_result(name, data, result["command"])
+    return result
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

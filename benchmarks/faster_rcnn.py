@@ -28,9 +28,9 @@ from torch import nn
 
 from benchmarks.common import (
     command_line,
+    merge_accuracy,
     peak_rss_mb,
     print_peak_rss,
-    read_result,
     reset_peak_rss,
     shapes_data,
     table,
@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")
     budget = args.budget or (120.0 if args.quick else 600.0)
     if args.skip_timing:
-        return _merge_accuracy(budget, Path(args.data), names, command)
+        result = merge_accuracy("faster_rcnn", budget, names, command, lambda: accuracy(budget, Path(args.data), names))
+        print(markdown(result))
+        return result
     result: dict[str, Any] = {"inference": [], "train_step": [], "memory": []}
     for arch in ARCHS:
         for size in ((800, 1066), (512, 512)):
@@ -302,21 +304,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_accuracy:
         result["accuracy"] = accuracy(budget, Path(args.data), names)
     write_result("faster_rcnn", result, command)
-    print(markdown(result))
-    return result
-
-
-def _merge_accuracy(budget: float, data_root: Path, names: Sequence[str], command: str) -> dict[str, Any]:
-    """Train ``names`` and add their rows to the accuracy part of the existing results file."""
-    result = read_result("faster_rcnn")
-    if result is None or result.get("accuracy", {}).get("budget_s") != budget:
-        raise SystemExit(f"--skip-timing adds rows to benchmarks/results/faster_rcnn.json: it needs one whose "
-                         f"accuracy part was trained for the same budget ({budget:.0f} s); run without it first")  # fmt: skip
-    added = accuracy(budget, data_root, names)
-    for name in names:
-        result["accuracy"][name] = {**added[name], "command": command}
-    data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
-    write_result("faster_rcnn", data, result["command"])
     print(markdown(result))
     return result
 

@@ -26,7 +26,7 @@ import torchvision
 
 from benchmarks.common import (
     command_line,
-    read_result,
+    merge_accuracy,
     shapes_data,
     table,
     time_pair,
@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = args.budget or (120.0 if args.quick else 600.0)
     command = command_line("benchmarks.mask_rcnn", argv)
     if args.skip_timing:
-        return _merge_accuracy(budget, Path(args.data), names, command)
+        result = merge_accuracy("mask_rcnn", budget, names, command, lambda: accuracy(budget, Path(args.data), names))
+        print(markdown(result))
+        return result
     rounds = 3 if args.quick else 5
     result: dict[str, Any] = {"inference": []}
     for size in ((800, 1066), (512, 512)):
@@ -149,21 +151,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_accuracy:
         result["accuracy"] = accuracy(budget, Path(args.data), names)
     write_result("mask_rcnn", result, command)
-    print(markdown(result))
-    return result
-
-
-def _merge_accuracy(budget: float, data_root: Path, names: Sequence[str], command: str) -> dict[str, Any]:
-    """Train ``names`` again and replace their rows in the accuracy part of the existing results file."""
-    result = read_result("mask_rcnn")
-    if result is None or result.get("accuracy", {}).get("budget_s") != budget:
-        raise SystemExit(f"--skip-timing replaces rows of benchmarks/results/mask_rcnn.json: it needs one whose "
-                         f"accuracy part was trained for the same budget ({budget:.0f} s); run without it first")  # fmt: skip
-    added = accuracy(budget, data_root, names)
-    for name in names:
-        result["accuracy"][name] = {**added[name], "command": command}
-    data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
-    write_result("mask_rcnn", data, result["command"])
     print(markdown(result))
     return result
 
