@@ -33,10 +33,10 @@ class BoxPredictor(nn.Module):
 
     ``init="gaussian"`` initialises them as in Fast R-CNN §2.2: zero-mean Gaussians with std 0.01
     (classification) and 0.001 (box regression), zero biases. ``init="uniform"`` keeps PyTorch's
-    ``nn.Linear`` default, U(-1/sqrt(F), 1/sqrt(F)), as torchvision's predictor does: weights about
-    6x (scores) and 60x (deltas) larger at the start, so more gradient reaches the box head and the
-    backbone early on, which helps when training from scratch on a short budget (measured in
-    docs/benchmarks.md).
+    ``nn.Linear`` default, U(-1/sqrt(F), 1/sqrt(F)), as torchvision's predictor does: for F = 256 a
+    weight std of 0.036, about 4x (scores) and 36x (deltas) the Gaussian's, so more gradient reaches
+    the box head and the backbone early on. That helps when training from scratch on a short budget:
+    the tiny shapes Faster R-CNN reached 0.647 AP after 2000 steps with it, 0.626 without (one seed).
     """
 
     def __init__(self, in_features: int, num_classes: int, init: str = "gaussian") -> None:
