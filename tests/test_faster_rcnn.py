@@ -36,10 +36,12 @@ class Subset(torch.utils.data.Dataset):
 
 
 def test_overfits_a_few_images(shapes_train, tmp_path):
+    # 300 steps: over 8 seeds (init and batch order) the lowest AP@0.5 was 0.95; at 220 steps a
+    # third of the seeds ended below 0.9.
     torch.manual_seed(0)
     model = faster_rcnn("tiny", shapes_train.num_classes, **TINY)
     cfg = TrainConfig(
-        iterations=220, batch_size=4, lr=0.04, schedule="constant", warmup_iterations=20,
+        iterations=300, batch_size=4, lr=0.04, schedule="constant", warmup_iterations=20,
         checkpoint_every=10_000, log_every=50,
     )  # fmt: skip
     result = train(model, Subset(shapes_train, 8), cfg, tmp_path, progress=False, log=lambda s: None)

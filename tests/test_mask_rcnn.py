@@ -135,7 +135,8 @@ def mean_mask_iou(items, outputs):
 
 def test_overfit_a_few_shapes_images(tmp_path, one_thread):
     # 4 images with 1-4 unoccluded objects of at least 16 px (two stride-8 cells): enough for the
-    # tiny backbone to learn their masks in 150 steps. (Occluded objects, whose visible part is the
+    # tiny backbone to learn their masks in 200 steps (lowest mask AP@0.5 over 8 seeds 0.99; at 150
+    # steps one seed in six missed an object, 0.75). (Occluded objects, whose visible part is the
     # target, take longer; the shapes benchmark covers them.)
     root = make_shapes(tmp_path / "shapes", n_train=4, n_val=0, seed=0, max_objects=4, min_object_size=16, max_occlusion=0)
     dataset = CocoDetection(*shapes_paths(root, "train"), with_masks=True, train=True)
@@ -147,7 +148,7 @@ def test_overfit_a_few_shapes_images(tmp_path, one_thread):
         mask=TINY_MASK,
     )  # fmt: skip
     cfg = TrainConfig(
-        iterations=150, batch_size=2, lr=1e-3, optimizer="adamw", schedule="step", steps=[0.8],
+        iterations=200, batch_size=2, lr=1e-3, optimizer="adamw", schedule="step", steps=[0.8],
         warmup_iterations=10, checkpoint_every=10_000, log_every=50,
     )  # fmt: skip
     result = train(model, dataset, cfg, tmp_path / "run", progress=False, log=lambda s: None)

@@ -225,7 +225,7 @@ def test_distributed_training_with_torchrun(shapes_root, tmp_path):
         f"ds = CocoDetection(*shapes_paths({str(shapes_root)!r}, 'train'), train=True)\n"
         "torch.manual_seed(0)\n"
         "m = faster_rcnn('tiny', ds.num_classes, min_size=64, max_size=64)\n"
-        "r = train(m, ds, TrainConfig(iterations=2, batch_size=1, checkpoint_every=100, warmup_iterations=0),\n"
+        "r = train(m, ds, TrainConfig(iterations=2, batch_size=1, checkpoint_every=100, warmup_iterations=0, device='cpu'),\n"
         f"          {str(tmp_path / 'run')!r}, progress=False, log=lambda s: None)\n"
         "import torch.distributed as dist\n"
         "s = torch.cat([p.detach().flatten() for p in m.parameters()]).sum().item()\n"
@@ -260,3 +260,17 @@ def test_every_config_field_is_documented():
     rcnn_text = (Path(__file__).parent.parent / "docs" / "rcnn.md").read_text()
     missing = [f.name for f in fields(RCNNSettings) if f"`{f.name}`" not in rcnn_text]
     assert missing == [], f"docs/rcnn.md does not describe {missing}"
+
+
+def test_auto_device_names_a_missing_gpu(monkeypatch):
+    """torchrun starting more processes on a machine than it has GPUs: a clear error, not CUDA's."""
+    from rcnn.training.loop import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="local process 1 but the machine has 1 CUDA device.*train.device=cpu"):
+        resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")

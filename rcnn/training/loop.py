@@ -55,7 +55,14 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"``: the process's CUDA device when available, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local_rank >= count:
+                raise ValueError(
+                    f"train.device: auto: this is local process {local_rank} but the machine has {count} "
+                    f"CUDA device(s); start at most {count} process(es) per machine (torchrun "
+                    "--nproc_per_node), or train on the CPU with train.device=cpu"
+                )
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
     try:
         return torch.device(name)

@@ -1,0 +1,172 @@
+"""The CUDA path: every generation trains and predicts on a GPU, and agrees with the CPU.
+
+Skipped where no CUDA device is present (CI has none). On a GPU machine, ``pytest tests/`` also
+trains the rest of the suite on the GPU, since ``train.device: auto`` picks CUDA there.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn.config import TrainConfig
+from rcnn.data.coco import CocoDetection
+from rcnn.data.shapes import make_shapes, shapes_paths
+from rcnn.evaluation import evaluate_coco
+from rcnn.inference import evaluate_model, model_device, predict_dataset
+from rcnn.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
+from rcnn.ops import roi_align
+from rcnn.box_regression import BoxRegressors
+from rcnn.svm import ClassSVMs
+from rcnn.training.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+QUIET = dict(progress=False, log=lambda s: None)
+SMALL = dict(
+    min_size=128, max_size=128,
+    rpn={"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 500, "post_nms_top_n_test": 100},
+    roi={"batch_size_per_image": 64, "bg_iou_thresh_lo": 0.0, "nms_thresh": 0.5, "box_loss_beta": 1 / 9},
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes_train(shapes_root):
+    return CocoDetection(*shapes_paths(shapes_root, "train"), train=True)
+
+
+class Subset(torch.utils.data.Dataset):
+    def __init__(self, dataset, n):
+        self.dataset, self.n = dataset, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def same_detections(cpu_out, gpu_out, top=5):
+    """The highest-scoring detections agree (floating-point order differs between devices, so
+    detections near a threshold may come or go; the top ones may not)."""
+    for a, b in zip(cpu_out, gpu_out):
+        assert all(v.device.type == "cuda" for v in b.values())
+        n = min(top, len(a["scores"]), len(b["scores"]))
+        assert n > 0
+        torch.testing.assert_close(b["scores"][:n].cpu(), a["scores"][:n], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(b["boxes"][:n].cpu(), a["boxes"][:n], atol=0.1, rtol=1e-3)
+        assert b["labels"][:n].cpu().tolist() == a["labels"][:n].tolist()
+
+
+def test_roi_align_gradient_on_cuda_equals_cpu():
+    """The CPU backward is ours (``rcnn.ops.roi_align_grad``), CUDA's is torchvision's: equal."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 20, 24, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 15.5, 12.0], [1, -3.0, 4.0, 30.0, 25.0], [0, 5.2, 5.2, 5.9, 6.1]], dtype=torch.float64)
+    grads = []
+    for device in ("cpu", "cuda"):
+        x = features.to(device).detach().requires_grad_()
+        out = roi_align(x, rois.to(device), (7, 7), spatial_scale=0.5, sampling_ratio=2, aligned=True)
+        (out * torch.arange(out.numel(), device=device, dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("builder", [faster_rcnn, mask_rcnn])
+def test_eval_on_cuda_matches_cpu(builder, shapes_train):
+    torch.manual_seed(0)
+    model = builder("tiny", shapes_train.num_classes, **SMALL).eval()
+    model.roi_heads.settings.score_thresh = 0.0
+    images = [shapes_train[i][0] for i in range(2)]
+    with torch.inference_mode():
+        cpu_out = model(images)
+        model.cuda()
+        gpu_out = model([im.cuda() for im in images])
+    same_detections(cpu_out, gpu_out)
+    if builder is mask_rcnn:
+        for a, b in zip(cpu_out, gpu_out):
+            n = min(5, len(a["scores"]))
+            assert b["masks"].shape[1:] == a["masks"].shape[1:] and b["masks"].device.type == "cuda"
+            agree = (b["masks"][:n].cpu() > 0.5) == (a["masks"][:n] > 0.5)
+            assert agree.float().mean() > 0.999
+
+
+@pytest.mark.parametrize("amp", ["on", "off"])
+def test_faster_rcnn_overfits_on_cuda(amp, shapes_train, tmp_path):
+    """The overfit test of tests/test_faster_rcnn.py, on the GPU, with and without mixed precision."""
+    torch.manual_seed(0)
+    model = faster_rcnn("tiny", shapes_train.num_classes, **SMALL)
+    cfg = TrainConfig(
+        iterations=300, batch_size=4, lr=0.04, schedule="constant", warmup_iterations=20,
+        checkpoint_every=100, log_every=50, device="cuda", amp=amp,
+    )  # fmt: skip
+    result = train(model, Subset(shapes_train, 8), cfg, tmp_path, **QUIET)
+    assert result.skipped_steps == 0 and model_device(model).type == "cuda"
+    metrics = evaluate_model(model, shapes_train, limit=8)
+    assert metrics["bbox"]["AP50"] >= 0.9, metrics["bbox"]
+
+
+def test_mask_rcnn_overfits_with_amp_on_cuda(tmp_path):
+    """The overfit test of tests/test_mask_rcnn.py, on the GPU in mixed precision."""
+    root = make_shapes(tmp_path / "shapes", n_train=4, n_val=0, seed=0, max_objects=4, min_object_size=16, max_occlusion=0)
+    dataset = CocoDetection(*shapes_paths(root, "train"), with_masks=True, train=True)
+    torch.manual_seed(0)
+    model = mask_rcnn(
+        "tiny", dataset.num_classes, min_size=128, max_size=128, anchor_sizes=((16.0, 32.0, 64.0),),
+        rpn={"pre_nms_top_n_train": 600, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 500,
+             "post_nms_top_n_test": 100},
+        mask={"num_convs": 2, "channels": 64},
+    )  # fmt: skip
+    cfg = TrainConfig(
+        iterations=200, batch_size=2, lr=1e-3, optimizer="adamw", schedule="step", steps=[0.8],
+        warmup_iterations=10, checkpoint_every=10_000, log_every=50, device="cuda", amp="on",
+    )  # fmt: skip
+    result = train(model, dataset, cfg, tmp_path / "run", **QUIET)
+    assert result.skipped_steps == 0
+    outputs, _ = predict_dataset(model, dataset)
+    metrics = evaluate_coco(outputs, dataset, ("bbox", "segm"))
+    assert metrics["segm"]["AP50"] >= 0.9, metrics["summary"]
+
+
+def test_fast_rcnn_and_rcnn_take_proposals_on_cuda(shapes_train):
+    torch.manual_seed(0)
+    image, target = shapes_train[0]
+    gt = target["boxes"]
+    proposals = torch.cat((gt, gt.repeat(8, 1) + torch.randn(8 * len(gt), 4) * 3, torch.tensor([[0.0, 0.0, 127.0, 127.0]])))
+    fast = fast_rcnn("tiny", shapes_train.num_classes, min_size=128, max_size=128).cuda()
+    losses = fast([image.cuda()], [{k: v.cuda() for k, v in target.items() if torch.is_tensor(v)}], proposals=[proposals.cuda()])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is None or p.grad.device.type == "cuda" for p in fast.parameters())
+    fast.eval()
+    fast.roi_heads.settings.score_thresh = 0.0
+    with torch.inference_mode():
+        gpu_out = fast([image.cuda()], proposals=[proposals.cuda()])
+        fast.cpu()
+        cpu_out = fast([image], proposals=[proposals])
+    same_detections(cpu_out, gpu_out, top=3)
+
+    model = rcnn("tiny", shapes_train.num_classes, warp_size=32, context_padding=2, regression_features="fc7").eval()
+    rng = np.random.default_rng(0)
+    svms, regressors = ClassSVMs(shapes_train.num_classes), BoxRegressors(shapes_train.num_classes)
+    k = shapes_train.num_classes - 1
+    svms.weights = rng.normal(size=(256, k)).astype(np.float32) * 0.1
+    svms.biases = np.full(k, 2.0, dtype=np.float32)
+    regressors.weights = rng.normal(size=(k, 256, 4)).astype(np.float32) * 1e-3
+    model.set_svms(svms)
+    model.set_box_regressors(regressors)
+    with torch.inference_mode():
+        cpu_out = model([image], proposals=[proposals])
+        model.cuda()
+        gpu_out = model([image.cuda()], proposals=[proposals.cuda()])
+    same_detections(cpu_out, gpu_out, top=3)
+
+
+def test_cli_trains_and_predicts_on_cuda(shapes_root, tmp_path):
+    from rcnn.cli import main
+
+    run = tmp_path / "run"
+    args = ["--config", "mask_rcnn_tiny_shapes", "--set", f"data.root={shapes_root}", "--set", "data.shapes=null",
+            "--set", "train.iterations=4", "--set", "train.batch_size=2", "--set", "train.device=cuda"]  # fmt: skip
+    assert main(["train", *args, "--out", str(run)]) == 0
+    images = sorted((shapes_root / "images" / "val").glob("*.png"))[:1]
+    assert main(["predict", "--weights", str(run), *map(str, images), "--out", str(tmp_path / "pred"), "--score-thresh", "0.0"]) == 0
+    assert (tmp_path / "pred" / f"{images[0].stem}.json").is_file()
