@@ -53,8 +53,12 @@ def build(which: str, arch: str, height: int, width: int) -> nn.Module:
     peer_fn, rpn = ARCHS[arch]
     torch.manual_seed(0)
     # score threshold 0: both keep their 100 best detections, so post-processing does equal work
+    # torchvision's geometry (anchors on cell corners, legacy RoIAlign): with the same weights the
+    # two then propose the same boxes, so the heads and NMS do the same work
     if which == "ours":
-        return faster_rcnn(arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0})
+        return faster_rcnn(
+            arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0}, anchor_offset=0.0, aligned=False
+        )
     return peer_fn(weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0)
 
 
@@ -66,8 +70,35 @@ def build_pair(arch: str, height: int, width: int) -> tuple[nn.Module, nn.Module
     for ResNet-50-FPN at 512x512), which would time the initialisations rather than the code.
     """
     ours, peer = build("ours", arch, height, width), build("peer", arch, height, width)
+    calibrate_batchnorm(peer.backbone, height, width)
     copy_weights(peer, ours)
     return ours, peer
+
+
+def calibrate_batchnorm(backbone: nn.Module, height: int, width: int, images: int = 4) -> None:
+    """Set the BatchNorm statistics of a randomly initialised backbone from a few random images.
+
+    Left at their initial values (mean 0, variance 1), MobileNetV3's activations shrink layer by
+    layer to about 1e-8 at the FPN's output: every anchor then gets the same objectness, 0.5, and
+    which 1000 anchors a detector proposes is down to how its top-k breaks ties, so two
+    implementations would time different work. With the statistics of real activations, as any
+    trained network has, the scores are distinct.
+    """
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    g = torch.Generator().manual_seed(3)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    batch = torch.stack([(torch.rand(3, height, width, generator=g) - mean) / std for _ in range(images)])
+    was_training = backbone.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the calibration batch
+    backbone.train()
+    with torch.no_grad():
+        backbone(batch)
+    backbone.train(was_training)
 
 
 def copy_weights(peer: nn.Module, ours: nn.Module) -> None:
@@ -168,11 +199,10 @@ def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
         "tiny", num_classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_sizes=cfg.anchor_sizes,
         rpn={**cfg.rpn, "allowed_border": None, "loss_normalization": "batch", "beta": 1 / 9},
         roi={**cfg.roi, "predictor_init": "uniform"}, pooler="align",
+        # torchvision's geometry too: anchors centred on cell corners, legacy RoIAlign. With these
+        # and the same weights the two give identical detections (checked to the last digit).
+        anchor_offset=0.0, aligned=False,
     )  # fmt: skip
-    # torchvision's geometry too: anchors centred on cell corners, legacy RoIAlign (aligned=False).
-    # With these and the same weights the two give identical detections (checked to the last digit).
-    ours.rpn.anchor_generator.offset = 0.0
-    ours.roi_heads.pooler.aligned = False
     torch.manual_seed(0)
     backbone = build_backbone("tiny")
     s = ours.rpn.settings

@@ -43,7 +43,9 @@ ACCURACY_MODELS = {"ours_align": "rcnn, RoIAlign", "ours_pool": "rcnn, RoIPool",
 def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
     small, large = min(size), max(size)
     torch.manual_seed(0)
-    ours = mask_rcnn("resnet50_fpn", 91, min_size=small, max_size=large, roi={"score_thresh": 0.0})
+    ours = mask_rcnn(
+        "resnet50_fpn", 91, min_size=small, max_size=large, roi={"score_thresh": 0.0}, anchor_offset=0.0, aligned=False
+    )  # torchvision's geometry, as in benchmarks.faster_rcnn.build
     peer = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0
     )

@@ -55,8 +55,10 @@ class ModelConfig(_Section):
     max_size: int = 1000
     anchor_sizes: list[list[float]] | None = None  # per feature level; default per backbone
     aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+    anchor_offset: float = 0.5  # anchor centre within its feature cell, in strides (torchvision: 0.0)
     pooler: Literal["pool", "align"] | None = None  # RoI pooling or RoIAlign; default per model
     sampling_ratio: int = 2
+    aligned: bool = True  # RoIAlign's half-pixel alignment (torchvision's detectors: False)
     rpn: dict[str, Any] = Field(default_factory=dict)  # rcnn.proposals.rpn.RPNSettings fields
     roi: dict[str, Any] = Field(default_factory=dict)  # rcnn.heads.RoIHeadSettings fields
     mask: dict[str, Any] = Field(default_factory=dict)  # Mask R-CNN branch settings
@@ -223,8 +225,8 @@ def config_to_yaml(config: Config) -> str:
 
 # The ModelConfig fields each model's builder takes (beyond backbone, classes and weights). R-CNN
 # warps regions from the original image (no resizing, no RoI pooling): its options are in ``extra``.
-_DETECTOR_FIELDS = ("min_size", "max_size", "pooler", "sampling_ratio", "roi")
-_RPN_FIELDS = ("anchor_sizes", "aspect_ratios", "rpn")
+_DETECTOR_FIELDS = ("min_size", "max_size", "pooler", "sampling_ratio", "aligned", "roi")
+_RPN_FIELDS = ("anchor_sizes", "aspect_ratios", "anchor_offset", "rpn")
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "rcnn": (),
     "fast_rcnn": _DETECTOR_FIELDS,

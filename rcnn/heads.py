@@ -156,11 +156,14 @@ class RoIHeads(nn.Module):
         pooler: str | None = None,
         sampling_ratio: int = 2,
         mask_branch: nn.Module | None = None,
+        aligned: bool = True,
     ) -> RoIHeads:
         """The RoI heads on ``backbone``: its box head, pooled at its ``pool_size`` from its
         ``pool_strides``; settings and pooler default to :func:`default_roi_settings`."""
         default, default_pooler = default_roi_settings(backbone)
-        roi_pooler = RoIPooler(backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio)
+        roi_pooler = RoIPooler(
+            backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio, aligned
+        )
         return cls(roi_pooler, backbone.box_head, num_classes, settings or default, mask_branch)
 
     def sample(self, proposals: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
@@ -245,6 +248,6 @@ class RoIHeads(nn.Module):
             keep = (scores > s.score_thresh).nonzero().flatten()
             keep = keep[remove_small_boxes(boxes[keep], 1e-2)]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, s.nms_thresh)[: s.detections_per_image]
+            keep = batched_nms(boxes, scores, labels, s.nms_thresh, max_kept=s.detections_per_image)
             detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
         return detections

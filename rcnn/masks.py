@@ -198,6 +198,7 @@ class MaskBranch(nn.Module):
         strides: strides of the feature maps RoIs are pooled from (the backbone's ``pool_strides``).
         pool_size, pooler, num_convs, channels: see :class:`MaskSettings` (``pooler`` must be given).
         sampling_ratio: RoIAlign's samples per bin side (2, §3).
+        aligned: RoIAlign's half-pixel alignment (see :func:`rcnn.ops.roi_align`).
     """
 
     def __init__(
@@ -211,9 +212,10 @@ class MaskBranch(nn.Module):
         num_convs: int = 4,
         channels: int = 256,
         sampling_ratio: int = 2,
+        aligned: bool = True,
     ) -> None:
         super().__init__()
-        self.pooler = RoIPooler(pool_size, strides, pooler, sampling_ratio)
+        self.pooler = RoIPooler(pool_size, strides, pooler, sampling_ratio, aligned)
         self.head = MaskHead(in_channels, num_classes, num_convs, channels)
         self.mask_size = 2 * int(pool_size)  # the deconvolution doubles the pooled side
 

@@ -64,18 +64,39 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     return torchvision.ops.nms(boxes, scores, float(iou_threshold))
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_kept: int | None = None
+) -> Tensor:
     """NMS within each group (e.g. class) independently: ``[B, 4], [B], [B] -> [K]`` kept indices.
 
     Boxes of different groups never suppress each other. Like ``nms`` the result is sorted by
     decreasing score.
+
+    ``max_kept``: return only the first ``max_kept`` kept boxes, as ``batched_nms(...)[:max_kept]``
+    does, but without running NMS on boxes that cannot be among them. Whether greedy NMS keeps a
+    box depends only on the boxes that score higher, so NMS on the ``k`` best-scoring boxes keeps
+    exactly the kept boxes among them; once that is ``max_kept`` or more, the rest cannot enter the
+    answer. ``k`` starts at ``4 * max_kept`` and grows fourfold until it is enough. (Equal scores
+    at the cut may be ordered differently from a full run, as NMS orders ties arbitrarily anyway.)
+    This is what makes per-class NMS cheap at a low score threshold: 90 classes x 1000 proposals
+    are 90,000 candidates for 100 detections.
     """
     _check_nms_inputs(boxes, scores)
     if groups.shape != scores.shape:
         raise ValueError(f"batched_nms: groups must be [B] = [{scores.shape[0]}], got {list(groups.shape)}")
-    if boxes.numel() == 0:
+    if boxes.numel() == 0 or (max_kept is not None and max_kept <= 0):
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    return torchvision.ops.batched_nms(boxes, scores, groups, float(iou_threshold))
+    iou_threshold = float(iou_threshold)
+    if max_kept is None:
+        return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+    k = 4 * max_kept
+    while k < len(scores):
+        top = scores.topk(k).indices  # sorted by decreasing score
+        keep = torchvision.ops.batched_nms(boxes[top], scores[top], groups[top], iou_threshold)
+        if len(keep) >= max_kept:
+            return top[keep[:max_kept]]
+        k *= 4
+    return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

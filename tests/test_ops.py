@@ -52,6 +52,19 @@ def test_batched_nms_groups_do_not_interact():
     assert batched_nms(boxes, scores, torch.tensor([0, 0, 0]), 0.5).tolist() == [0]
 
 
+@pytest.mark.parametrize("n,groups,max_kept", [(3000, 90, 100), (3000, 3, 100), (500, 5, 400), (200, 1, 300), (50, 2, 1), (10, 1, 0)])
+def test_batched_nms_max_kept_is_the_head_of_the_full_result(n, groups, max_kept):
+    """Per-class NMS on only the best-scoring candidates (growing until enough are kept) gives the
+    first ``max_kept`` of the full result, whether few or many boxes survive."""
+    g = torch.Generator().manual_seed(n + groups + max_kept)
+    for size in (60, 400):  # crowded (most boxes suppressed) and sparse
+        boxes = random_boxes(n, size, g)
+        scores = torch.rand(n, generator=g)
+        labels = torch.randint(0, groups, (n,), generator=g)
+        full = batched_nms(boxes, scores, labels, 0.5)
+        assert batched_nms(boxes, scores, labels, 0.5, max_kept=max_kept).tolist() == full[:max_kept].tolist()
+
+
 def random_rois(n, num_images, size, generator):
     boxes = random_boxes(n, size, generator)
     idx = torch.randint(0, num_images, (n, 1), generator=generator).float()

@@ -119,6 +119,7 @@ class FastRCNN(TwoStageDetector):
         pooler: ``"pool"`` (RoI max pooling, §2.1 — the default on single-level backbones) or
             ``"align"``.
         sampling_ratio: RoIAlign's samples per bin side.
+        aligned: RoIAlign's half-pixel alignment (see :func:`rcnn.ops.roi_align`).
 
     ``model(images, targets, proposals=...)``: see :class:`rcnn.models.base.TwoStageDetector`.
     """
@@ -133,8 +134,9 @@ class FastRCNN(TwoStageDetector):
         roi: RoIHeadSettings | None = None,
         pooler: str | None = None,
         sampling_ratio: int = 2,
+        aligned: bool = True,
     ) -> None:
-        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio)
+        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio, aligned=aligned)
         super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=None)
 
     def compress_fc(self, fc6_rank: int | None = 1024, fc7_rank: int | None = 256) -> list[dict[str, Any]]:

@@ -53,6 +53,9 @@ class FasterRCNN(TwoStageDetector):
             and :func:`rcnn.heads.default_roi_settings` (the papers' on one level, FPN conventions on FPNs).
         pooler: ``"pool"`` (RoI max pooling) or ``"align"`` (RoIAlign); default per backbone.
         sampling_ratio: RoIAlign's samples per bin side.
+        anchor_offset: where in its feature cell an anchor is centred, as a fraction of the stride
+            (0.5: the cell's centre; torchvision uses 0.0, the cell's corner).
+        aligned: RoIAlign's half-pixel alignment (True; torchvision's detectors use False).
         mask_branch: Mask R-CNN's branch (see :class:`rcnn.models.MaskRCNN`).
     """
 
@@ -69,9 +72,13 @@ class FasterRCNN(TwoStageDetector):
         roi: RoIHeadSettings | None = None,
         pooler: str | None = None,
         sampling_ratio: int = 2,
+        anchor_offset: float = 0.5,
+        aligned: bool = True,
         mask_branch: Any = None,
     ) -> None:
-        anchors = AnchorGenerator(anchor_sizes or default_anchor_sizes(backbone), (tuple(aspect_ratios),))
+        anchors = AnchorGenerator(
+            anchor_sizes or default_anchor_sizes(backbone), (tuple(aspect_ratios),), offset=anchor_offset
+        )
         if len(anchors.sizes) != len(backbone.strides):
             raise ValueError(
                 f"anchor_sizes gives {len(anchors.sizes)} levels but backbone {backbone.name!r} has "
@@ -79,7 +86,7 @@ class FasterRCNN(TwoStageDetector):
             )
         head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location[0])
         rpn_module = RegionProposalNetwork(anchors, head, backbone.strides, rpn or default_rpn_settings(backbone))
-        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio, mask_branch)
+        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio, mask_branch, aligned)
         super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=rpn_module)
 
 

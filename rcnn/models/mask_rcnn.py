@@ -55,7 +55,7 @@ class MaskRCNN(FasterRCNN):
 
     Args:
         backbone, num_classes, min_size, max_size, anchor_sizes, aspect_ratios, rpn, roi,
-            sampling_ratio: as for :class:`FasterRCNN`.
+            sampling_ratio, anchor_offset, aligned: as for :class:`FasterRCNN` (``aligned`` for both branches).
         pooler: ``"align"`` (RoIAlign, the default here) or ``"pool"`` (RoI max pooling) for the
             box branch, and for the mask branch unless ``mask.pooler`` says otherwise; ``"pool"``
             for both is the paper's RoIPool ablation (Table 2c).
@@ -74,6 +74,7 @@ class MaskRCNN(FasterRCNN):
         *,
         pooler: str | None = "align",
         sampling_ratio: int = 2,
+        aligned: bool = True,
         mask: MaskSettings | None = None,
         mask_probabilities: bool = False,
         **kwargs: Any,
@@ -91,10 +92,12 @@ class MaskRCNN(FasterRCNN):
             num_convs=m.num_convs,
             channels=m.channels,
             sampling_ratio=sampling_ratio,
+            aligned=aligned,
         )
         super().__init__(
-            backbone, num_classes, pooler=pooler, sampling_ratio=sampling_ratio, mask_branch=branch, **kwargs
-        )
+            backbone, num_classes, pooler=pooler, sampling_ratio=sampling_ratio, aligned=aligned,
+            mask_branch=branch, **kwargs,
+        )  # fmt: skip
         self.mask_probabilities = bool(mask_probabilities)
 
     def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:

@@ -366,7 +366,7 @@ class RCNN(InferenceOptimizable, nn.Module):
         flat = scores.reshape(-1)  # [P*K]
         keep = (flat > score_thresh).nonzero().flatten()
         rows, labels, flat = rows[keep], labels[keep], flat[keep]
-        keep = batched_nms(proposals[rows], flat, labels, s.nms_thresh)[: s.detections_per_image]
+        keep = batched_nms(proposals[rows], flat, labels, s.nms_thresh, max_kept=s.detections_per_image)
         rows, labels, flat = rows[keep], labels[keep], flat[keep]
         boxes = proposals[rows]
         regressors = self.box_regressors() if self.use_box_regression else None

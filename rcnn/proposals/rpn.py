@@ -203,7 +203,7 @@ class RegionProposalNetwork(nn.Module):
             if s.score_thresh > 0:
                 keep = keep[scores[keep] >= s.score_thresh]
             boxes, scores, lv = boxes[keep], scores[keep], level_t[keep]
-            keep = batched_nms(boxes, scores, lv, s.nms_thresh)[:post_top_n]
+            keep = batched_nms(boxes, scores, lv, s.nms_thresh, max_kept=post_top_n)
             proposals.append(boxes[keep])
         return proposals
 
