@@ -8,6 +8,8 @@ wall seconds. Ratios are ours / peer.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -143,6 +145,36 @@ def merge_accuracy(
     data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
     write_result(name, data, result["command"])
     return result
+
+
+def keep_accuracy(name: str, result: dict[str, Any]) -> None:
+    """``--skip-accuracy``: carry the accuracy part of the existing ``benchmarks/results/<name>.json``
+    over into ``result``, with the command that measured it (``accuracy_command``)."""
+    old = read_result(name)
+    if old and old.get("accuracy"):
+        result["accuracy"] = old["accuracy"]
+        result["accuracy_command"] = old.get("accuracy_command") or old.get("command", "?")
+
+
+def accuracy_model_names(parser: argparse.ArgumentParser, value: str, known: dict[str, str]) -> list[str]:
+    """The ``--accuracy-models`` list, checked against ``known``."""
+    names = [n for n in value.split(",") if n]
+    if unknown := set(names) - set(known):
+        parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def accuracy_provenance(result: dict[str, Any], models: dict[str, str]) -> list[str]:
+    """Markdown lines saying which accuracy figures came from other commands than the file's."""
+    acc = result.get("accuracy") or {}
+    lines = []
+    if "accuracy_command" in result:
+        lines += ["", f"Accuracy part measured earlier on the same machine by `{result['accuracy_command']}`; "
+                  "the timings above were measured again afterwards."]  # fmt: skip
+    for key, title in models.items():
+        if "command" in acc.get(key, {}):
+            lines += ["", f"Row \"{title}\" trained afterwards, same machine, data and budget: `{acc[key]['command']}`."]
+    return lines
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -27,7 +27,10 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import (
+    accuracy_model_names,
+    accuracy_provenance,
     command_line,
+    keep_accuracy,
     merge_accuracy,
     peak_rss_mb,
     print_peak_rss,
@@ -285,16 +288,15 @@ def markdown(result: dict[str, Any]) -> str:
             parts += ["", line + ". Same weights and settings give identical detections from the two libraries, so "
                       "the difference at an equal budget is the number of steps each makes in it, and the "
                       "randomness of sampling."]  # fmt: skip
-        for k, n in ACCURACY_MODELS.items():
-            if "command" in acc.get(k, {}):
-                parts += ["", f"Row \"{n}\" trained afterwards, same machine, data and budget: `{acc[k]['command']}`."]
+        parts += accuracy_provenance(result, ACCURACY_MODELS)
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, a shorter training budget")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true",
+                        help="only the timings; the accuracy part of the existing results file is kept")
     parser.add_argument("--budget", type=float, help="training seconds per detector for the accuracy part")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default="data/shapes", help="shapes data root (generated if absent)")
@@ -311,9 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     rounds = 3 if args.quick else 5
     command = command_line("benchmarks.faster_rcnn", argv)
-    names = [n for n in args.accuracy_models.split(",") if n]
-    if unknown := set(names) - set(ACCURACY_MODELS):
-        parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")
+    names = accuracy_model_names(parser, args.accuracy_models, ACCURACY_MODELS)
     budget = args.budget or (120.0 if args.quick else 600.0)
     if args.skip_timing:
         result = merge_accuracy("faster_rcnn", budget, names, command, lambda: accuracy(budget, Path(args.data), names))
@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mem[f"{which}_mb"] = peak_rss_mb("benchmarks.faster_rcnn", "--memory-probe", which, arch, "800", "1066")
         result["memory"].append(mem)
         print(mem, flush=True)
-    if not args.skip_accuracy:
+    if args.skip_accuracy:
+        keep_accuracy("faster_rcnn", result)
+    else:
         result["accuracy"] = accuracy(budget, Path(args.data), names)
     write_result("faster_rcnn", result, command)
     print(markdown(result))

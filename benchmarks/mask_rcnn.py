@@ -25,7 +25,10 @@ import torch
 import torchvision
 
 from benchmarks.common import (
+    accuracy_model_names,
+    accuracy_provenance,
     command_line,
+    keep_accuracy,
     merge_accuracy,
     shapes_data,
     table,
@@ -33,7 +36,7 @@ from benchmarks.common import (
     train_and_evaluate,
     write_result,
 )
-from benchmarks.faster_rcnn import Features, copy_weights
+from benchmarks.faster_rcnn import Features, calibrate_batchnorm, copy_weights
 from rcnn.models import mask_rcnn
 
 CONFIG = "mask_rcnn_tiny_shapes"
@@ -49,6 +52,7 @@ def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
     peer = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0
     )
+    calibrate_batchnorm(peer.backbone, *size)
     copy_weights(peer, ours)  # same weights, same proposals: see benchmarks.faster_rcnn.build_pair
     ours.eval().optimize_for_inference()
     peer.eval()
@@ -117,16 +121,15 @@ def markdown(result: dict[str, Any]) -> str:
         parts += ["", f"Shapes val ({acc['val_images']} images) after {acc['budget_s']:.0f} s of training on "
                   f"{acc['train_images']} images, same tiny backbone and heads:", "",
                   table(["model", "iterations", "box AP", "mask AP", "mask AP@0.5", "mask AP@0.75"], rows)]  # fmt: skip
-        for k, n in ACCURACY_MODELS.items():
-            if "command" in acc.get(k, {}):
-                parts += ["", f"Row \"{n}\" trained afterwards, same machine, data and budget: `{acc[k]['command']}`."]
+        parts += accuracy_provenance(result, ACCURACY_MODELS)
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true",
+                        help="only the timings; the accuracy part of the existing results file is kept")
     parser.add_argument("--budget", type=float, help="training seconds per model (default 600, quick 120)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default="data/shapes")
@@ -136,9 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help=f"comma-separated, of {', '.join(ACCURACY_MODELS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [n for n in args.accuracy_models.split(",") if n]
-    if unknown := set(names) - set(ACCURACY_MODELS):
-        parser.error(f"--accuracy-models: unknown {sorted(unknown)}; choose from {', '.join(ACCURACY_MODELS)}")
+    names = accuracy_model_names(parser, args.accuracy_models, ACCURACY_MODELS)
     budget = args.budget or (120.0 if args.quick else 600.0)
     command = command_line("benchmarks.mask_rcnn", argv)
     if args.skip_timing:
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for size in ((800, 1066), (512, 512)):
         result["inference"].append(inference(size, rounds))
         print(result["inference"][-1], flush=True)
-    if not args.skip_accuracy:
+    if args.skip_accuracy:
+        keep_accuracy("mask_rcnn", result)
+    else:
         result["accuracy"] = accuracy(budget, Path(args.data), names)
     write_result("mask_rcnn", result, command)
     print(markdown(result))

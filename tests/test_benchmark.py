@@ -53,3 +53,24 @@ def test_faster_rcnn_peer_pair_is_like_for_like():
     torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
     torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
     assert torch.equal(a["labels"], b["labels"])
+
+
+def test_timing_pair_has_working_random_weights():
+    # randomly initialised MobileNetV3 with BatchNorm at its initial statistics gives FPN features
+    # of ~1e-8, so every anchor scores 0.5 and the proposals are down to top-k tie-breaking; the
+    # timing pair calibrates the statistics first, so that both libraries do the same work
+    import torch
+
+    from benchmarks.faster_rcnn import build_pair
+
+    ours, peer = build_pair("mobilenet_v3_fpn", 160, 160)
+    ours.eval()
+    peer.eval()
+    image = torch.rand(3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = list(peer.backbone(peer.transform([image])[0].tensors).values())
+        logits = peer.rpn.head(features)[0][0]
+        a, b = ours([image])[0], peer([image])[0]
+    assert min(float(f.std()) for f in features) > 1e-2
+    assert logits.unique().numel() == logits.numel()
+    assert len(a["scores"]) == len(b["scores"]) == 100
