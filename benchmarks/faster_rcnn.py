@@ -3,8 +3,9 @@
     python -m benchmarks.faster_rcnn [--quick] [--budget S] [--skip-accuracy]
     python -m benchmarks.faster_rcnn --skip-timing --budget S --accuracy-models ours_paper   # add a row
 
-Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (torchvision's random initialisation, copied into ours,
-no downloads): inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
+Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (torchvision's random initialisation with BatchNorm
+statistics set from random images, copied into ours; ours with torchvision's anchor centres and RoIAlign
+offset, so both propose the same boxes; no downloads): inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
 included; the network sees exactly that size), one training step on a batch of 2 at 512x512,
 and peak memory. Accuracy: both detectors built on the *same* tiny backbone, anchors and
 settings, trained by the same loop for the same wall-clock budget on the shapes data, then
