@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcnn.heads import SampledRoIs
@@ -97,9 +98,23 @@ class MaskHead(nn.Module):
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # [R, C, P, P] -> [R, K, 2P, 2P]
+        """The 2x2 stride-2 deconvolution and the 1x1 predictor each map one input pixel to output
+        pixels of their own, so both are computed as plain matrix products over all pixels (the
+        deconvolution's four outputs per pixel as 4 x channels columns), with the same weights and
+        results as ``predictor(relu(deconv(x)))``. On a CPU this is several times faster, backward
+        included, than the convolution kernels on 14 x 14 and 28 x 28 maps."""
         x = self.convs(x)
-        x = torch.relu(self.deconv(x))  # [R, channels, 2P, 2P]
-        return self.predictor(x)
+        rois, width, height = x.shape[0], x.shape[-1], x.shape[-2]
+        channels = self.deconv.out_channels
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # [R*P*P, C]
+        # deconv weight [C, channels, 2, 2] -> [C, (dy, dx, channels)]; its bias repeats per (dy, dx)
+        w = self.deconv.weight.permute(0, 2, 3, 1).reshape(x.shape[1], 4 * channels)
+        y = torch.addmm(self.deconv.bias.repeat(4), pixels, w)  # [R*P*P, 4*channels]
+        y = torch.relu(y).view(-1, channels)  # [R*P*P*4, channels]
+        logits = F.linear(y, self.predictor.weight.flatten(1), self.predictor.bias)  # [R*P*P*4, K]
+        k = logits.shape[1]
+        logits = logits.view(rois, height, width, 2, 2, k).permute(0, 5, 1, 3, 2, 4)  # [R, K, P, 2, P, 2]
+        return logits.reshape(rois, k, 2 * height, 2 * width)
 
 
 def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_gt: Tensor, mask_size: int) -> Tensor:

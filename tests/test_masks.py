@@ -100,7 +100,7 @@ def test_mask_loss_trains_only_the_gt_class_channel():
         output.retain_grad()
         logits.append(output)
 
-    branch.head.predictor.register_forward_hook(keep_logits)
+    branch.head.register_forward_hook(keep_logits)
     losses = branch.loss(features, sampled, targets)
     assert set(losses) == {"loss_mask"}
     losses["loss_mask"].backward()
@@ -237,3 +237,24 @@ def test_paste_empty_and_bad_input():
     assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (20, 30)).shape == (0, 20, 30)
     with pytest.raises(ValueError, match="mask_probs"):
         paste_masks(torch.zeros(2, 28, 28), torch.zeros(3, 4), (20, 30))
+
+
+@pytest.mark.parametrize("rois,num_convs", [(5, 2), (1, 0), (0, 1)])
+def test_mask_head_matrix_products_equal_the_convolutions(rois, num_convs):
+    """MaskHead computes deconv + 1x1 conv as matrix products; values and gradients are the layers'."""
+    torch.manual_seed(0)
+    head = MaskHead(6, 4, num_convs=num_convs, channels=8).double()
+    torch.nn.init.normal_(head.predictor.weight)
+    torch.nn.init.normal_(head.deconv.bias)
+    x = torch.randn(rois, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    fast = head(x)
+    x_ref = x.detach().clone().requires_grad_()
+    reference = head.predictor(torch.relu(head.deconv(head.convs(x_ref))))
+    assert fast.shape == reference.shape == (rois, 3, 14, 14)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+    if rois:
+        weights = torch.randn_like(fast)
+        grads = torch.autograd.grad((fast * weights).sum(), [x, head.deconv.weight, head.predictor.weight])
+        expected = torch.autograd.grad((reference * weights).sum(), [x_ref, head.deconv.weight, head.predictor.weight])
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
