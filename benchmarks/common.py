@@ -169,11 +169,11 @@ def accuracy_provenance(result: dict[str, Any], models: dict[str, str]) -> list[
     acc = result.get("accuracy") or {}
     lines = []
     if "accuracy_command" in result:
-        lines += ["", f"Accuracy part measured earlier on the same machine by `{result['accuracy_command']}`; "
-                  "the timings above were measured again afterwards."]  # fmt: skip
+        lines += ["", f"Accuracy part measured earlier by `{result['accuracy_command']}`; the timings above "
+                  "were measured again afterwards."]  # fmt: skip
     for key, title in models.items():
         if "command" in acc.get(key, {}):
-            lines += ["", f"Row \"{title}\" trained afterwards, same machine, data and budget: `{acc[key]['command']}`."]
+            lines += ["", f"Row \"{title}\" trained afterwards, same data and budget: `{acc[key]['command']}`."]
     return lines
 
 
