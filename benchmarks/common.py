@@ -9,7 +9,6 @@ wall seconds. Ratios are ours / peer.
 from __future__ import annotations
 
 import argparse
-
 import datetime
 import json
 import os

@@ -5,11 +5,12 @@
 
 Measures, for ResNet-50-FPN and MobileNetV3-Large-FPN (torchvision's random initialisation with BatchNorm
 statistics set from random images, copied into ours; ours with torchvision's anchor centres and RoIAlign
-offset, so both propose the same boxes; no downloads): inference seconds per image at 800x1066 and 512x512 (2 threads; resizing and post-processing
-included; the network sees exactly that size), one training step on a batch of 2 at 512x512,
-and peak memory. Accuracy: both detectors built on the *same* tiny backbone, anchors and
-settings, trained by the same loop for the same wall-clock budget on the shapes data, then
-COCO AP on its val split; beside them our packaged config as it is (the paper's RPN settings).
+offset, so both do the same work; no downloads): inference seconds per image at 800x1066 and
+512x512 (2 threads; resizing and post-processing included; the network sees exactly that size), one
+training step on a batch of 2 at 512x512, and peak memory. Accuracy: both detectors built on the
+*same* tiny backbone, anchors and settings, trained by the same loop for the same wall-clock budget on
+the shapes data, then COCO AP on its val split; beside them our packaged config as it is (the paper's
+RPN settings).
 Writes ``benchmarks/results/faster_rcnn.json``.
 """
 
@@ -58,7 +59,8 @@ def build(which: str, arch: str, height: int, width: int) -> nn.Module:
     torch.manual_seed(0)
     # score threshold 0: both keep their 100 best detections, so post-processing does equal work
     # torchvision's geometry (anchors on cell corners, legacy RoIAlign): with the same weights the
-    # two then propose the same boxes, so the heads and NMS do the same work
+    # two then propose nearly the same boxes (torchvision rounds its anchors to whole pixels), so
+    # the heads and NMS do the same work
     if which == "ours":
         return faster_rcnn(
             arch, 91, min_size=small, max_size=large, rpn=rpn, roi={"score_thresh": 0.0}, anchor_offset=0.0, aligned=False

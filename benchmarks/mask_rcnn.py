@@ -86,7 +86,7 @@ def tiny_models(num_classes: int) -> dict[str, torch.nn.Module]:
     for pooler in ("align", "pool"):
         torch.manual_seed(0)
         models[f"ours_{pooler}"] = build_model(load_config(CONFIG, [f"model.pooler={pooler}", *modern_rpn]).model, num_classes)
-    # the "box AP not below Faster R-CNN's": the very same model and settings, no mask branch
+    # for box AP with and without masks: the very same model and settings, no mask branch
     torch.manual_seed(0)
     faster = load_config(CONFIG, ["model.name=faster_rcnn", "model.pooler=align", *modern_rpn]).model
     models["faster"] = build_model(faster.model_copy(update={"mask": {}}), num_classes)
