@@ -1,26 +1,22 @@
 """The CUDA path: every generation trains and predicts on a GPU, and agrees with the CPU.
 
-Skipped where no CUDA device is present (CI has none). On a GPU machine, ``pytest tests/`` also
-trains the rest of the suite on the GPU, since ``train.device: auto`` picks CUDA there.
+Skipped where no CUDA device is present (CI has none). The Faster and Mask R-CNN overfit tests
+(tests/test_faster_rcnn.py, tests/test_mask_rcnn.py) also run on CUDA, with and without mixed
+precision, and on a GPU machine the rest of the suite trains there too (``train.device: auto``).
 """
 
 import numpy as np
 import pytest
 import torch
 
-from rcnn.config import TrainConfig
+from rcnn.box_regression import BoxRegressors
 from rcnn.data.coco import CocoDetection
-from rcnn.data.shapes import make_shapes, shapes_paths
-from rcnn.evaluation import evaluate_coco
-from rcnn.inference import evaluate_model, model_device, predict_dataset
+from rcnn.data.shapes import shapes_paths
 from rcnn.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 from rcnn.ops import roi_align
-from rcnn.box_regression import BoxRegressors
 from rcnn.svm import ClassSVMs
-from rcnn.training.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-QUIET = dict(progress=False, log=lambda s: None)
 SMALL = dict(
     min_size=128, max_size=128,
     rpn={"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 500, "post_nms_top_n_test": 100},
@@ -31,17 +27,6 @@ SMALL = dict(
 @pytest.fixture(scope="module")
 def shapes_train(shapes_root):
     return CocoDetection(*shapes_paths(shapes_root, "train"), train=True)
-
-
-class Subset(torch.utils.data.Dataset):
-    def __init__(self, dataset, n):
-        self.dataset, self.n = dataset, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.dataset[i]
 
 
 def same_detections(cpu_out, gpu_out, top=5):
@@ -87,43 +72,6 @@ def test_eval_on_cuda_matches_cpu(builder, shapes_train):
             assert b["masks"].shape[1:] == a["masks"].shape[1:] and b["masks"].device.type == "cuda"
             agree = (b["masks"][:n].cpu() > 0.5) == (a["masks"][:n] > 0.5)
             assert agree.float().mean() > 0.999
-
-
-@pytest.mark.parametrize("amp", ["on", "off"])
-def test_faster_rcnn_overfits_on_cuda(amp, shapes_train, tmp_path):
-    """The overfit test of tests/test_faster_rcnn.py, on the GPU, with and without mixed precision."""
-    torch.manual_seed(0)
-    model = faster_rcnn("tiny", shapes_train.num_classes, **SMALL)
-    cfg = TrainConfig(
-        iterations=300, batch_size=4, lr=0.04, schedule="constant", warmup_iterations=20,
-        checkpoint_every=100, log_every=50, device="cuda", amp=amp,
-    )  # fmt: skip
-    result = train(model, Subset(shapes_train, 8), cfg, tmp_path, **QUIET)
-    assert result.skipped_steps == 0 and model_device(model).type == "cuda"
-    metrics = evaluate_model(model, shapes_train, limit=8)
-    assert metrics["bbox"]["AP50"] >= 0.9, metrics["bbox"]
-
-
-def test_mask_rcnn_overfits_with_amp_on_cuda(tmp_path):
-    """The overfit test of tests/test_mask_rcnn.py, on the GPU in mixed precision."""
-    root = make_shapes(tmp_path / "shapes", n_train=4, n_val=0, seed=0, max_objects=4, min_object_size=16, max_occlusion=0)
-    dataset = CocoDetection(*shapes_paths(root, "train"), with_masks=True, train=True)
-    torch.manual_seed(0)
-    model = mask_rcnn(
-        "tiny", dataset.num_classes, min_size=128, max_size=128, anchor_sizes=((16.0, 32.0, 64.0),),
-        rpn={"pre_nms_top_n_train": 600, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 500,
-             "post_nms_top_n_test": 100},
-        mask={"num_convs": 2, "channels": 64},
-    )  # fmt: skip
-    cfg = TrainConfig(
-        iterations=200, batch_size=2, lr=1e-3, optimizer="adamw", schedule="step", steps=[0.8],
-        warmup_iterations=10, checkpoint_every=10_000, log_every=50, device="cuda", amp="on",
-    )  # fmt: skip
-    result = train(model, dataset, cfg, tmp_path / "run", **QUIET)
-    assert result.skipped_steps == 0
-    outputs, _ = predict_dataset(model, dataset)
-    metrics = evaluate_coco(outputs, dataset, ("bbox", "segm"))
-    assert metrics["segm"]["AP50"] >= 0.9, metrics["summary"]
 
 
 def test_fast_rcnn_and_rcnn_take_proposals_on_cuda(shapes_train):

@@ -133,7 +133,11 @@ def mean_mask_iou(items, outputs):
     return sum(ious) / len(ious)
 
 
-def test_overfit_a_few_shapes_images(tmp_path, one_thread):
+@pytest.mark.parametrize(
+    "device,amp",
+    [("cpu", "off"), pytest.param("cuda", "on", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_overfit_a_few_shapes_images(device, amp, tmp_path, one_thread):
     # 4 images with 1-4 unoccluded objects of at least 16 px (two stride-8 cells): enough for the
     # tiny backbone to learn their masks in 200 steps (lowest mask AP@0.5 over 8 seeds 0.99; at 150
     # steps one seed in six missed an object, 0.75). (Occluded objects, whose visible part is the
@@ -149,7 +153,7 @@ def test_overfit_a_few_shapes_images(tmp_path, one_thread):
     )  # fmt: skip
     cfg = TrainConfig(
         iterations=200, batch_size=2, lr=1e-3, optimizer="adamw", schedule="step", steps=[0.8],
-        warmup_iterations=10, checkpoint_every=10_000, log_every=50,
+        warmup_iterations=10, checkpoint_every=10_000, log_every=50, device=device, amp=amp,
     )  # fmt: skip
     result = train(model, dataset, cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert result.skipped_steps == 0
