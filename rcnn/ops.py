@@ -76,10 +76,12 @@ def batched_nms(
     does, but without running NMS on boxes that cannot be among them. Whether greedy NMS keeps a
     box depends only on the boxes that score higher, so NMS on the ``k`` best-scoring boxes keeps
     exactly the kept boxes among them; once that is ``max_kept`` or more, the rest cannot enter the
-    answer. ``k`` starts at ``4 * max_kept`` and grows fourfold until it is enough. (Equal scores
-    at the cut may be ordered differently from a full run, as NMS orders ties arbitrarily anyway.)
-    This is what makes per-class NMS cheap at a low score threshold: 90 classes x 1000 proposals
-    are 90,000 candidates for 100 detections.
+    answer. ``k`` starts at ``4 * max_kept`` and grows fourfold until it is enough. This is what
+    makes per-class NMS cheap at a low score threshold: 90 classes x 1000 proposals are 90,000
+    candidates for 100 detections. When ``4 * max_kept`` already covers all boxes (the RPN in
+    training: 2000 boxes, 512 kept), the boxes are taken on the CPU in chunks instead (see
+    :func:`_chunked_nms`), so NMS stops where ``max_kept`` are kept. (Equal scores at a cut may be
+    ordered differently from a full run, as NMS orders ties arbitrarily anyway.)
     """
     _check_nms_inputs(boxes, scores)
     if groups.shape != scores.shape:
@@ -90,6 +92,8 @@ def batched_nms(
     if max_kept is None:
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
     k = 4 * max_kept
+    if k >= len(scores) and boxes.device.type == "cpu":
+        return _chunked_nms(boxes, scores, groups, iou_threshold, max_kept)
     while k < len(scores):
         top = scores.topk(k).indices  # sorted by decreasing score
         keep = torchvision.ops.batched_nms(boxes[top], scores[top], groups[top], iou_threshold)
@@ -97,6 +101,58 @@ def batched_nms(
             return top[keep[:max_kept]]
         k *= 4
     return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]
+
+
+def _chunked_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    """``batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]``, boxes taken in score order in chunks.
+
+    The first chunk (the best ``1.5 * max_kept``) goes through NMS as it is. A later chunk's boxes
+    are first dropped where they overlap (IoU above the threshold, same group) a box kept so far,
+    all pairs at once; NMS among the survivors then gives exactly the chunk's kept boxes, since a
+    box suppressed earlier suppresses nothing. Chunks of ``max_kept / 2`` follow until
+    ``max_kept`` are kept. torchvision's CPU kernel compares each kept box with every later box,
+    so stopping early saves most of the work when about half the boxes survive: the RPN's 2000
+    training proposals, 512 kept, take 3.5 instead of 11.3 ms per image (late in training on the
+    shapes data, 2 threads).
+    """
+    n = len(scores)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    boxes, scores, groups = boxes[order], scores[order], groups[order]  # from here on, in score order
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    threshold = _float_threshold(iou_threshold, boxes.dtype)
+    end = min(n, (3 * max_kept + 1) // 2)
+    kept = torchvision.ops.batched_nms(boxes[:end], scores[:end], groups[:end], iou_threshold).sort().values
+    parts, count = [kept], len(kept)
+    while count < max_kept and end < n:
+        start, end = end, min(n, end + max(max_kept // 2, 1))
+        kept = torch.cat(parts)
+        a, b = boxes[start:end], boxes[kept]  # [c, 4] candidates, [k, 4] kept so far
+        w = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+        h = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+        inter = w * h  # [c, k], IoU as torchvision's kernel computes it
+        overlap = inter / (area[start:end, None] + area[None, kept] - inter) > threshold
+        overlap &= groups[start:end, None] == groups[None, kept]
+        alive = torch.arange(start, end, device=boxes.device)[~overlap.any(dim=1)]
+        if len(alive):
+            chosen = alive[torchvision.ops.batched_nms(boxes[alive], scores[alive], groups[alive], iou_threshold).sort().values]
+            parts.append(chosen)
+            count += len(chosen)
+    return order[torch.cat(parts)[:max_kept]]
+
+
+def _float_threshold(threshold: float, dtype: torch.dtype) -> float | Tensor:
+    """A threshold ``t`` for ``iou > t`` in ``dtype`` that agrees with torchvision's comparison in double.
+
+    A float32 tensor is compared with a Python float rounded to float32; where that rounding goes
+    up, ``iou > float32(t)`` would miss an IoU equal to ``float32(t)`` that exceeds ``t``. The largest
+    float32 not above ``t`` gives the same answers as comparing in double.
+    """
+    if dtype == torch.float64:
+        return threshold
+    t = torch.tensor(threshold, dtype=dtype)
+    if float(t) > threshold:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    return t
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from rcnn.ops import (
     RoIPooler,
     assign_fpn_levels,
+    _float_threshold,
     batched_nms,
     nms,
     nms_reference,
@@ -52,17 +53,34 @@ def test_batched_nms_groups_do_not_interact():
     assert batched_nms(boxes, scores, torch.tensor([0, 0, 0]), 0.5).tolist() == [0]
 
 
-@pytest.mark.parametrize("n,groups,max_kept", [(3000, 90, 100), (3000, 3, 100), (500, 5, 400), (200, 1, 300), (50, 2, 1), (10, 1, 0)])
-def test_batched_nms_max_kept_is_the_head_of_the_full_result(n, groups, max_kept):
-    """Per-class NMS on only the best-scoring candidates (growing until enough are kept) gives the
-    first ``max_kept`` of the full result, whether few or many boxes survive."""
+@pytest.mark.parametrize(
+    "n,groups,max_kept",
+    [(3000, 90, 100), (3000, 3, 100), (2000, 1, 512), (2000, 4, 512), (500, 5, 400), (200, 1, 300), (50, 2, 1), (10, 1, 0)],
+)
+@pytest.mark.parametrize("iou_threshold", [0.5, 0.7, 0.3])
+def test_batched_nms_max_kept_is_the_head_of_the_full_result(n, groups, max_kept, iou_threshold):
+    """Per-class NMS on only the best-scoring candidates (growing until enough are kept, or in
+    chunks when all boxes would be needed at once) gives the first ``max_kept`` of the full result,
+    whether few or many boxes survive."""
     g = torch.Generator().manual_seed(n + groups + max_kept)
-    for size in (60, 400):  # crowded (most boxes suppressed) and sparse
+    for size in (60, 150, 400):  # crowded (most boxes suppressed), about half kept, sparse
         boxes = random_boxes(n, size, g)
         scores = torch.rand(n, generator=g)
         labels = torch.randint(0, groups, (n,), generator=g)
-        full = batched_nms(boxes, scores, labels, 0.5)
-        assert batched_nms(boxes, scores, labels, 0.5, max_kept=max_kept).tolist() == full[:max_kept].tolist()
+        full = batched_nms(boxes, scores, labels, iou_threshold)
+        kept = batched_nms(boxes, scores, labels, iou_threshold, max_kept=max_kept)
+        assert kept.tolist() == full[:max_kept].tolist()
+
+
+def test_chunked_nms_threshold_compares_as_torchvision_does():
+    """torchvision compares a float32 IoU with the threshold in double; the vectorised comparison
+    must agree also where float32 rounds the threshold up (0.3) or down (0.7)."""
+    for threshold in (0.3, 0.7, 0.5, 0.1):
+        t = _float_threshold(threshold, torch.float32)
+        x = torch.tensor(threshold, dtype=torch.float32)
+        around = torch.stack([x, torch.nextafter(x, torch.tensor(2.0)), torch.nextafter(x, torch.tensor(-2.0))])
+        assert ((around > t) == (around.double() > threshold)).all(), threshold
+    assert _float_threshold(0.3, torch.float64) == 0.3
 
 
 def random_rois(n, num_images, size, generator):
