@@ -153,6 +153,8 @@ def keep_accuracy(name: str, result: dict[str, Any]) -> None:
     if old and old.get("accuracy"):
         result["accuracy"] = old["accuracy"]
         result["accuracy_command"] = old.get("accuracy_command") or old.get("command", "?")
+        if "equal_steps" in old:  # trained with the accuracy part (or marked with its own command)
+            result["equal_steps"] = old["equal_steps"]
 
 
 def accuracy_model_names(parser: argparse.ArgumentParser, value: str, known: dict[str, str]) -> list[str]:
@@ -197,9 +199,12 @@ def shapes_data(config_name: str, data_root: Path):
     return prepare_data(load_config(config_name, [f"data.root={data_root}"]))
 
 
-def train_and_evaluate(model: torch.nn.Module, config_name: str, data: Any, budget_s: float, run_name: str) -> dict[str, Any]:
+def train_and_evaluate(
+    model: torch.nn.Module, config_name: str, data: Any, budget_s: float | None, run_name: str, iterations: int | None = None
+) -> dict[str, Any]:
     """Train ``model`` with the config's training settings for ``budget_s`` seconds, by the library's
-    loop (any torchvision-API detector works), then evaluate it on ``data.val``."""
+    loop (any torchvision-API detector works), then evaluate it on ``data.val``. With ``iterations``
+    instead of a budget: that many steps, the config's schedule spread over them."""
     import tempfile
 
     from rcnn.config import load_config
@@ -211,7 +216,10 @@ def train_and_evaluate(model: torch.nn.Module, config_name: str, data: Any, budg
     config = load_config(config_name)
     # the budget alone ends training (the config's iteration count would stop a faster model early,
     # leaving it part of its budget unused); the schedule then follows elapsed time (see lr_factor)
-    train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "iterations": 10**7, "checkpoint_every": 10**9})
+    if iterations is not None:
+        train_cfg = config.train.model_copy(update={"iterations": iterations, "checkpoint_every": 10**9})
+    else:
+        train_cfg = config.train.model_copy(update={"time_budget_s": budget_s, "iterations": 10**7, "checkpoint_every": 10**9})
     training_set = TrainingSet(data.train, RandomHorizontalFlip(config.data.hflip))
     with tempfile.TemporaryDirectory(prefix=f"rcnn_bench_{run_name}_") as run_dir:
         result = train(model, training_set, train_cfg, run_dir, progress=False, log=lambda s: None)

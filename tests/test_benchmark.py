@@ -74,3 +74,22 @@ def test_timing_pair_has_working_random_weights():
     assert min(float(f.std()) for f in features) > 1e-2
     assert logits.unique().numel() == logits.numel()
     assert len(a["scores"]) == len(b["scores"]) == 100
+
+
+def test_mask_benchmark_trains_the_equal_steps_pair(shapes_root, monkeypatch):
+    # box AP with and without the mask branch after the same number of steps: both models make
+    # exactly that many, only the one with masks reports mask AP, and the page says so
+    import benchmarks.mask_rcnn as bm
+    from rcnn.config import load_config
+    from rcnn.training.run import prepare_data
+
+    def small_data(config, root):
+        return prepare_data(load_config(config, [f"data.root={shapes_root}", "data.shapes=null"]))
+
+    monkeypatch.setattr(bm, "shapes_data", small_data)
+    out = bm.equal_steps(2, shapes_root)
+    assert out["iterations"] == 2 and out["ours_align"]["iterations"] == 2 and out["faster"]["iterations"] == 2
+    assert "mask_AP" in out["ours_align"] and "mask_AP" not in out["faster"]
+    accuracy = {"budget_s": 1.0, "train_images": 12, "val_images": 8}
+    text = bm.markdown({"inference": [], "accuracy": accuracy, "equal_steps": out})
+    assert "At an equal number of steps instead (2 each" in text
