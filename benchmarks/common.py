@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ def machine() -> dict[str, Any]:
 
 def command_line(module: str, argv: list[str] | None) -> str:
     """``python -m module args...``: the command a result records as its provenance."""
-    return " ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+    return shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
 
 
 def write_result(name: str, data: dict[str, Any], command: str) -> Path:
