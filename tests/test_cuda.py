@@ -16,7 +16,7 @@ from rcnn.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 from rcnn.ops import roi_align
 from rcnn.svm import ClassSVMs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = pytest.mark.cuda
 SMALL = dict(
     min_size=128, max_size=128,
     rpn={"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 500, "post_nms_top_n_test": 100},

@@ -24,11 +24,9 @@ def shapes_train(shapes_root):
     return CocoDetection(images_dir, ann, train=True)
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
 @pytest.mark.parametrize(
-    "device,amp", [("cpu", "off"), pytest.param("cuda", "off", marks=CUDA), pytest.param("cuda", "on", marks=CUDA)]
+    "device,amp",
+    [("cpu", "off"), pytest.param("cuda", "off", marks=pytest.mark.cuda), pytest.param("cuda", "on", marks=pytest.mark.cuda)],
 )
 def test_overfits_a_few_images(device, amp, shapes_train, tmp_path):
     # 300 steps: over 8 seeds (init and batch order) the lowest AP@0.5 was 0.95; at 220 steps a

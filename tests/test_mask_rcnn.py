@@ -135,7 +135,7 @@ def mean_mask_iou(items, outputs):
 
 @pytest.mark.parametrize(
     "device,amp",
-    [("cpu", "off"), pytest.param("cuda", "on", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+    [("cpu", "off"), pytest.param("cuda", "on", marks=pytest.mark.cuda)],
 )
 def test_overfit_a_few_shapes_images(device, amp, tmp_path, one_thread):
     # 4 images with 1-4 unoccluded objects of at least 16 px (two stride-8 cells): enough for the
