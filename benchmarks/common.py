@@ -142,9 +142,15 @@ def merge_accuracy(
     added = train()
     for row in rows:
         result["accuracy"][row] = {**added[row], "command": command}
+    rewrite_result(name, result)
+    return result
+
+
+def rewrite_result(name: str, result: dict[str, Any]) -> None:
+    """Write a result read by :func:`read_result` and changed back, keeping its command (and the machine
+    of this run)."""
     data = {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")}
     write_result(name, data, result["command"])
-    return result
 
 
 def keep_accuracy(name: str, result: dict[str, Any]) -> None:

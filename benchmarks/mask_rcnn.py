@@ -34,6 +34,7 @@ from benchmarks.common import (
     command_line,
     keep_accuracy,
     merge_accuracy,
+    rewrite_result,
     shapes_data,
     table,
     time_pair,
@@ -191,8 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = merge_accuracy("mask_rcnn", budget, names, command, lambda: accuracy(budget, Path(args.data), names))
         if args.equal_steps:
             result["equal_steps"] = {**equal_steps(args.equal_steps, Path(args.data)), "command": command}
-            write_result("mask_rcnn", {k: v for k, v in result.items() if k not in ("benchmark", "command", "machine")},
-                         result["command"])  # fmt: skip
+            rewrite_result("mask_rcnn", result)
         print(markdown(result))
         return result
     rounds = 3 if args.quick else 5
