@@ -235,31 +235,66 @@ def roi_align(
     ``aligned=True`` shifts the RoI by half a feature cell so that continuous pixel
     coordinates map exactly onto feature-cell centres (without it the sampling grid is
     misaligned by half a pixel, the legacy behaviour).
+
+    On the CPU, with a fixed ``sampling_ratio`` and float32/64 features, RoIAlign is computed as
+    one sparse matrix product for all channels, forward and backward (:func:`roi_align_grad`);
+    elsewhere by torchvision's kernel. Both give the same values up to float rounding (tested).
     """
     rois = to_rois(rois).to(features.dtype)
     _check_features(features, rois)
     args = (_pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
-    if features.device.type == "cpu" and args[2] > 0 and features.requires_grad and torch.is_grad_enabled():
+    if (
+        features.device.type == "cpu"
+        and args[2] > 0
+        and features.dtype in (torch.float32, torch.float64)
+        and features.numel() > 0
+    ):
         return _RoIAlignCPU.apply(features, rois, *args)
     return torchvision.ops.roi_align(features, rois, *args)
 
 
 class _RoIAlignCPU(torch.autograd.Function):
-    """torchvision's RoIAlign forward with a faster backward on the CPU (see :func:`roi_align_grad`)."""
+    """RoIAlign on the CPU as a sparse linear map over all channels, forward and backward.
+
+    RoIAlign is linear in the features: every output cell is a fixed weighted sum of feature cells
+    (``sampling_ratio`` squared bilinear samples of 4 taps each, averaged). The forward builds that
+    map once (:func:`_roi_align_taps`) as a sparse ``[R*P*Q, N*H*W]`` matrix and applies it to the
+    channels-last features, one multi-threaded sparse x dense product; the backward applies its
+    transpose to the output gradient from the same taps. torchvision's CPU kernels instead walk the
+    samples RoI by RoI and channel by channel on one thread.
+    """
 
     @staticmethod
     def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):  # type: ignore[override]
-        ctx.save_for_backward(rois)
-        ctx.settings = (tuple(features.shape), output_size, spatial_scale, sampling_ratio, aligned)
-        return torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        num_images, channels, height, width = features.shape
+        (out_h, out_w), num_rois = output_size, rois.shape[0]
+        cell, weight = _roi_align_taps(rois, features.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.save_for_backward(cell, weight)
+        ctx.settings = (tuple(features.shape), output_size)
+        if num_rois == 0:
+            return features.new_zeros((0, channels, out_h, out_w))
+        taps = cell.numel() // (num_rois * out_h * out_w)
+        index = _index_dtype(cell.numel(), num_images * height * width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            matrix = torch.sparse_csr_tensor(
+                torch.arange(0, cell.numel() + 1, taps, device=cell.device, dtype=index), cell.to(index), weight,
+                (num_rois * out_h * out_w, num_images * height * width), check_invariants=False,
+            )  # fmt: skip
+            out = matrix @ features.permute(0, 2, 3, 1).reshape(-1, channels)  # [R*P*Q, C]
+        return out.reshape(num_rois, out_h, out_w, channels).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        (rois,) = ctx.saved_tensors
-        shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.settings
-        grad_features = roi_align_grad(grad, rois, shape, spatial_scale, sampling_ratio, aligned)
-        return grad_features, None, None, None, None, None
+        cell, weight = ctx.saved_tensors
+        shape, _ = ctx.settings
+        return _roi_align_transpose(grad, cell, weight, shape), None, None, None, None, None
+
+
+def _index_dtype(nnz: int, columns: int) -> torch.dtype:
+    """int32 indices for a sparse matrix when they fit (MKL's native width: faster), else int64."""
+    return torch.int32 if max(nnz, columns) < 2**31 - 1 else torch.int64
 
 
 def _bilinear_taps(coords: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -276,6 +311,69 @@ def _bilinear_taps(coords: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return torch.stack((low, high), -1), torch.stack(((1.0 - frac) * inside, frac * inside), -1)
 
 
+def _roi_align_taps(
+    rois: Tensor,
+    feature_shape: Sequence[int],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> tuple[Tensor, Tensor]:
+    """RoIAlign as a weighted sum of feature cells: ``cell`` and ``weight``, both ``[R*P*Q*T]``.
+
+    Output cell ``(r, p, q)`` is ``sum_t weight[i] * features_flat[cell[i]]`` over its T = (2s)^2
+    taps ``i = ((r*P + p)*Q + q)*T + t`` (s x s samples, separable bilinear: 2 x 2 cells each,
+    weights divided by s^2 for the average); ``cell`` indexes the N*H*W feature cells (int64),
+    ``features_flat`` being the features in channels-last order. Needs ``sampling_ratio > 0``.
+    """
+    num_images, _, height, width = (int(v) for v in feature_shape)
+    out_h, out_w = output_size
+    num_rois = rois.shape[0]
+    s = int(sampling_ratio)
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x1
+    roi_h = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:  # legacy: malformed RoIs forced to at least 1 x 1, as torchvision's kernel does
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    # sample positions in bin units: (i + 0.5) / s for i < P * s; [R, P*s] and [R, Q*s]
+    steps_y = (torch.arange(out_h * s, device=rois.device, dtype=rois.dtype) + 0.5) / s
+    steps_x = (torch.arange(out_w * s, device=rois.device, dtype=rois.dtype) + 0.5) / s
+    rows, row_w = _bilinear_taps(y1[:, None] + steps_y * (roi_h / out_h)[:, None], height)  # [R, P*s, 2]
+    cols, col_w = _bilinear_taps(x1[:, None] + steps_x * (roi_w / out_w)[:, None], width)  # [R, Q*s, 2]
+    taps = 2 * s  # per bin and axis: s samples x 2 cells
+    rows, row_w = rows.reshape(num_rois, out_h, 1, taps, 1), row_w.reshape(num_rois, out_h, 1, taps, 1) / s
+    cols, col_w = cols.reshape(num_rois, 1, out_w, 1, taps), col_w.reshape(num_rois, 1, out_w, 1, taps) / s
+    image = rois[:, 0].long().reshape(num_rois, 1, 1, 1, 1)
+    cell = ((image * height + rows) * width + cols).reshape(-1)  # [R*P*Q*T]
+    return cell, (row_w * col_w).reshape(-1)
+
+
+def _roi_align_transpose(grad: Tensor, cell: Tensor, weight: Tensor, feature_shape: Sequence[int]) -> Tensor:
+    """The transpose of the map given by :func:`_roi_align_taps`, applied to ``grad [R, C, P, Q]``:
+    the gradient ``[N, C, H, W]`` with respect to the features."""
+    num_images, channels, height, width = (int(v) for v in feature_shape)
+    num_rois, _, out_h, out_w = grad.shape
+    if num_rois == 0:
+        return grad.new_zeros((num_images, channels, height, width))
+    taps = cell.numel() // (num_rois * out_h * out_w)
+    index = _index_dtype(cell.numel(), num_rois * out_h * out_w)
+    # CSR over feature cells: sort the taps by cell; column = the output cell (r, p, q) of each tap
+    sorted_cell, order = torch.sort(cell)
+    counts = torch.bincount(sorted_cell, minlength=num_images * height * width)
+    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(index)
+    grad_cells = grad.permute(0, 2, 3, 1).reshape(num_rois * out_h * out_w, channels)  # [R*P*Q, C]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(
+            crow, torch.div(order, taps, rounding_mode="floor").to(index), weight[order],
+            (num_images * height * width, num_rois * out_h * out_w), check_invariants=False,
+        )  # fmt: skip
+        out = matrix @ grad_cells  # [N*H*W, C]
+    return out.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
+
+
 def roi_align_grad(
     grad: Tensor,
     rois: Tensor,
@@ -286,54 +384,17 @@ def roi_align_grad(
 ) -> Tensor:
     """Gradient of :func:`roi_align` with respect to its ``[N, C, H, W]`` features, given ``grad [R, C, P, Q]``.
 
-    RoIAlign is linear in the features: every output cell is a fixed weighted sum of feature cells
-    (``sampling_ratio`` squared bilinear samples of 4 taps each, averaged). The gradient is the
-    transpose of that map applied to ``grad``. torchvision's CPU backward walks the samples RoI by
-    RoI and channel by channel on one thread; here the map is built once for all channels as a
-    sparse matrix (rows: feature cells, columns: output cells) and applied by one sparse x dense
-    product: a Mask R-CNN training step on the shapes data takes 0.62x the wall time, a Faster R-CNN
-    step 0.81x (batch of 4, 2 CPU threads). Same values up to float rounding
-    (tests compare with torchvision's backward). Needs ``sampling_ratio > 0``.
+    RoIAlign is linear in the features, so the gradient is the transpose of its map applied to
+    ``grad``: one sparse x dense product for all channels (rows: feature cells, columns: output
+    cells), where torchvision's CPU backward walks the samples RoI by RoI and channel by channel on
+    one thread. Same values up to float rounding (tests compare with torchvision's backward). Needs
+    ``sampling_ratio > 0``. (Training computes this from the taps its forward built.)
     """
-    num_images, channels, height, width = (int(v) for v in feature_shape)
-    num_rois, _, out_h, out_w = grad.shape
     if sampling_ratio <= 0:
         raise ValueError(f"roi_align_grad needs a fixed sampling_ratio > 0, got {sampling_ratio}")
-    if num_rois == 0:
-        return grad.new_zeros((num_images, channels, height, width))
-    s = int(sampling_ratio)
     rois = rois.to(grad.dtype)
-    offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - offset
-    y1 = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - x1
-    roi_h = rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:  # legacy: malformed RoIs forced to at least 1 x 1, as in the forward
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    # sample positions in bin units: (i + 0.5) / s for i < P * s; [R, P*s] and [R, Q*s]
-    steps_y = (torch.arange(out_h * s, device=grad.device, dtype=grad.dtype) + 0.5) / s
-    steps_x = (torch.arange(out_w * s, device=grad.device, dtype=grad.dtype) + 0.5) / s
-    rows, row_w = _bilinear_taps(y1[:, None] + steps_y * (roi_h / out_h)[:, None], height)  # [R, P*s, 2]
-    cols, col_w = _bilinear_taps(x1[:, None] + steps_x * (roi_w / out_w)[:, None], width)  # [R, Q*s, 2]
-    taps = 2 * s  # per bin and axis: s samples x 2 cells
-    rows, row_w = rows.reshape(num_rois, out_h, 1, taps, 1), row_w.reshape(num_rois, out_h, 1, taps, 1) / s
-    cols, col_w = cols.reshape(num_rois, 1, out_w, 1, taps), col_w.reshape(num_rois, 1, out_w, 1, taps) / s
-    image = rois[:, 0].long().reshape(num_rois, 1, 1, 1, 1)
-    cell = ((image * height + rows) * width + cols).reshape(-1)  # [R*P*Q*taps*taps] feature cell of each tap
-    weight = (row_w * col_w).reshape(-1)
-    # CSR over feature cells: sort the taps by cell; column = the output cell (r, p, q) of each tap
-    cell, order = torch.sort(cell)
-    counts = torch.bincount(cell, minlength=num_images * height * width)
-    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
-    grad_cells = grad.permute(0, 2, 3, 1).reshape(num_rois * out_h * out_w, channels)  # [R*P*Q, C]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(
-            crow, torch.div(order, taps * taps, rounding_mode="floor"), weight[order],
-            (num_images * height * width, num_rois * out_h * out_w), check_invariants=False,
-        )  # fmt: skip
-        out = matrix @ grad_cells  # [N*H*W, C]
-    return out.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
+    cell, weight = _roi_align_taps(rois, feature_shape, tuple(grad.shape[-2:]), spatial_scale, sampling_ratio, aligned)
+    return _roi_align_transpose(grad, cell, weight, feature_shape)
 
 
 def roi_pool_reference(features: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float) -> Tensor:

@@ -112,8 +112,8 @@ def test_roi_align_equals_reference(aligned, sampling_ratio):
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
 def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
-    # our CPU backward (a sparse map) against torchvision's own: RoIs inside, across and outside
-    # the map, a zero-size one, several per image, a rectangular map and output
+    # our CPU forward and backward (a sparse map) against torchvision's own: RoIs inside, across
+    # and outside the map, a zero-size one, several per image, a rectangular map and output
     import torchvision
 
     g = torch.Generator().manual_seed(7)
@@ -125,9 +125,27 @@ def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
     (ours,) = torch.autograd.grad(out, feats, grad_out)
     peer = torchvision.ops.roi_align(feats, rois, (3, 5), 0.2, sampling_ratio, aligned)
     (theirs,) = torch.autograd.grad(peer, feats, grad_out)
-    torch.testing.assert_close(out, peer, rtol=0, atol=0)
+    torch.testing.assert_close(out, peer, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     assert theirs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_roi_align_float32_equals_torchvision(grad):
+    # detector-sized float32 input, in training (autograd) and at inference (inference_mode)
+    import torchvision
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 64, 32, 40, generator=g)
+    rois = random_rois(300, 2, 340.0, g)
+    rois[:2, 1:] = torch.tensor([[-40.0, -30.0, 60.0, 50.0], [300.0, 200.0, 420.0, 300.0]])  # across the border
+    with torch.inference_mode(not grad):
+        for size in (7, 14):
+            ours = roi_align(feats.requires_grad_(grad), rois, size, 1 / 8, 2, True)
+            assert ours.is_contiguous() and ours.requires_grad == grad
+            peer = torchvision.ops.roi_align(feats, rois, size, 1 / 8, 2, True)
+            # sample positions are computed in another order, so float32 rounding differs a little
+            torch.testing.assert_close(ours, peer, rtol=1e-4, atol=5e-5)
 
 
 def test_roi_align_gradcheck_and_empty():
