@@ -17,7 +17,9 @@ def test_crops_of_shapes_train_a_classifier(shapes_root, tmp_path):
     assert len(crops) >= 20 and crops.class_names == ["circle", "square", "triangle", "star", "hexagon"]
     image, target = crops[0]
     assert image.shape == (3, 32, 32) and 0 <= target["label"] < 5
-    cfg = TrainConfig(iterations=80, batch_size=16, lr=0.01, schedule="constant", warmup_iterations=0, log_every=10,
+    # 160 steps: after 80 the loss ratio was 0.15-0.81 over seeds 0-4 (0.81 for seed 0 on an AMD EPYC, a
+    # failure there), after 160 at most 0.39
+    cfg = TrainConfig(iterations=160, batch_size=16, lr=0.01, schedule="constant", warmup_iterations=0, log_every=10,
                       checkpoint_every=1000)  # fmt: skip
     torch.manual_seed(0)
     before = classification_accuracy(BackboneClassifier(build_backbone("tiny"), 5), crops)
