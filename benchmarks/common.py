@@ -207,11 +207,18 @@ def shapes_data(config_name: str, data_root: Path):
 
 
 def train_and_evaluate(
-    model: torch.nn.Module, config_name: str, data: Any, budget_s: float | None, run_name: str, iterations: int | None = None
+    model: torch.nn.Module,
+    config_name: str,
+    data: Any,
+    budget_s: float | None,
+    run_name: str,
+    iterations: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with the config's training settings for ``budget_s`` seconds, by the library's
     loop (any torchvision-API detector works), then evaluate it on ``data.val``. With ``iterations``
-    instead of a budget: that many steps, the config's schedule spread over them."""
+    instead of a budget: that many steps, the config's schedule spread over them. ``seed``: the
+    training seed (data order, augmentation) instead of the config's."""
     import tempfile
 
     from rcnn.config import load_config
@@ -220,7 +227,7 @@ def train_and_evaluate(
     from rcnn.training.loop import train
     from rcnn.training.run import TrainingSet
 
-    config = load_config(config_name)
+    config = load_config(config_name, None if seed is None else [f"train.seed={seed}"])
     # the budget alone ends training (the config's iteration count would stop a faster model early,
     # leaving it part of its budget unused); the schedule then follows elapsed time (see lr_factor)
     if iterations is not None:

@@ -3,17 +3,21 @@
     python -m benchmarks.mask_rcnn [--quick] [--skip-accuracy]
     python -m benchmarks.mask_rcnn --skip-timing --budget S --accuracy-models ours_align   # retrain a row
     python -m benchmarks.mask_rcnn --skip-timing --accuracy-models "" --equal-steps 1500  # only the equal-steps pair
+    python -m benchmarks.mask_rcnn --skip-timing --accuracy-models "" --seeds 1,2  # only the seed repeats
 
 - Inference seconds per image, ResNet-50-FPN, torchvision's random initialisation copied into
   ours, same input, both keeping their 100 best detections (so the mask head does the same
   work), 2 threads.
 - Accuracy at an equal training budget on the shapes data: ours and torchvision's built on the
-  same tiny backbone, anchors, box head and a 2 x 64 mask head, trained by the same loop.
+  same tiny backbone, anchors, box head and mask head (7 x 7 RoIAlign, 2 x 16 convolutions,
+  14 x 14 masks: the packaged config's), trained by the same loop.
 - Ablation (Mask R-CNN §3, Table 2c): the same model with RoI max pooling instead of RoIAlign in
   both branches, trained the same budget; mask AP, AP@0.5 and AP@0.75.
 - The same RoIAlign model without its mask branch (a Faster R-CNN), trained the same budget: box AP
-  with and without masks; and both trained the same number of steps (``--equal-steps``), where the
-  paper's claim that the mask branch helps the boxes (Table 3) can be seen apart from its cost.
+  with and without masks, also over more seeds (``--seeds``: weight initialisation, data order and
+  augmentation), since one run's box AP moves by about 0.01 from seed to seed; and both trained the
+  same number of steps (``--equal-steps``), where the paper's claim that the mask branch helps the
+  boxes (Table 3) can be seen apart from its cost.
 
 Writes ``benchmarks/results/mask_rcnn.json``.
 """
@@ -72,8 +76,9 @@ def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
     return {"arch": "resnet50_fpn", "size": list(size), **result}
 
 
-def tiny_models(num_classes: int) -> dict[str, torch.nn.Module]:
-    """Ours (RoIAlign and RoIPool) and torchvision's, on the same tiny backbone and heads."""
+def tiny_models(num_classes: int, seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Ours (RoIAlign and RoIPool) and torchvision's, on the same tiny backbone and heads; each
+    initialised from the random state ``seed``."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -82,18 +87,19 @@ def tiny_models(num_classes: int) -> dict[str, torch.nn.Module]:
 
     from rcnn.backbones import MLPHead, build_backbone
     from rcnn.config import build_model, load_config
+    from rcnn.masks import MaskSettings
 
     cfg = load_config(CONFIG).model
     modern_rpn = ["model.rpn.allowed_border=null", "model.rpn.loss_normalization=batch", "model.rpn.beta=0.111"]
     models = {}
     for pooler in ("align", "pool"):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         models[f"ours_{pooler}"] = build_model(load_config(CONFIG, [f"model.pooler={pooler}", *modern_rpn]).model, num_classes)
     # for box AP with and without masks: the very same model and settings, no mask branch
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     faster = load_config(CONFIG, ["model.name=faster_rcnn", "model.pooler=align", *modern_rpn]).model
     models["faster"] = build_model(faster.model_copy(update={"mask": {}}), num_classes)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     backbone = build_backbone("tiny")
     rpn, roi, mask = models["ours_align"].rpn.settings, models["ours_align"].roi_heads.settings, cfg.mask
     models["peer"] = MaskRCNN(
@@ -102,7 +108,7 @@ def tiny_models(num_classes: int) -> dict[str, torch.nn.Module]:
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
         box_head=MLPHead(backbone.out_channels, 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+        mask_roi_pool=MultiScaleRoIAlign(["0"], mask.get("pool_size", MaskSettings.pool_size), 2),
         mask_head=MaskRCNNHeads(backbone.out_channels, [mask["channels"]] * mask["num_convs"], 1),
         mask_predictor=MaskRCNNPredictor(mask["channels"], mask["channels"], num_classes),
         min_size=cfg.min_size, max_size=cfg.max_size,
@@ -135,6 +141,44 @@ def equal_steps(steps: int, data_root: Path) -> dict[str, Any]:
     return out
 
 
+def seed_repeats(budget_s: float, data_root: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """The RoIAlign model with and without its mask branch trained again from other seeds (weights,
+    data order, augmentation), same budget: ``{"seeds": [...], "ours_align": [row, ...], "faster": [...]}``."""
+    data = shapes_data(CONFIG, data_root)
+    out: dict[str, Any] = {"seeds": list(seeds), "ours_align": [], "faster": []}
+    for seed in seeds:
+        models = tiny_models(data.train.num_classes, seed)
+        for name in ("ours_align", "faster"):
+            out[name].append(train_and_evaluate(models[name], CONFIG, data, budget_s, f"mask_{name}_{seed}", seed=seed))
+            print("seed", seed, name, out[name][-1], flush=True)
+    return out
+
+
+def _over_seeds(acc: dict[str, Any]) -> list[str]:
+    """Markdown: box AP with and without masks over seed 0 (the table's rows) and the repeats."""
+    rep = acc.get("repeats")
+    if not rep or "ours_align" not in acc or "faster" not in acc:
+        return []
+    seeds = [0, *rep["seeds"]]
+    rows, means = [], {}
+    for key, title in (("ours_align", "with the mask branch"), ("faster", "without it")):
+        values = [acc[key]["AP"], *(r["AP"] for r in rep[key])]
+        means[key] = sum(values) / len(values)
+        rows.append([title, *values, means[key]])
+    diffs = [acc["ours_align"]["AP"] - acc["faster"]["AP"]]
+    diffs += [m["AP"] - f["AP"] for m, f in zip(rep["ours_align"], rep["faster"])]
+    text = [
+        "", f"Box AP over {len(seeds)} seeds (weights, data order and augmentation; seed 0 is the table above), "
+        f"same budget:", "",
+        table(["model", *(f"seed {s}" for s in seeds), "mean"], rows), "",
+        f"With masks minus without, seed by seed: {', '.join(f'{d:+.3f}' for d in diffs)} (mean "
+        f"{means['ours_align'] - means['faster']:+.3f}).",
+    ]  # fmt: skip
+    if "command" in rep:
+        text[-1] += f" Seeds {', '.join(map(str, rep['seeds']))} trained afterwards by `{rep['command']}`."
+    return text
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = [[f"{r['size'][0]}x{r['size'][1]}", r["ours_cpu_s"], r["peer_cpu_s"], r["ratio_cpu"], r["ours_wall_s"],
              r["peer_wall_s"], r["ratio_wall"]] for r in result["inference"]]  # fmt: skip
@@ -153,6 +197,7 @@ def markdown(result: dict[str, Any]) -> str:
             parts += ["", f"Box AP with the mask branch {m['AP']:.3f} (AP@0.5 {m['AP50']:.3f}), without it {f['AP']:.3f} "
                       f"(AP@0.5 {f['AP50']:.3f}): same model, data and budget; a step with masks costs {per_step:.2f}x "
                       f"one without ({m['iterations']} steps against {f['iterations']})."]  # fmt: skip
+        parts += _over_seeds(acc)
         steps = result.get("equal_steps")
         if steps:
             m, f = steps["ours_align"], steps["faster"]
@@ -177,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="only the accuracy part, merged into the existing results file (same budget)")
     parser.add_argument("--accuracy-models", default=",".join(ACCURACY_MODELS),
                         help=f"comma-separated, of {', '.join(ACCURACY_MODELS)}")
+    parser.add_argument("--seeds", type=_seed_list,
+                        help="comma-separated extra seeds for the RoIAlign model with and without masks at the "
+                             "same budget (default 1,2, quick none; with --skip-timing only when given)")
     parser.add_argument("--equal-steps", type=int,
                         help="also train the RoIAlign model with and without masks this many steps each "
                              "(default 1500, quick 300; 0: not; with --skip-timing only when given)")
@@ -188,8 +236,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = args.budget or (120.0 if args.quick else 600.0)
     command = command_line("benchmarks.mask_rcnn", argv)
     steps = args.equal_steps if args.equal_steps is not None else (300 if args.quick else 1500)
+    seeds = args.seeds if args.seeds is not None else ([] if args.quick else [1, 2])
     if args.skip_timing:
         result = merge_accuracy("mask_rcnn", budget, names, command, lambda: accuracy(budget, Path(args.data), names))
+        if args.seeds:
+            result["accuracy"]["repeats"] = {**seed_repeats(budget, Path(args.data), args.seeds), "command": command}
+            rewrite_result("mask_rcnn", result)
         if args.equal_steps:
             result["equal_steps"] = {**equal_steps(args.equal_steps, Path(args.data)), "command": command}
             rewrite_result("mask_rcnn", result)
@@ -204,11 +256,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keep_accuracy("mask_rcnn", result)
     else:
         result["accuracy"] = accuracy(budget, Path(args.data), names)
+        if seeds:
+            result["accuracy"]["repeats"] = seed_repeats(budget, Path(args.data), seeds)
         if steps:
             result["equal_steps"] = equal_steps(steps, Path(args.data))
     write_result("mask_rcnn", result, command)
     print(markdown(result))
     return result
+
+
+def _seed_list(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if 0 in seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and not 0 (seed 0 trains the table's rows), got {value!r}")
+    return seeds
 
 
 if __name__ == "__main__":

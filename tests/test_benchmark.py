@@ -93,3 +93,42 @@ def test_mask_benchmark_trains_the_equal_steps_pair(shapes_root, monkeypatch):
     accuracy = {"budget_s": 1.0, "train_images": 12, "val_images": 8}
     text = bm.markdown({"inference": [], "accuracy": accuracy, "equal_steps": out})
     assert "At an equal number of steps instead (2 each" in text
+
+
+def test_mask_benchmark_seed_repeats(shapes_root, monkeypatch):
+    # the pair with and without masks trained again from other seeds: other weights, both rows per
+    # seed, and the page gives each seed's box AP, the means and the differences
+    import torch
+
+    import benchmarks.mask_rcnn as bm
+    from rcnn.config import load_config
+    from rcnn.training.run import prepare_data
+
+    def small_data(config, root):
+        return prepare_data(load_config(config, [f"data.root={shapes_root}", "data.shapes=null"]))
+
+    first, other = bm.tiny_models(4, 0)["ours_align"], bm.tiny_models(4, 1)["ours_align"]
+    assert not torch.equal(first.rpn.head.conv.weight, other.rpn.head.conv.weight)
+    monkeypatch.setattr(bm, "shapes_data", small_data)
+    out = bm.seed_repeats(0.5, shapes_root, [3])
+    assert out["seeds"] == [3] and len(out["ours_align"]) == len(out["faster"]) == 1
+    assert "mask_AP" in out["ours_align"][0] and "mask_AP" not in out["faster"][0]
+    row = {"iterations": 10, "train_s": 1.0, "AP": 0.5, "AP50": 0.7}
+    accuracy = {"budget_s": 1.0, "train_images": 12, "val_images": 8, "faster": row,
+                "ours_align": {**row, "AP": 0.6, "mask_AP": 0.4}, "repeats": out}  # fmt: skip
+    text = bm.markdown({"inference": [], "accuracy": accuracy})
+    assert "Box AP over 2 seeds" in text and "| seed 0 | seed 3 | mean |" in text
+    assert f"seed by seed: +0.100, {out['ours_align'][0]['AP'] - out['faster'][0]['AP']:+.3f}" in text
+
+
+def test_mask_benchmark_seed_list_is_checked():
+    import argparse
+
+    import pytest
+
+    from benchmarks.mask_rcnn import _seed_list
+
+    assert _seed_list("1, 2") == [1, 2]
+    for bad in ("1,x", "0,1", "2,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seed_list(bad)
