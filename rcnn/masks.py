@@ -54,7 +54,8 @@ class MaskSettings:
         pooler: ``"align"`` (RoIAlign) or ``"pool"`` (RoI max pooling, the paper's ablation,
             Table 2c); ``None`` uses the box branch's.
         num_convs, channels: the head's 3x3 convolutions (4 of 256 channels); a CPU-sized
-            model may use e.g. 2 of 64.
+            model may use e.g. 2 of 16 (and ``pool_size`` 7: 14 x 14 masks, as the paper's
+            ResNet-C4 head).
     """
 
     pool_size: int = 14
