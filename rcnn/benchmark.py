@@ -275,23 +275,44 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike = "docs/img") -> lis
     ax.set_xlim(min(times) / 1.6, max(times) * 1.6)  # room for the labels of the outer points
     ax.set_ylim(0, 1.05)
     fig.tight_layout()
-    # each label goes to the first of four places beside its point where it overlaps no label placed
-    # before (highest points first), so close points such as two Faster R-CNN variants stay legible
+    # each label goes to the first of six places beside its point, inside the axes, where it overlaps no
+    # marker and no label placed before (highest points first), else to the least overlapping one, so
+    # close points such as two Faster R-CNN variants stay legible
     renderer = fig.canvas.get_renderer()
+    from matplotlib.transforms import Bbox
+
+    # the markers are obstacles too; every box is padded so that neighbours do not touch
+    pad = 3.0
     placed: list[Any] = []
-    places = [((6, 5), "left"), ((6, -14), "left"), ((-6, 5), "right"), ((-6, -14), "right")]
+    for _, row, _ in points:
+        x, y = ax.transData.transform((row["ms_per_image"], row["AP50"]))
+        placed.append(Bbox.from_extents(x - 5, y - 5, x + 5, y + 5))
+    places = [((6, 5), "left"), ((6, -14), "left"), ((-6, 5), "right"), ((-6, -14), "right"),
+              ((0, 9), "center"), ((0, -22), "center")]  # fmt: skip
+    frame = ax.get_window_extent(renderer)
+
+    def cost(box: Any) -> float:
+        """Area overlapping markers and earlier labels, plus a large penalty for leaving the axes."""
+        outside = not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
+        overlap = sum(max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
+                      for o in placed)  # fmt: skip
+        return overlap + (1e6 if outside else 0.0)
+
     for label, row, _ in sorted(points, key=lambda p: -p[1]["AP50"]):
+        best = None
         for offset, align in places:
             note = ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points",
                                xytext=offset, ha=align)  # fmt: skip
-            box = note.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+            box = note.get_window_extent(renderer).padded(pad)
+            if best is not None and cost(box) >= best[0]:
+                note.remove()
+                continue
+            if best is not None:
+                best[1].remove()
+            best = (cost(box), note, box)
+            if best[0] == 0.0:
                 break
-            note.remove()
-        else:
-            note = ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points", xytext=(6, 5))
-            box = note.get_window_extent(renderer)
-        placed.append(box)
+        placed.append(best[2])
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
