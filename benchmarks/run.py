@@ -97,7 +97,8 @@ def _mask_note(mask: dict, faster: dict, budget_s: float) -> str:
     if lrs["mask_rcnn"] != lrs["faster_rcnn"]:
         note += (" The two packaged configs differ in more than the mask branch: Mask R-CNN's learning rate is {:g}, "
                  "Faster R-CNN's {:g}.").format(lrs["mask_rcnn"], lrs["faster_rcnn"])
-    acc = (read_result("mask_rcnn") or {}).get("accuracy", {})
+    bench = read_result("mask_rcnn") or {}
+    acc = bench.get("accuracy", {})
     rep = acc.get("repeats")
     if acc.get("ours_align") and acc.get("faster") and rep:
         diffs = [acc["ours_align"]["AP"] - acc["faster"]["AP"]] + [
@@ -106,7 +107,7 @@ def _mask_note(mask: dict, faster: dict, budget_s: float) -> str:
         note += (" The Mask R-CNN benchmark below trains one model with and without its mask branch, all else "
                  "equal, for {:.0f} s: over {} seeds the branch changes box AP by {:+.3f} on average ({}).").format(
             acc["budget_s"], len(diffs), mean, ", ".join(f"{d:+.3f}" for d in diffs))
-    steps = (read_result("mask_rcnn") or {}).get("equal_steps")
+    steps = bench.get("equal_steps")
     if steps:
         note += " After {} steps each, box AP {:.3f} with masks against {:.3f} without (one seed).".format(
             steps["iterations"], steps["ours_align"]["AP"], steps["faster"]["AP"])
