@@ -55,7 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line, not a traceback.
         print(f"rcnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    _end_process_group()
     return int(result or 0)
+
+
+def _end_process_group() -> None:
+    """Under ``torchrun`` training starts a process group; each process ends it before exiting.
+    Left to interpreter shutdown, gloo's threads can abort a process ("terminate called without an
+    active exception") and torchrun then reports the run as failed. Only after success: a process
+    that failed must not wait for the others in the shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ def test_distributed_training_with_torchrun(shapes_root, tmp_path):
         "out = [None, None]; dist.all_gather_object(out, s)\n"
         "assert out[0] == out[1], out\n"
         "print('RANK-OK', dist.get_rank(), r.iterations)\n"
+        "dist.destroy_process_group()\n"
     )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -240,6 +241,44 @@ def test_distributed_training_with_torchrun(shapes_root, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANK-OK") == 2 and (tmp_path / "run" / "last").exists()
+
+
+def test_cli_ends_the_process_group(shapes_root, tmp_path, capsys):
+    # a command that succeeds ends a process group training started (under torchrun); one that
+    # fails leaves it, so that it does not wait for processes still at work
+    import torch.distributed as dist
+
+    from rcnn.cli import main
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run")]) == 2
+        assert dist.is_initialized()
+        assert main(["data", "check", "--quick", str(shapes_root)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_cli_train_under_torchrun_ends_cleanly(shapes_root, tmp_path):
+    """``torchrun ... -m rcnn.cli train``, the documented multi-process command: both processes
+    exit 0 (the CLI ends the process group; left to shutdown, gloo can abort a process)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    sets = [f"data.root={shapes_root}", "data.shapes=null", "train.iterations=2", "train.batch_size=1",
+            "train.device=cpu", "model.min_size=64", "model.max_size=64"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         "-m", "rcnn.cli", "train", "--config", "faster_rcnn_tiny_shapes", *(a for s in sets for a in ("--set", s)),
+         "--no-eval", "--out", str(run)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and "destroy_process_group" not in proc.stderr
+    assert (run / "last" / "model.safetensors").is_file()
 
 
 def test_every_config_field_is_documented():

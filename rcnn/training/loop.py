@@ -71,7 +71,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
-    """``(rank, world_size)``; initialises the process group when started by ``torchrun``."""
+    """``(rank, world_size)``; initialises the process group when started by ``torchrun``, and
+    leaves it open: the caller ends it (``torch.distributed.destroy_process_group()``), as the CLI does."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return 0, 1
