@@ -154,6 +154,13 @@ def seed_repeats(budget_s: float, data_root: Path, seeds: Sequence[int]) -> dict
     return out
 
 
+def box_ap_differences(acc: dict[str, Any]) -> list[float]:
+    """Box AP with masks minus without, seed by seed: seed 0 (the table's rows), then the repeats."""
+    rep = acc.get("repeats") or {"ours_align": [], "faster": []}
+    diffs = [acc["ours_align"]["AP"] - acc["faster"]["AP"]]
+    return diffs + [m["AP"] - f["AP"] for m, f in zip(rep["ours_align"], rep["faster"], strict=True)]
+
+
 def _over_seeds(acc: dict[str, Any]) -> list[str]:
     """Markdown: box AP with and without masks over seed 0 (the table's rows) and the repeats."""
     rep = acc.get("repeats")
@@ -165,8 +172,7 @@ def _over_seeds(acc: dict[str, Any]) -> list[str]:
         values = [acc[key]["AP"], *(r["AP"] for r in rep[key])]
         means[key] = sum(values) / len(values)
         rows.append([title, *values, means[key]])
-    diffs = [acc["ours_align"]["AP"] - acc["faster"]["AP"]]
-    diffs += [m["AP"] - f["AP"] for m, f in zip(rep["ours_align"], rep["faster"])]
+    diffs = box_ap_differences(acc)
     text = [
         "", f"Box AP over {len(seeds)} seeds (weights, data order and augmentation; seed 0 is the table above), "
         f"same budget:", "",

@@ -101,8 +101,9 @@ def _mask_note(mask: dict, faster: dict, budget_s: float) -> str:
     acc = bench.get("accuracy", {})
     rep = acc.get("repeats")
     if acc.get("ours_align") and acc.get("faster") and rep:
-        diffs = [acc["ours_align"]["AP"] - acc["faster"]["AP"]] + [
-            a["AP"] - b["AP"] for a, b in zip(rep["ours_align"], rep["faster"], strict=True)]
+        from benchmarks.mask_rcnn import box_ap_differences
+
+        diffs = box_ap_differences(acc)
         mean = sum(diffs) / len(diffs)
         note += (" The Mask R-CNN benchmark below trains one model with and without its mask branch, all else "
                  "equal, for {:.0f} s: over {} seeds the branch changes box AP by {:+.3f} on average ({}).").format(

@@ -304,13 +304,14 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike = "docs/img") -> lis
             note = ax.annotate(label, (row["ms_per_image"], row["AP50"]), textcoords="offset points",
                                xytext=offset, ha=align)  # fmt: skip
             box = note.get_window_extent(renderer).padded(pad)
-            if best is not None and cost(box) >= best[0]:
+            penalty = cost(box)
+            if best is not None and penalty >= best[0]:
                 note.remove()
                 continue
             if best is not None:
                 best[1].remove()
-            best = (cost(box), note, box)
-            if best[0] == 0.0:
+            best = (penalty, note, box)
+            if penalty == 0.0:
                 break
         placed.append(best[2])
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
