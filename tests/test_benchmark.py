@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from rcnn.benchmark import MODELS, markdown, run_lineage
 
 
@@ -76,17 +78,23 @@ def test_timing_pair_has_working_random_weights():
     assert len(a["scores"]) == len(b["scores"]) == 100
 
 
-def test_mask_benchmark_trains_the_equal_steps_pair(shapes_root, monkeypatch):
-    # box AP with and without the mask branch after the same number of steps: both models make
-    # exactly that many, only the one with masks reports mask AP, and the page says so
-    import benchmarks.mask_rcnn as bm
+@pytest.fixture
+def small_shapes_data(shapes_root):
+    """Stands in for the benchmarks' ``shapes_data``: the tests' small shapes set instead of 1600 images."""
     from rcnn.config import load_config
     from rcnn.training.run import prepare_data
 
     def small_data(config, root):
         return prepare_data(load_config(config, [f"data.root={shapes_root}", "data.shapes=null"]))
 
-    monkeypatch.setattr(bm, "shapes_data", small_data)
+    return small_data
+
+
+def test_mask_benchmark_trains_the_equal_steps_pair(shapes_root, small_shapes_data, monkeypatch):
+    # box AP with and without the mask branch after the same number of steps: both models make
+    # exactly that many, only the one with masks reports mask AP, and the page says so
+    import benchmarks.mask_rcnn as bm
+    monkeypatch.setattr(bm, "shapes_data", small_shapes_data)
     out = bm.equal_steps(2, shapes_root)
     assert out["iterations"] == 2 and out["ours_align"]["iterations"] == 2 and out["faster"]["iterations"] == 2
     assert "mask_AP" in out["ours_align"] and "mask_AP" not in out["faster"]
@@ -95,21 +103,15 @@ def test_mask_benchmark_trains_the_equal_steps_pair(shapes_root, monkeypatch):
     assert "At an equal number of steps instead (2 each" in text
 
 
-def test_mask_benchmark_seed_repeats(shapes_root, monkeypatch):
+def test_mask_benchmark_seed_repeats(shapes_root, small_shapes_data, monkeypatch):
     # the pair with and without masks trained again from other seeds: other weights, both rows per
     # seed, and the page gives each seed's box AP, the means and the differences
     import torch
 
     import benchmarks.mask_rcnn as bm
-    from rcnn.config import load_config
-    from rcnn.training.run import prepare_data
-
-    def small_data(config, root):
-        return prepare_data(load_config(config, [f"data.root={shapes_root}", "data.shapes=null"]))
-
     first, other = bm.tiny_models(4, 0)["ours_align"], bm.tiny_models(4, 1)["ours_align"]
     assert not torch.equal(first.rpn.head.conv.weight, other.rpn.head.conv.weight)
-    monkeypatch.setattr(bm, "shapes_data", small_data)
+    monkeypatch.setattr(bm, "shapes_data", small_shapes_data)
     out = bm.seed_repeats(0.5, shapes_root, [3])
     assert out["seeds"] == [3] and len(out["ours_align"]) == len(out["faster"]) == 1
     assert "mask_AP" in out["ours_align"][0] and "mask_AP" not in out["faster"][0]
@@ -123,8 +125,6 @@ def test_mask_benchmark_seed_repeats(shapes_root, monkeypatch):
 
 def test_mask_benchmark_seed_list_is_checked():
     import argparse
-
-    import pytest
 
     from benchmarks.mask_rcnn import _seed_list
 
