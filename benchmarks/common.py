@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from rcnn.inference import peak_memory_mb, reset_peak_memory
+from rcnn.io.files import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -74,19 +77,14 @@ def peak_rss_mb(module: str, *args: str) -> float:
 
 
 def reset_peak_rss() -> None:
-    """Start this process's peak-memory count afresh (Linux: ``/proc/self/clear_refs``), so what was
-    allocated before, e.g. a model built only to copy weights from, is not counted."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as err:
-        raise RuntimeError("cannot reset the peak memory count: needs Linux >= 4.0 and /proc") from err
+    """Start this process's peak-memory count afresh, so what was allocated before, e.g. a model
+    built only to copy weights from, is not counted."""
+    reset_peak_memory()
 
 
 def print_peak_rss() -> None:
     """Report this process's peak resident memory (since :func:`reset_peak_rss`) to :func:`peak_rss_mb`."""
-    status = Path("/proc/self/status").read_text()
-    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(f"peak_rss_kb={kb}", flush=True)
+    print(f"peak_rss_kb={round(peak_memory_mb() * 1024)}", flush=True)
 
 
 def machine() -> dict[str, Any]:
@@ -119,10 +117,7 @@ def write_result(name: str, data: dict[str, Any], command: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "command": command, "machine": machine(), **data}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(payload, indent=1, default=float) + "\n")
 
 
 def read_result(name: str) -> dict[str, Any] | None:
@@ -225,7 +220,7 @@ def train_and_evaluate(
     from rcnn.data.transforms import RandomHorizontalFlip
     from rcnn.inference import evaluate_model
     from rcnn.training.loop import train
-    from rcnn.training.run import TrainingSet
+    from rcnn.training.datasets import TrainingSet
 
     config = load_config(config_name, None if seed is None else [f"train.seed={seed}"])
     # the budget alone ends training (the config's iteration count would stop a faster model early,

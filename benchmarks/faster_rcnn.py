@@ -110,12 +110,11 @@ def calibrate_batchnorm(backbone: nn.Module, height: int, width: int, images: in
 def copy_weights(peer: nn.Module, ours: nn.Module) -> None:
     """Load a torchvision detector's parameters and buffers into ours, matched in registration order.
 
-    Our box head is registered twice (on the backbone, which builds it, and in the RoI heads), so
-    its first copy is skipped. Our box deltas and mask logits have no background class where
+    Our box deltas and mask logits have no background class where
     torchvision's do, so the peer's leading background rows (4 deltas, 1 mask) are dropped; every
     other tensor must match the peer's one for one in shape.
     """
-    mine = {k: v for k, v in ours.state_dict().items() if not k.startswith("backbone.box_head.") and "num_batches_tracked" not in k}
+    mine = {k: v for k, v in ours.state_dict().items() if "num_batches_tracked" not in k}
     theirs = {k: v for k, v in peer.state_dict().items() if "num_batches_tracked" not in k}
     if len(mine) != len(theirs):
         raise ValueError(f"{len(mine)} tensors in our model, {len(theirs)} in torchvision's")
@@ -196,21 +195,22 @@ def tiny_pair(num_classes: int) -> tuple[nn.Module, nn.Module]:
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
-    from rcnn.backbones import MLPHead, build_backbone
+    from rcnn.components.backbones import build_backbone
+    from rcnn.components.box_heads import MLPHead
     from rcnn.config import load_config
 
     cfg = load_config("faster_rcnn_tiny_shapes").model
     torch.manual_seed(0)
     ours = faster_rcnn(
         "tiny", num_classes, min_size=cfg.min_size, max_size=cfg.max_size, anchor_sizes=cfg.anchor_sizes,
-        rpn={**cfg.rpn, "allowed_border": None, "loss_normalization": "batch", "beta": 1 / 9},
-        roi={**cfg.roi, "predictor_init": "uniform"}, pooler="align",
+        rpn={**cfg.rpn.given(), "allowed_border": None, "loss_normalization": "batch", "beta": 1 / 9},
+        roi={**cfg.roi.given(), "predictor_init": "uniform"}, pooler="align",
         # torchvision's geometry too: anchors centred on cell corners, legacy RoIAlign. With these
         # and the same weights the two give identical detections (checked to the last digit).
         anchor_offset=0.0, aligned=False,
     )  # fmt: skip
     torch.manual_seed(0)
-    backbone = build_backbone("tiny")
+    backbone = build_backbone("tiny").backbone
     s = ours.rpn.settings
     r = ours.roi_heads.settings
     peer = FasterRCNN(
@@ -241,7 +241,8 @@ def accuracy(budget_s: float, data_root: Path, names: Sequence[str] = tuple(ACCU
     config ``faster_rcnn_tiny_shapes`` as it is, with the Faster R-CNN paper's RPN loss
     normalisation and cross-border anchors ignored in training.
     """
-    from rcnn.config import build_model, load_config
+    from rcnn.build import build_model
+    from rcnn.config import load_config
 
     out: dict[str, Any] = {"budget_s": budget_s}
     data = shapes_data("faster_rcnn_tiny_shapes", data_root)

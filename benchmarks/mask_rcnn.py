@@ -85,9 +85,11 @@ def tiny_models(num_classes: int, seed: int = 0) -> dict[str, torch.nn.Module]:
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
-    from rcnn.backbones import MLPHead, build_backbone
-    from rcnn.config import build_model, load_config
-    from rcnn.masks import MaskSettings
+    from rcnn.build import build_model
+    from rcnn.components.backbones import build_backbone
+    from rcnn.components.box_heads import MLPHead
+    from rcnn.components.mask_heads import MaskSettings
+    from rcnn.config import MODEL_SECTIONS, load_config
 
     cfg = load_config(CONFIG).model
     modern_rpn = ["model.rpn.allowed_border=null", "model.rpn.loss_normalization=batch", "model.rpn.beta=0.111"]
@@ -97,20 +99,23 @@ def tiny_models(num_classes: int, seed: int = 0) -> dict[str, torch.nn.Module]:
         models[f"ours_{pooler}"] = build_model(load_config(CONFIG, [f"model.pooler={pooler}", *modern_rpn]).model, num_classes)
     # for box AP with and without masks: the very same model and settings, no mask branch
     torch.manual_seed(seed)
-    faster = load_config(CONFIG, ["model.name=faster_rcnn", "model.pooler=align", *modern_rpn]).model
-    models["faster"] = build_model(faster.model_copy(update={"mask": {}}), num_classes)
+    section = load_config(CONFIG, ["model.pooler=align", *modern_rpn]).model.model_dump()
+    for mask_option in ("mask", "mask_probabilities"):
+        section.pop(mask_option)
+    models["faster"] = build_model(MODEL_SECTIONS["faster_rcnn"].model_validate({**section, "name": "faster_rcnn"}), num_classes)
     torch.manual_seed(seed)
-    backbone = build_backbone("tiny")
-    rpn, roi, mask = models["ours_align"].rpn.settings, models["ours_align"].roi_heads.settings, cfg.mask
+    backbone = build_backbone("tiny").backbone
+    rpn, roi = models["ours_align"].rpn.settings, models["ours_align"].roi_heads.settings
+    mask = MaskSettings().merged(cfg.mask, "mask")
     models["peer"] = MaskRCNN(
         Features(backbone.body, backbone._body_forward, backbone.out_channels),
         rpn_anchor_generator=AnchorGenerator((tuple(cfg.anchor_sizes[0]),), ((0.5, 1.0, 2.0),)),
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
         box_head=MLPHead(backbone.out_channels, 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(["0"], mask.get("pool_size", MaskSettings.pool_size), 2),
-        mask_head=MaskRCNNHeads(backbone.out_channels, [mask["channels"]] * mask["num_convs"], 1),
-        mask_predictor=MaskRCNNPredictor(mask["channels"], mask["channels"], num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(["0"], mask.pool_size, 2),
+        mask_head=MaskRCNNHeads(backbone.out_channels, [mask.channels] * mask.num_convs, 1),
+        mask_predictor=MaskRCNNPredictor(mask.channels, mask.channels, num_classes),
         min_size=cfg.min_size, max_size=cfg.max_size,
         rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
         rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,

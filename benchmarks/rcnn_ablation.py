@@ -38,12 +38,14 @@ from benchmarks.common import ROOT, command_line, measure, read_result, table, t
 from rcnn.config import Config, load_config
 from rcnn.data.build import build_dataset
 from rcnn.inference import evaluate_model
-from rcnn.proposals.io import proposal_stats
-from rcnn.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals, selective_search_file
-from rcnn.svm import ClassSVMs
-from rcnn.training.checkpoint import load_model, read_json, write_json
+from rcnn.components.proposals.io import proposal_stats
+from rcnn.components.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals, selective_search_file
+from rcnn.components.svm import ClassSVMs
+from rcnn.build import load_model
+from rcnn.io.files import read_json, write_json
+from rcnn.training.datasets import proposal_source
 from rcnn.training.rcnn_stages import FeatureCache, mining_summary, train_svms
-from rcnn.training.run import proposal_source, run_training
+from rcnn.training.run import run_training
 
 WARP_MODES = ("anisotropic", "isotropic_context", "isotropic_pad")
 SVD_RANKS = (64, 16)  # fc6, fc7 of the tiny head (256 wide)
@@ -131,9 +133,9 @@ def rcnn_part(data: Path, work: Path, settings: dict[str, Any], val: Any, val_pr
     out: dict[str, Any] = {"training": {}, "variants": []}
     for mode in WARP_MODES:
         run_dir = work / f"rcnn_{mode}"
-        config = _config("rcnn_tiny_shapes", data, work, settings["rcnn_iterations"], f"model.extra.warp_mode={mode}")
+        config = _config("rcnn_tiny_shapes", data, work, settings["rcnn_iterations"], f"model.warp_mode={mode}")
         out["training"][mode] = _train(config, run_dir)
-        out["warp_size"] = config.model.extra.get("warp_size")
+        out["warp_size"] = config.model.warp_size
         model, _, _ = load_model(run_dir)
         variant = "R-CNN" if mode == "anisotropic" else f"R-CNN, {mode} warp"
         out["variants"].append({"variant": variant, **_accuracy(model, val, val_props)})

@@ -1,40 +1,51 @@
-"""Typed configuration: YAML files (``configs/``) validated into pydantic models, and the one
-place where a configuration is turned into a model.
+"""Typed configuration: YAML files (``configs/``) validated into pydantic models.
 
-A config has three sections, ``model``, ``data`` and ``train``; every field has a default, so
-a file only states what differs. ``rcnn train --set train.lr=0.01 --set model.backbone=vgg16``
+A config has three sections, ``model``, ``data`` and ``train``; every field has a default, so a
+file only states what differs. ``rcnn train --set train.lr=0.01 --set model.rpn.nms_thresh=0.6``
 overrides single fields (values are parsed as YAML). Errors name the file and the field.
+
+The ``model`` section is the chosen detector's: its common fields (:class:`ModelCommon`: name,
+backbone, pre-trained weights, classes) and the constructor options of that detector class,
+declared once there (``FasterRCNNOptions`` and the component settings it holds: ``rpn``,
+``roi``, ``mask``). So an option is written in one place and reaches the YAML, ``--set`` and
+the Python builders (``faster_rcnn("tiny", 6, rpn={...})``) from there; an option of another
+model (``model.mask`` for ``faster_rcnn``) is refused, naming it.
 
 Packaged configs can be given by name: ``--config faster_rcnn_tiny_shapes`` finds
 ``rcnn/configs/faster_rcnn_tiny_shapes.yaml`` (also reachable as ``configs/`` in a checkout).
+Run folders written by rcnn 0.1 (``model.extra``, every model's fields present) are read too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rcnn.components.backbones import BACKBONES
+from rcnn.components.settings import NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from rcnn.models import MODELS
 
 __all__ = [
     "CONFIG_DIR",
+    "MODEL_NAMES",
+    "SHAPES_CONFIGS",
     "Config",
     "DataConfig",
+    "ModelCommon",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
-    "build_model",
     "config_to_yaml",
     "load_config",
-    "override_settings",
     "resolve_config_path",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MODEL_NAMES = ("rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn")
+MODEL_NAMES = tuple(MODELS)
 # The packaged config of each generation on the shapes data (demo, lineage benchmark).
 SHAPES_CONFIGS = {name: f"{name}_tiny_shapes" for name in MODEL_NAMES}
 
@@ -43,44 +54,58 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
-    """Which detector, on which backbone, with which settings (see each model's docs)."""
+class ModelCommon(_Section):
+    """What every ``model`` section has; the rest are the chosen detector's options.
 
-    name: Literal["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"] = "faster_rcnn"
+    Attributes:
+        name: the detector (``rcnn``, ``fast_rcnn``, ``faster_rcnn``, ``mask_rcnn``).
+        backbone: a named architecture (``rcnn.components.backbones.BACKBONES``).
+        pretrained_backbone: a local classification checkpoint (.pth / .safetensors).
+        trainable_stages: train only the last N backbone stages (None: all).
+        num_classes: K + 1; default: taken from the training data.
+    """
+
+    name: str = "faster_rcnn"
     backbone: str = "tiny"
-    pretrained_backbone: str | None = None  # local classification checkpoint (.pth / .safetensors)
-    trainable_stages: int | None = None  # train only the last N backbone stages (None: all)
-    num_classes: int | None = None  # K + 1; default: taken from the training data
-    min_size: int | list[int] = 600  # shorter image side; a list: multi-scale training
-    max_size: int = 1000
-    anchor_sizes: list[list[float]] | None = None  # per feature level; default per backbone
-    aspect_ratios: list[float] = [0.5, 1.0, 2.0]
-    anchor_offset: float = 0.5  # anchor centre within its feature cell, in strides (torchvision: 0.0)
-    pooler: Literal["pool", "align"] | None = None  # RoI pooling or RoIAlign; default per model
-    sampling_ratio: int = 2
-    aligned: bool = True  # RoIAlign's half-pixel alignment (torchvision's detectors: False)
-    rpn: dict[str, Any] = Field(default_factory=dict)  # rcnn.proposals.rpn.RPNSettings fields
-    roi: dict[str, Any] = Field(default_factory=dict)  # rcnn.heads.RoIHeadSettings fields
-    mask: dict[str, Any] = Field(default_factory=dict)  # Mask R-CNN branch settings
-    extra: dict[str, Any] = Field(default_factory=dict)  # model-specific options (R-CNN, Fast R-CNN)
+    pretrained_backbone: str | None = None
+    trainable_stages: NonNegativeInt | None = None
+    num_classes: int | None = Field(default=None, ge=2)
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from rcnn.backbones import BACKBONES
-
         if value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
         return value
+
+    def options(self) -> dict[str, Any]:
+        """The detector's constructor options (every field but the common ones), validated."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name not in ModelCommon.model_fields}
+
+
+def _model_section(cls: type) -> type[ModelCommon]:
+    """``ModelCommon`` + the options of detector class ``cls``, with ``name`` fixed to ``cls.name``."""
+    namespace = {
+        "__annotations__": {"name": Literal[cls.name]},  # type: ignore[name-defined]
+        "name": cls.name,
+        "model_config": ConfigDict(extra="forbid", validate_assignment=True, frozen=False),
+        "__module__": __name__,
+        "__doc__": f"The ``model`` section for {cls.__name__}: :class:`ModelCommon` and {cls.options.__name__}.",
+    }
+    return type(f"{cls.__name__}Config", (ModelCommon, cls.options), namespace)
+
+
+MODEL_SECTIONS: dict[str, type[ModelCommon]] = {name: _model_section(cls) for name, cls in MODELS.items()}
+ModelConfig = Annotated[Union[tuple(MODEL_SECTIONS.values())], Field(discriminator="name")]  # type: ignore[valid-type]
 
 
 class ShapesSpec(_Section):
     """Generate the synthetic shapes data set at ``data.root`` if it is not there yet."""
 
-    n_train: int = 400
-    n_val: int = 100
+    n_train: PositiveInt = 400
+    n_val: NonNegativeInt = 100
     seed: int = 0
-    image_size: int = 128
+    image_size: int = Field(default=128, ge=32)
 
 
 class DataConfig(_Section):
@@ -93,58 +118,83 @@ class DataConfig(_Section):
     shapes: ShapesSpec | None = None
     proposals_train: str | None = None  # proposals files (Fast R-CNN, R-CNN)
     proposals_val: str | None = None
-    hflip: float = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
-    workers: int = 2  # data loader processes
+    hflip: Probability = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
+    workers: NonNegativeInt = 2  # data loader processes
 
 
 class AlternatingConfig(_Section):
     """Iterations of each step of Faster R-CNN's 4-step alternating training (§3.2)."""
 
-    rpn_iterations: int = 1000  # steps 1 and 3
-    detector_iterations: int = 1000  # steps 2 and 4
-    lr_factor_steps_3_4: float = 1.0  # learning-rate factor for the fine-tuning steps
+    rpn_iterations: PositiveInt = 1000  # steps 1 and 3
+    detector_iterations: PositiveInt = 1000  # steps 2 and 4
+    lr_factor_steps_3_4: PositiveFloat = 1.0  # learning-rate factor for the fine-tuning steps
 
 
 class TrainConfig(_Section):
     """The training loop: optimiser, schedule, checkpoints, evaluation."""
 
     scheme: Literal["joint", "alternating"] = "joint"
-    iterations: int = 1000
-    time_budget_s: float | None = None  # stop early once this much training time has passed
-    batch_size: int = 2  # images per step (per process under DDP)
-    lr: float = 0.01
-    lr_batch_size: int | None = None  # ``lr`` is for this total batch; scaled linearly (default: batch_size)
+    iterations: PositiveInt = 1000
+    time_budget_s: PositiveFloat | None = None  # stop early once this much training time has passed
+    batch_size: PositiveInt = 2  # images per step (per process under DDP)
+    lr: PositiveFloat = 0.01
+    lr_batch_size: PositiveInt | None = None  # ``lr`` is for this total batch; scaled linearly (default: batch_size)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
     schedule: Literal["step", "cosine", "constant"] = "step"
-    steps: list[float] = [0.67, 0.89]  # step schedule: fractions of ``iterations`` (or absolute if > 1)
-    gamma: float = 0.1
-    warmup_iterations: int = 100
-    warmup_factor: float = 0.001
-    clip_grad_norm: float | None = None
+    steps: list[PositiveFloat] = [0.67, 0.89]  # step schedule: fractions of ``iterations`` (or absolute if > 1)
+    gamma: PositiveFloat = 0.1
+    warmup_iterations: NonNegativeInt = 100
+    warmup_factor: float = Field(default=0.001, ge=0.0, le=1.0)
+    clip_grad_norm: PositiveFloat | None = None
     amp: Literal["auto", "on", "off"] = "auto"  # mixed precision, on CUDA only
-    log_every: int = 20
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    eval_every: int | None = None  # evaluate on the val split every N iterations (and at the end)
-    max_bad_steps: int = 20  # consecutive non-finite losses before giving up
+    log_every: PositiveInt = 20
+    checkpoint_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+    eval_every: PositiveInt | None = None  # evaluate on the val split every N iterations (and at the end)
+    max_bad_steps: PositiveInt = 20  # consecutive non-finite losses before giving up
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     alternating: AlternatingConfig = Field(default_factory=AlternatingConfig)
 
-    @field_validator("iterations", "batch_size", "log_every", "checkpoint_every")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"must be positive, got {value}")
-        return value
+
+# The fields every model section of rcnn 0.1 held (with their defaults), whatever the model.
+_LEGACY_DEFAULTS: dict[str, Any] = {
+    "pretrained_backbone": None, "trainable_stages": None, "num_classes": None, "min_size": 600, "max_size": 1000,
+    "anchor_sizes": None, "aspect_ratios": [0.5, 1.0, 2.0], "anchor_offset": 0.5, "pooler": None,
+    "sampling_ratio": 2, "aligned": True, "rpn": {}, "roi": {}, "mask": {},
+}  # fmt: skip
+
+
+def _upgrade_model_section(model: dict[str, Any]) -> dict[str, Any]:
+    """A model section as rcnn 0.1 wrote it (``extra`` options, every model's fields) in today's form."""
+    model = dict(model)
+    extra = model.pop("extra", None) or {}
+    section = MODEL_SECTIONS.get(model.get("name", "faster_rcnn"))
+    if section is not None:
+        for key in list(model):
+            if key not in section.model_fields and key in _LEGACY_DEFAULTS and model[key] == _LEGACY_DEFAULTS[key]:
+                del model[key]  # a default of a field this model never used
+    model.update(extra)
+    return model
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=MODEL_SECTIONS["faster_rcnn"])  # type: ignore[valid-type]
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            model = dict(data["model"])
+            if "extra" in model:
+                model = _upgrade_model_section(model)
+            model.setdefault("name", "faster_rcnn")
+            data = {**data, "model": model}
+        return data
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
@@ -162,10 +212,17 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
 def _format_error(source: str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"]
+        loc = [str(p) for p in item["loc"]]
+        model_name = None
+        if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_SECTIONS:
+            model_name = loc.pop(1)  # the discriminated union's tag
+        where = ".".join(loc) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see docs/configs.md)"
+            message = (
+                f"not an option of {model_name} (see docs/configs.md)" if model_name and len(loc) == 2
+                else "unknown field (check the spelling; see docs/configs.md)"
+            )  # fmt: skip
         lines.append(f"{source}: {where}: {message}")
     return "\n".join(lines)
 
@@ -213,6 +270,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"{resolved}: expected a mapping with sections model, data, train")
         data = loaded or {}
     if overrides:
+        if isinstance(data.get("model"), dict) and "extra" in data["model"]:
+            data["model"] = _upgrade_model_section(data["model"])
         data = apply_overrides(data, overrides)
         source += " (with --set overrides)"
     return _parse(data, source)
@@ -220,68 +279,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def config_to_yaml(config: Config) -> str:
     """The full config (defaults included) as YAML, as stored beside each checkpoint."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-# The ModelConfig fields each model's builder takes (beyond backbone, classes and weights). R-CNN
-# warps regions from the original image (no resizing, no RoI pooling): its options are in ``extra``.
-_DETECTOR_FIELDS = ("min_size", "max_size", "pooler", "sampling_ratio", "aligned", "roi")
-_RPN_FIELDS = ("anchor_sizes", "aspect_ratios", "anchor_offset", "rpn")
-MODEL_FIELDS: dict[str, tuple[str, ...]] = {
-    "rcnn": (),
-    "fast_rcnn": _DETECTOR_FIELDS,
-    "faster_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS,
-    "mask_rcnn": _DETECTOR_FIELDS + _RPN_FIELDS + ("mask",),
-}
-
-
-def override_settings(settings: Any, overrides: dict[str, Any] | None, what: str) -> Any:
-    """A copy of the settings dataclass ``settings`` with ``overrides`` applied; unknown keys are an
-    error naming ``what`` (e.g. "rpn") and the known fields."""
-    if not overrides:
-        return settings
-    known = {f.name for f in dataclasses.fields(settings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(settings, **overrides)
-
-
-def build_model(model: ModelConfig, num_classes: int | None = None):  # -> nn.Module
-    """The detector a :class:`ModelConfig` describes, with ``num_classes`` = K + 1.
-
-    Each builder gets the fields of ``MODEL_FIELDS[model.name]`` and ``model.extra``; a field set
-    away from its default for a model that does not use it is an error (it would be ignored).
-    """
-    num_classes = model.num_classes or num_classes
-    if num_classes is None:
-        raise ValueError("model.num_classes is not set and no training data gives it")
-    from rcnn import models
-
-    builder = getattr(models, model.name, None)
-    if builder is None:
-        raise ValueError(f"model {model.name!r} is not available in this installation")
-    accepted = MODEL_FIELDS[model.name]
-    defaults = ModelConfig()
-    for name in sorted(set().union(*MODEL_FIELDS.values()) - set(accepted)):
-        if getattr(model, name) != getattr(defaults, name):
-            users = ", ".join(m for m, fields in MODEL_FIELDS.items() if name in fields)
-            raise ValueError(f"model.{name} does not apply to {model.name} (only to {users}); remove it from the config")
-    clashing = sorted(set(model.extra) & (set(ModelConfig.model_fields) - {"extra"}))
-    if clashing:
-        raise ValueError(f"model.extra.{clashing[0]}: set model.{clashing[0]} instead")
-    kwargs: dict[str, Any] = dict(
-        pretrained_backbone=model.pretrained_backbone, trainable_stages=model.trainable_stages, **model.extra
-    )
-    for name in accepted:
-        value = getattr(model, name)
-        if name in ("pooler", "anchor_sizes") and value is None:
-            continue  # the builder's per-backbone default
-        if name == "mask" and not value:
-            continue
-        if name == "anchor_sizes":
-            value = [tuple(level) for level in value]
-        elif name == "aspect_ratios":
-            value = tuple(value)
-        kwargs[name] = value
-    return builder(model.backbone, num_classes, **kwargs)
+    data = config.model_dump(mode="json")
+    common = {key: data["model"].pop(key) for key in ModelCommon.model_fields}
+    data["model"] = {**common, **data["model"]}  # name and backbone first
+    return yaml.safe_dump(data, sort_keys=False)

@@ -6,20 +6,32 @@ Shape shorthand:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rcnn.data.common import DetectionDataset, load_image
+from rcnn.components.proposals.selective_search import SelectiveSearch
+from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.coco import evaluate_coco
 from rcnn.evaluation.voc import evaluate_voc
+from rcnn.io.images import load_image
 
-__all__ = ["evaluate_model", "model_device", "predict_dataset", "predict_images"]
+__all__ = [
+    "detect_timed",
+    "evaluate_model",
+    "model_device",
+    "peak_memory_mb",
+    "predict_dataset",
+    "predict_images",
+    "reset_peak_memory",
+]
 
 ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original coordinates
 
@@ -126,3 +138,85 @@ def predict_images(
         (output,) = _run(model, [image.to(device)], props)
         results.append((path, image, {k: v.cpu() for k, v in output.items()}))
     return results
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _module_clock(module: nn.Module, device: torch.device) -> Iterator[list[float]]:
+    """Seconds spent in ``module``'s forward calls while the block runs, appended to the yielded list."""
+    spent: list[float] = []
+    start = [0.0]
+
+    def before(*_: Any) -> None:
+        _synchronize(device)
+        start[0] = time.perf_counter()
+
+    def after(*_: Any) -> None:
+        _synchronize(device)
+        spent.append(time.perf_counter() - start[0])
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield spent
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def detect_timed(
+    model: nn.Module, image: Tensor, search: SelectiveSearch | None = None
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """One image ``[3, H, W]`` through a trained model, timed: ``(output, {"proposals_s", "rest_s"})``.
+
+    The proposal stage is selective search (``search``, default settings) for models that need
+    proposals, else the RPN inside the model; "rest" is everything else of the model call
+    (resizing and post-processing included). The model is put in eval mode.
+    """
+    model.eval()
+    device = model_device(model)
+    image = image.to(device)
+    if model.needs_proposals:
+        search = search or SelectiveSearch()
+        pixels = (image.detach().cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        tic = time.perf_counter()
+        boxes = search(pixels).to(device)
+        proposals_s = time.perf_counter() - tic
+        tic = time.perf_counter()
+        (output,) = model([image], proposals=[boxes])
+        _synchronize(device)
+        return output, {"proposals_s": proposals_s, "rest_s": time.perf_counter() - tic}
+    with _module_clock(model.rpn, device) as rpn_seconds:
+        _synchronize(device)
+        tic = time.perf_counter()
+        (output,) = model([image])
+        _synchronize(device)
+        total = time.perf_counter() - tic
+    proposals_s = sum(rpn_seconds)
+    return output, {"proposals_s": proposals_s, "rest_s": total - proposals_s}
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory in MiB (Linux: VmHWM, since :func:`reset_peak_memory`;
+    elsewhere ``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_memory() -> None:
+    """Start this process's peak-memory count afresh (Linux >= 4.0: ``/proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as err:
+        raise RuntimeError("cannot reset the peak memory count: needs Linux >= 4.0 and /proc") from err

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rcnn.masks import MASK_THRESHOLD
+from rcnn.core.masks import MASK_THRESHOLD
 
 __all__ = ["class_colour", "draw_detections", "save_grid", "to_pil"]
 

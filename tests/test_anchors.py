@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rcnn.anchors import AnchorGenerator, cell_anchors, generate_anchors
+from rcnn.core.anchors import AnchorGenerator, cell_anchors, generate_anchors
 
 # What py-faster-rcnn's generate_anchors() prints for base 16, ratios (0.5, 1, 2), scales (8, 16, 32).
 PY_FASTER_RCNN_TABLE = torch.tensor(

@@ -1,4 +1,6 @@
-"""Backbones: output strides, heads, loading local checkpoints, freezing, BN folding."""
+"""Backbones: output strides, heads, loading local checkpoints, freezing, BN folding, foreign modules."""
+
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -6,21 +8,66 @@ import torchvision
 from safetensors.torch import save_file
 from torchvision.ops import FrozenBatchNorm2d
 
-from rcnn.backbones import BACKBONES, build_backbone, fold_batchnorm, load_pretrained
+from rcnn.components.backbones import (
+    BACKBONES,
+    build_backbone,
+    feature_strides,
+    fold_batchnorm,
+    load_pretrained,
+    parts_state_dict,
+)
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_shapes_and_strides(name):
-    backbone = build_backbone(name).eval()
+    backbone, box_head = build_backbone(name)
+    backbone.eval()
     with torch.no_grad():
         feats = backbone(torch.rand(1, 3, 128, 160))
         assert len(feats) == len(backbone.strides)
         for f, s in zip(feats, backbone.strides):
             assert f.shape[1] == backbone.out_channels
             assert abs(f.shape[-1] - 160 / s) <= 1 and abs(f.shape[-2] - 128 / s) <= 1
-        pooled = torch.rand(3, backbone.out_channels, backbone.pool_size, backbone.pool_size)
-        assert backbone.box_head(pooled).shape == (3, backbone.box_head.out_features)
+        pooled = torch.rand(3, backbone.out_channels, box_head.pool_size, box_head.pool_size)
+        assert box_head(pooled).shape == (3, box_head.out_features)
     assert backbone.pool_strides == backbone.strides[: len(backbone.pool_strides)]
+    # the two parts share no tensor: each is registered once in a detector
+    head_ids = {id(t) for t in box_head.state_dict(keep_vars=True).values()}
+    assert not head_ids & {id(t) for t in backbone.state_dict(keep_vars=True).values()}
+
+
+def test_strides_of_foreign_backbones_are_measured():
+    """A user's module with out_channels: a tensor, a list or torchvision's dict with an RPN-only 'pool'."""
+
+    class Plain(torch.nn.Module):
+        out_channels = 8
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    assert feature_strides(Plain()) == ((4,), (4,))
+    fpn = torchvision.models.detection.backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, trainable_layers=5
+    )
+    assert feature_strides(fpn) == ((4, 8, 16, 32, 64), (4, 8, 16, 32))
+
+    class Dict(Plain):
+        def forward(self, x):
+            return OrderedDict(a=self.conv(x), b=self.conv(x)[..., ::2, ::2])
+
+    assert feature_strides(Dict()) == ((4, 8), (4, 8))
+    with pytest.raises(ValueError, match="out_channels"):
+        feature_strides(torch.nn.ReLU())
+
+    class Odd(Plain):
+        out_channels = 5
+
+    with pytest.raises(ValueError, match="expected \\[N, 5, H, W\\]"):
+        feature_strides(Odd())
 
 
 @pytest.mark.parametrize(
@@ -33,8 +80,9 @@ def test_load_torchvision_checkpoint(tmp_path, name, factory):
     reference = factory(weights=None)
     path = tmp_path / "w.pth"
     torch.save(reference.state_dict(), path)
-    backbone = build_backbone(name, pretrained=path)
-    report = load_pretrained(backbone, path)
+    parts = build_backbone(name, pretrained=path)
+    backbone, box_head = parts
+    report = load_pretrained(parts, path)
     body_missing = [k for k in report.missing if k.startswith("body.")]
     assert body_missing == []
     assert all(k.startswith(("fc.", "classifier.")) for k in report.unexpected)
@@ -43,22 +91,24 @@ def test_load_torchvision_checkpoint(tmp_path, name, factory):
     mapped = [k for k in own if k.endswith(first_key.split(".", 1)[1]) and k.startswith("body.")][0]
     torch.testing.assert_close(own[mapped], reference.state_dict()[first_key])
     if name == "vgg16":  # fc6/fc7 go to the box head
-        torch.testing.assert_close(backbone.box_head.classifier[0].weight, reference.classifier[0].weight)
+        torch.testing.assert_close(box_head.classifier[0].weight, reference.classifier[0].weight)
     if name in ("resnet50", "resnet50_fpn", "mobilenet_v3_fpn"):  # pretrained -> frozen BN
         assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
 
 
 def test_load_own_layout_safetensors_and_errors(tmp_path):
     source = build_backbone("tiny")
-    for p in source.parameters():
-        p.data.normal_()
+    for part in source:
+        for p in part.parameters():
+            p.data.normal_()
     path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in parts_state_dict(source).items()}, str(path))
     target = build_backbone("tiny")
     report = load_pretrained(target, path)
     assert report.missing == [] and report.unexpected == []
-    for a, b in zip(source.parameters(), target.parameters()):
-        torch.testing.assert_close(a, b)
+    for part_a, part_b in zip(source, target):
+        for a, b in zip(part_a.parameters(), part_b.parameters()):
+            torch.testing.assert_close(a, b)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_backbone("tiny", pretrained=tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
@@ -75,18 +125,18 @@ def test_load_own_layout_safetensors_and_errors(tmp_path):
 
 
 def test_freeze_stages():
-    backbone = build_backbone("vgg16", trainable_stages=3)
+    backbone, box_head = build_backbone("vgg16", trainable_stages=3)
     frozen = [p.requires_grad for p in backbone.body[:10].parameters()]
     trainable = [p.requires_grad for p in backbone.body[10:].parameters()]
     assert not any(frozen) and all(trainable)
-    assert all(p.requires_grad for p in backbone.box_head.parameters())
+    assert all(p.requires_grad for p in box_head.parameters())
     with pytest.raises(ValueError, match="trainable_stages"):
         build_backbone("tiny", trainable_stages=9)
 
 
 @pytest.mark.parametrize("norm", ["frozen", "bn"])
 def test_fold_batchnorm_keeps_outputs(norm):
-    backbone = build_backbone("mobilenet_v3_fpn", norm=norm).eval()
+    backbone = build_backbone("mobilenet_v3_fpn", norm=norm).backbone.eval()
     g = torch.Generator().manual_seed(0)
     for m in backbone.modules():
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rcnn.benchmark import MODELS, markdown, run_lineage
+from rcnn.training.lineage import MODELS, markdown, run_lineage
 
 
 def test_lineage_runs_all_four_generations(shapes_root, tmp_path):
@@ -138,7 +138,7 @@ def test_lineage_mask_note_follows_the_figures(monkeypatch):
     # the page explains a Mask R-CNN box AP below Faster R-CNN's from what actually differed: fewer
     # steps when it made fewer, not when both made the same number; the controlled comparison's
     # per-seed differences come from the Mask R-CNN benchmark's results
-    import benchmarks.run as br
+    import benchmarks.lineage as br
 
     row = {"AP": 0.83, "AP50": 0.96, "iterations": 3000, "train_wall_s": 320.0}
     mask_results = {"accuracy": {"budget_s": 600.0, "ours_align": {"AP": 0.85}, "faster": {"AP": 0.86},

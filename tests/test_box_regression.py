@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn.box_regression import BoxRegressors, select_regression_examples
-from rcnn.boxes import BoxCoder, box_iou
+from rcnn.components.ridge import BoxRegressors, select_regression_examples
+from rcnn.core.boxes import BoxCoder, box_iou
 
 
 def test_select_examples_by_hand() -> None:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcnn.boxes import BoxCoder, box_area, box_iou, check_boxes, clip_boxes, cxcywh_to_xyxy, remove_small_boxes, xyxy_to_cxcywh
+from rcnn.core.boxes import BoxCoder, box_area, box_iou, check_boxes, clip_boxes, cxcywh_to_xyxy, remove_small_boxes, xyxy_to_cxcywh
 
 
 def test_iou_by_hand():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn.box_regression import BoxRegressors
+from rcnn.components.ridge import BoxRegressors
 from rcnn.data.coco import CocoDetection
 from rcnn.data.shapes import shapes_paths
 from rcnn.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
-from rcnn.ops import roi_align
-from rcnn.svm import ClassSVMs
+from rcnn.core.ops import roi_align
+from rcnn.components.svm import ClassSVMs
 
 pytestmark = pytest.mark.cuda
 SMALL = dict(
@@ -42,7 +42,7 @@ def same_detections(cpu_out, gpu_out, top=5):
 
 
 def test_roi_align_gradient_on_cuda_equals_cpu():
-    """The CPU backward is ours (``rcnn.ops.roi_align_grad``), CUDA's is torchvision's: equal."""
+    """The CPU backward is ours (``rcnn.core.fastpaths.roi_align_grad``), CUDA's is torchvision's: equal."""
     torch.manual_seed(0)
     features = torch.randn(2, 8, 20, 24, dtype=torch.float64)
     rois = torch.tensor([[0, 1.0, 2.0, 15.5, 12.0], [1, -3.0, 4.0, 30.0, 25.0], [0, 5.2, 5.2, 5.9, 6.1]], dtype=torch.float64)

@@ -21,7 +21,7 @@ from rcnn.data import (
     collate_fn,
     shapes_paths,
 )
-from rcnn.data.transforms import resize_boxes, resized_shape
+from rcnn.core.images import resize_boxes, resized_shape
 
 
 def _mask_box(mask: torch.Tensor) -> list[float]:

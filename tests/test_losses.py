@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rcnn.losses import binary_log_loss, fast_rcnn_loss, mask_loss, rpn_loss, smooth_l1, softmax_log_loss
+from rcnn.core.losses import binary_log_loss, fast_rcnn_loss, mask_loss, rpn_loss, smooth_l1, softmax_log_loss
 
 
 def test_smooth_l1_values():

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from rcnn.boxes import box_iou
+from rcnn.core.boxes import box_iou
 from rcnn.config import TrainConfig
 from rcnn.data.coco import CocoDetection
 from rcnn.data.shapes import make_shapes, shapes_paths
 from rcnn.evaluation import evaluate_coco
 from rcnn.inference import predict_dataset
-from rcnn.masks import MaskBranch, MaskSettings
+from rcnn.components.mask_heads import MaskRoIHeads, MaskSettings
 from rcnn.models import FasterRCNN, MaskRCNN, mask_rcnn
 from rcnn.training.loop import train
 
@@ -30,24 +30,26 @@ def tiny_model(num_classes=6, **kwargs):
 
 def test_builder_composes_faster_rcnn_with_a_mask_branch():
     model = tiny_model()
-    assert isinstance(model, FasterRCNN) and isinstance(model.roi_heads.mask_branch, MaskBranch)
-    assert model.roi_heads.pooler.kind == "align" and model.roi_heads.mask_branch.pooler.kind == "align"
-    assert model.roi_heads.mask_branch.pooler.output_size == (14, 14)
-    assert model.roi_heads.mask_branch.mask_size == 28
-    assert model.roi_heads.mask_branch.head.predictor.out_channels == 5
+    heads = model.roi_heads
+    assert isinstance(model, FasterRCNN) and isinstance(heads, MaskRoIHeads)
+    assert model.predicts_masks and not FasterRCNN.predicts_masks
+    assert heads.pooler.kind == "align" and heads.mask_pooler.kind == "align"
+    assert heads.mask_pooler.output_size == (14, 14)
+    assert heads.mask_size == 28
+    assert heads.mask_predictor.logits.out_channels == 5
     # the RoIPool ablation: both branches, or the mask branch alone
     both = tiny_model(pooler="pool")
-    assert both.roi_heads.pooler.kind == "pool" and both.roi_heads.mask_branch.pooler.kind == "pool"
+    assert both.roi_heads.pooler.kind == "pool" and both.roi_heads.mask_pooler.kind == "pool"
     mask_only = tiny_model(mask={**TINY_MASK, "pooler": "pool"})
-    assert mask_only.roi_heads.pooler.kind == "align" and mask_only.roi_heads.mask_branch.pooler.kind == "pool"
+    assert mask_only.roi_heads.pooler.kind == "align" and mask_only.roi_heads.mask_pooler.kind == "pool"
     # the paper's head by default
     paper = MaskRCNN(tiny_model().backbone, 6, mask=MaskSettings())
-    convs = [m for m in paper.roi_heads.mask_branch.head.convs if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in paper.roi_heads.mask_head.convs if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 4 and all(c.out_channels == 256 for c in convs)
-    with pytest.raises(ValueError, match="unknown mask setting"):
+    with pytest.raises(ValueError, match=r"mask\.convs: unknown field"):
         mask_rcnn("tiny", 6, mask={"convs": 3})
-    with pytest.raises(ValueError, match="own mask branch"):
-        MaskRCNN(tiny_model().backbone, 6, mask_branch=None)
+    with pytest.raises(ValueError, match=r"mask\.channels: Input should be greater than 0"):
+        mask_rcnn("tiny", 6, mask={"channels": 0})
 
 
 def test_training_losses_and_mask_validation(shapes_train):
@@ -59,7 +61,7 @@ def test_training_losses_and_mask_validation(shapes_train):
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_mask"].item() == pytest.approx(0.693, abs=0.01)  # sigmoid starts at ~0.5
     sum(losses.values()).backward()
-    assert model.roi_heads.mask_branch.head.predictor.weight.grad.abs().sum() > 0
+    assert model.roi_heads.mask_predictor.logits.weight.grad.abs().sum() > 0
     no_masks = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
     with pytest.raises(ValueError, match=r"targets\[0\].*masks"):
         model(list(images), no_masks)

@@ -4,8 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcnn.heads import SampledRoIs
-from rcnn.masks import MaskBranch, MaskHead, mask_targets, paste_masks
+from rcnn.components.box_heads import MLPHead
+from rcnn.components.mask_heads import MaskHead, MaskPredictor, MaskRoIHeads
+from rcnn.components.roi_heads import BoxPredictor, SampledRoIs
+from rcnn.core import fastpaths
+from rcnn.core.masks import mask_targets, paste_masks
+from rcnn.core.ops import RoIPooler
+
+
+def mask_heads(in_channels, num_classes, strides, pool_size=7, num_convs=1, channels=8):
+    """Mask R-CNN's RoI heads with a small box branch, for the mask branch's tests."""
+    box_head = MLPHead(in_channels, 7, 16)
+    return MaskRoIHeads(
+        box_head, BoxPredictor(16, num_classes), RoIPooler(7, strides),
+        RoIPooler(pool_size, strides), MaskHead(in_channels, num_convs, channels),
+        MaskPredictor(channels if num_convs else in_channels, num_classes, channels),
+    )  # fmt: skip
 
 
 def square_mask(size=32, lo=8, hi=24):
@@ -68,21 +82,22 @@ def test_mask_targets_empty_and_bad_input():
 
 
 def test_mask_head_shapes_and_init():
-    head = MaskHead(in_channels=16, num_classes=4, num_convs=2, channels=8)
-    out = head(torch.randn(3, 16, 14, 14))
+    head, predictor = MaskHead(in_channels=16, num_convs=2, channels=8), MaskPredictor(8, num_classes=4, channels=8)
+    out = predictor(head(torch.randn(3, 16, 14, 14)))
     assert out.shape == (3, 3, 28, 28)  # K = 3 foreground masks of 2 x 14
     assert len([m for m in head.convs if isinstance(m, torch.nn.Conv2d)]) == 2
-    # the predictor starts near zero: every mask probability starts near 0.5
-    assert head.predictor.weight.std() < 0.01
-    assert head(torch.randn(0, 16, 14, 14)).shape == (0, 3, 28, 28)
+    assert predictor.num_classes == 4
+    # the logits start near zero: every mask probability starts near 0.5
+    assert predictor.logits.weight.std() < 0.01
+    assert predictor(head(torch.randn(0, 16, 14, 14))).shape == (0, 3, 28, 28)
     with pytest.raises(ValueError, match="num_classes"):
-        MaskHead(16, 1)
+        MaskPredictor(16, 1)
 
 
 def test_mask_loss_trains_only_the_gt_class_channel():
     torch.manual_seed(0)
     num_classes = 5  # K = 4 masks
-    branch = MaskBranch(8, num_classes, (8,), pool_size=7, num_convs=1, channels=8)
+    branch = mask_heads(8, num_classes, (8,), pool_size=7, num_convs=1, channels=8)
     features = [torch.randn(1, 8, 8, 8)]
     masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
     masks[0, 4:30, 4:30] = 1
@@ -100,8 +115,8 @@ def test_mask_loss_trains_only_the_gt_class_channel():
         output.retain_grad()
         logits.append(output)
 
-    branch.head.register_forward_hook(keep_logits)
-    losses = branch.loss(features, sampled, targets)
+    branch.mask_predictor.register_forward_hook(keep_logits)
+    losses = branch.branch_losses(features, sampled, targets)
     assert set(losses) == {"loss_mask"}
     losses["loss_mask"].backward()
     grad = logits[0].grad  # [2 positive RoIs, K, m, m]
@@ -110,7 +125,7 @@ def test_mask_loss_trains_only_the_gt_class_channel():
     assert grad[0, 1].abs().sum() > 0 and grad[1, 3].abs().sum() > 0
     assert grad[0, [0, 2, 3]].abs().sum() == 0 and grad[1, [0, 1, 2]].abs().sum() == 0
     # so the predictor's filters of classes 1 and 3 (no positive RoI) get no gradient at all
-    weight_grad = branch.head.predictor.weight.grad.flatten(1).abs().sum(1)  # [K]
+    weight_grad = branch.mask_predictor.logits.weight.grad.flatten(1).abs().sum(1)  # [K]
     assert weight_grad[[0, 2]].sum() == 0 and (weight_grad[[1, 3]] > 0).all()
     # the loss is BCE between the chosen channel and the RoIAlign-ed targets
     goal = torch.stack(
@@ -124,33 +139,45 @@ def test_mask_loss_trains_only_the_gt_class_channel():
 
 
 def test_mask_loss_without_positives_is_zero_with_a_graph():
-    branch = MaskBranch(8, 3, (8,), pool_size=7, num_convs=1, channels=8)
+    branch = mask_heads(8, 3, (8,), pool_size=7, num_convs=1, channels=8)
     sampled = SampledRoIs([torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([0])], [torch.zeros(1, 4)], [torch.tensor([0])])
     targets = [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 32, 32, dtype=torch.uint8)}]
-    loss = branch.loss([torch.randn(1, 8, 4, 4)], sampled, targets)["loss_mask"]
+    loss = branch.branch_losses([torch.randn(1, 8, 4, 4)], sampled, targets)["loss_mask"]
     assert loss.item() == 0.0 and loss.requires_grad
     with pytest.raises(ValueError, match="masks"):
-        branch.loss([torch.randn(1, 8, 4, 4)], sampled, [{"boxes": torch.zeros(0, 4)}])
+        branch.branch_losses([torch.randn(1, 8, 4, 4)], sampled, [{"boxes": torch.zeros(0, 4)}])
 
 
 def test_predict_keeps_the_predicted_class_channel():
     torch.manual_seed(0)
-    branch = MaskBranch(8, 4, (8,), pool_size=7, num_convs=1, channels=8).eval()
+    branch = mask_heads(8, 4, (8,), pool_size=7, num_convs=1, channels=8).eval()
     features = [torch.randn(2, 8, 8, 8)]
     boxes = torch.tensor([[0.0, 0, 30, 30], [10, 10, 50, 40]])
     detections = [
         {"boxes": boxes, "labels": torch.tensor([3, 1]), "scores": torch.tensor([0.9, 0.8])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)},
     ]
-    branch.predict(features, detections)
-    logits = branch(features, [boxes, torch.zeros(0, 4)])  # [2, 3, 14, 14]
-    assert detections[0]["mask_probs"].shape == (2, 14, 14)
-    assert torch.allclose(detections[0]["mask_probs"][0], logits[0, 2].sigmoid())
-    assert torch.allclose(detections[0]["mask_probs"][1], logits[1, 0].sigmoid())
-    assert detections[1]["mask_probs"].shape == (0, 14, 14)
+    branch.branch_outputs(features, detections)
+    logits = branch.mask_logits(features, [boxes, torch.zeros(0, 4)])  # [2, 3, 14, 14]
+    assert detections[0]["masks"].shape == (2, 1, 14, 14)  # box-frame probabilities until finalize
+    assert torch.allclose(detections[0]["masks"][0, 0], logits[0, 2].sigmoid())
+    assert torch.allclose(detections[0]["masks"][1, 0], logits[1, 0].sigmoid())
+    assert detections[1]["masks"].shape == (0, 1, 14, 14)
+    branch.finalize(detections, [(40, 60), (20, 20)])  # pasted into the original images
+    assert detections[0]["masks"].shape == (2, 1, 40, 60) and detections[0]["masks"].dtype == torch.uint8
+    assert detections[1]["masks"].shape == (0, 1, 20, 20)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}]
-    branch.predict([torch.randn(1, 8, 8, 8)], empty)
-    assert empty[0]["mask_probs"].shape == (0, 14, 14)
+    branch.branch_outputs([torch.randn(1, 8, 8, 8)], empty)
+    assert empty[0]["masks"].shape == (0, 1, 14, 14)
+
+
+def test_mismatched_mask_predictor_is_refused():
+    branch = mask_heads(8, 4, (8,))
+    branch.predictor = BoxPredictor(16, 6)  # a new box predictor, the old mask predictor
+    with pytest.raises(ValueError, match="replace both"):
+        branch.mask_logits([torch.randn(1, 8, 8, 8)], [torch.tensor([[0.0, 0, 30, 30]])])
+    assert branch.replace_predictor(6) == ["predictor", "mask_predictor"]
+    assert branch.mask_logits([torch.randn(1, 8, 8, 8)], [torch.tensor([[0.0, 0, 30, 30]])]).shape == (1, 5, 14, 14)
 
 
 def mask_iou(a, b):
@@ -239,22 +266,41 @@ def test_paste_empty_and_bad_input():
         paste_masks(torch.zeros(2, 28, 28), torch.zeros(3, 4), (20, 30))
 
 
-@pytest.mark.parametrize("rois,num_convs", [(5, 2), (1, 0), (0, 1)])
-def test_mask_head_matrix_products_equal_the_convolutions(rois, num_convs):
-    """MaskHead computes deconv + 1x1 conv as matrix products; values and gradients are the layers'."""
+@pytest.mark.parametrize("rois,channels", [(5, 8), (1, 6), (0, 4)])
+def test_mask_predictor_fast_path_equals_the_layers(rois, channels):
+    """On the CPU the mask predictor runs deconv + 1x1 conv as matrix products (the fast path);
+    values and gradients are those of the plain layers (the fast paths switched off)."""
     torch.manual_seed(0)
-    head = MaskHead(6, 4, num_convs=num_convs, channels=8).double()
-    torch.nn.init.normal_(head.predictor.weight)
-    torch.nn.init.normal_(head.deconv.bias)
+    predictor = MaskPredictor(6, 4, channels=channels).double()
+    torch.nn.init.normal_(predictor.logits.weight)
+    torch.nn.init.normal_(predictor.deconv.bias)
     x = torch.randn(rois, 6, 7, 7, dtype=torch.float64, requires_grad=True)
-    fast = head(x)
+    assert fastpaths.mask_predictor_applies(x, predictor.deconv, predictor.logits)
+    fast = predictor(x)
     x_ref = x.detach().clone().requires_grad_()
-    reference = head.predictor(torch.relu(head.deconv(head.convs(x_ref))))
+    with fastpaths.enabled_as(False):
+        reference = predictor(x_ref)
     assert fast.shape == reference.shape == (rois, 3, 14, 14)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
     if rois:
         weights = torch.randn_like(fast)
-        grads = torch.autograd.grad((fast * weights).sum(), [x, head.deconv.weight, head.predictor.weight])
-        expected = torch.autograd.grad((reference * weights).sum(), [x_ref, head.deconv.weight, head.predictor.weight])
+        params = [predictor.deconv.weight, predictor.logits.weight]
+        grads = torch.autograd.grad((fast * weights).sum(), [x, *params])
+        expected = torch.autograd.grad((reference * weights).sum(), [x_ref, *params])
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_predictor_hooks_and_swapped_layers_run_the_layers():
+    """A forward hook on the deconvolution, or a layer swapped for another, is honoured: the fast
+    path only stands in for the library's own layers without hooks."""
+    predictor = MaskPredictor(6, 4, channels=8)
+    x = torch.randn(2, 6, 7, 7)
+    seen = []
+    handle = predictor.deconv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    predictor(x)
+    assert seen == [torch.Size([2, 8, 14, 14])]
+    handle.remove()
+    predictor.deconv = torch.nn.Sequential(predictor.deconv)  # a user's wrapper
+    assert predictor(x).shape == (2, 3, 14, 14)
+    assert not fastpaths.mask_predictor_applies(x, predictor.deconv, predictor.logits)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rcnn.matching import BalancedSampler, Matcher, hard_negatives
+from rcnn.core.matching import BalancedSampler, Matcher, hard_negatives
 
 NEG, IGN = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
 

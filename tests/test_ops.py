@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torchvision
 
-from rcnn.ops import (
+from rcnn.core import fastpaths
+from rcnn.core.fastpaths import float_threshold
+from rcnn.core.ops import (
     RoIPooler,
     assign_fpn_levels,
-    _float_threshold,
     batched_nms,
     nms,
     nms_reference,
@@ -58,29 +60,57 @@ def test_batched_nms_groups_do_not_interact():
     [(3000, 90, 100), (3000, 3, 100), (2000, 1, 512), (2000, 4, 512), (500, 5, 400), (200, 1, 300), (50, 2, 1), (10, 1, 0)],
 )
 @pytest.mark.parametrize("iou_threshold", [0.5, 0.7, 0.3])
-def test_batched_nms_max_kept_is_the_head_of_the_full_result(n, groups, max_kept, iou_threshold):
-    """Per-class NMS on only the best-scoring candidates (growing until enough are kept, or in
-    chunks when all boxes would be needed at once) gives the first ``max_kept`` of the full result,
-    whether few or many boxes survive."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_batched_nms_max_kept_is_the_head_of_the_full_result(n, groups, max_kept, iou_threshold, fast):
+    """Per-class NMS on only the best-scoring candidates (growing until enough are kept, or, on the
+    CPU fast path, in chunks when all boxes would be needed at once) gives the first ``max_kept`` of
+    the full result, whether few or many boxes survive; with the fast paths on and off."""
     g = torch.Generator().manual_seed(n + groups + max_kept)
-    for size in (60, 150, 400):  # crowded (most boxes suppressed), about half kept, sparse
-        boxes = random_boxes(n, size, g)
-        scores = torch.rand(n, generator=g)
-        labels = torch.randint(0, groups, (n,), generator=g)
-        full = batched_nms(boxes, scores, labels, iou_threshold)
-        kept = batched_nms(boxes, scores, labels, iou_threshold, max_kept=max_kept)
-        assert kept.tolist() == full[:max_kept].tolist()
+    with fastpaths.enabled_as(fast):
+        for size in (60, 150, 400):  # crowded (most boxes suppressed), about half kept, sparse
+            boxes = random_boxes(n, size, g)
+            scores = torch.rand(n, generator=g)
+            labels = torch.randint(0, groups, (n,), generator=g)
+            full = torchvision.ops.batched_nms(boxes, scores, labels, iou_threshold)
+            kept = batched_nms(boxes, scores, labels, iou_threshold, max_kept=max_kept)
+            assert kept.tolist() == full[:max_kept].tolist()
+
+
+def test_fast_path_switch(monkeypatch):
+    """The switch decides which path runs: the fast paths when on (the default), torchvision's
+    kernels when off; the environment variable sets it at import."""
+    import subprocess
+    import sys
+
+    calls = []
+    monkeypatch.setattr(fastpaths, "chunked_nms", lambda *a: calls.append("nms") or torch.arange(1))
+    monkeypatch.setattr(fastpaths, "roi_align", lambda *a: calls.append("align") or torch.zeros(1))
+    boxes, scores = random_boxes(20), torch.rand(20)
+    feats, rois = torch.randn(1, 2, 8, 8), torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]])
+    assert fastpaths.enabled()
+    batched_nms(boxes, scores, torch.zeros(20, dtype=torch.int64), 0.5, max_kept=10)
+    roi_align(feats, rois, 2, 0.25, 2)
+    assert calls == ["nms", "align"]
+    with fastpaths.enabled_as(False):
+        assert not fastpaths.enabled()
+        batched_nms(boxes, scores, torch.zeros(20, dtype=torch.int64), 0.5, max_kept=10)
+        roi_align(feats, rois, 2, 0.25, 2)
+    assert calls == ["nms", "align"] and fastpaths.enabled()
+    code = "import rcnn.core.fastpaths as f; print(f.enabled())"
+    env = {**__import__("os").environ, "RCNN_FAST_PATHS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_chunked_nms_threshold_compares_as_torchvision_does():
     """torchvision compares a float32 IoU with the threshold in double; the vectorised comparison
     must agree also where float32 rounds the threshold up (0.3) or down (0.7)."""
     for threshold in (0.3, 0.7, 0.5, 0.1):
-        t = _float_threshold(threshold, torch.float32)
+        t = float_threshold(threshold, torch.float32)
         x = torch.tensor(threshold, dtype=torch.float32)
         around = torch.stack([x, torch.nextafter(x, torch.tensor(2.0)), torch.nextafter(x, torch.tensor(-2.0))])
         assert ((around > t) == (around.double() > threshold)).all(), threshold
-    assert _float_threshold(0.3, torch.float64) == 0.3
+    assert float_threshold(0.3, torch.float64) == 0.3
 
 
 def random_rois(n, num_images, size, generator):
@@ -112,10 +142,9 @@ def test_roi_align_equals_reference(aligned, sampling_ratio):
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
 def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
-    # our CPU forward and backward (a sparse map) against torchvision's own: RoIs inside, across
-    # and outside the map, a zero-size one, several per image, a rectangular map and output
-    import torchvision
-
+    # the CPU fast path's forward and backward (a sparse map) against torchvision's own: RoIs inside,
+    # across and outside the map, a zero-size one, several per image, a rectangular map and output
+    assert fastpaths.roi_align_applies(torch.zeros(1, 1, 2, 2), sampling_ratio)
     g = torch.Generator().manual_seed(7)
     feats = torch.randn(3, 4, 12, 17, generator=g, dtype=torch.float64, requires_grad=True)
     rois = random_rois(40, 3, 90.0, g).double()
@@ -133,8 +162,6 @@ def test_roi_align_gradient_equals_torchvision(aligned, sampling_ratio):
 @pytest.mark.parametrize("grad", [True, False])
 def test_roi_align_float32_equals_torchvision(grad):
     # detector-sized float32 input, in training (autograd) and at inference (inference_mode)
-    import torchvision
-
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 64, 32, 40, generator=g)
     rois = random_rois(300, 2, 340.0, g)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from rcnn.cli import main
-from rcnn.training.checkpoint import load_model
+from rcnn.build import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "own_data.md"

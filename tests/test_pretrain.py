@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rcnn.backbones import BACKBONES, build_backbone, load_pretrained
+from rcnn.components.backbones import parts_state_dict, BACKBONES, build_backbone, load_pretrained
 from rcnn.config import TrainConfig
 from rcnn.data.coco import CocoDetection
 from rcnn.data.shapes import shapes_paths
@@ -34,9 +34,10 @@ def test_crops_of_shapes_train_a_classifier(shapes_root, tmp_path):
 def test_pretrained_weights_load_into_each_backbone(name, tmp_path):
     from safetensors.torch import save_file
 
-    source = BackboneClassifier(build_backbone(name), 3)  # what pretrain() saves: the backbone's state
-    path = tmp_path / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
+    parts = build_backbone(name)
+    BackboneClassifier(parts, 3)
+    path = tmp_path / "backbone.safetensors"  # what pretrain() saves: both parts' tensors
+    save_file({k: v.contiguous() for k, v in parts_state_dict(parts).items()}, str(path))
     report = load_pretrained(build_backbone(name, norm="frozen"), path)
     assert report.missing == [] and report.unexpected == []
 

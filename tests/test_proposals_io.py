@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rcnn.proposals.io import MissingProposalsError, convert_proposals, load_proposals, save_proposals
+from rcnn.components.proposals.io import MissingProposalsError, convert_proposals, load_proposals, save_proposals
 
 BOXES = {
     3: torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 6.0, 7.5, 20.0]]),

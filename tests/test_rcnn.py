@@ -10,17 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn.box_regression import BoxRegressors
+from rcnn.components.ridge import BoxRegressors
 from rcnn.cli import main
-from rcnn.config import build_model, load_config
+from rcnn.build import build_model
+from rcnn.config import load_config
 from rcnn.data.build import build_dataset
 from rcnn.inference import evaluate_model, predict_dataset
 from rcnn.models import RCNN, rcnn
-from rcnn.proposals.io import MissingProposalsError, load_proposals, save_proposals
-from rcnn.svm import ClassSVMs
-from rcnn.training.checkpoint import load_checkpoint, load_model
+from rcnn.components.proposals.io import MissingProposalsError, load_proposals, save_proposals
+from rcnn.components.svm import ClassSVMs
+from rcnn.build import load_model
+from rcnn.io.checkpoints import load_checkpoint
 from rcnn.training.rcnn_stages import FeatureCache, extract_features
-from rcnn.training.run import proposal_source, run_training
+from rcnn.training.datasets import proposal_source
+from rcnn.training.run import run_training
 
 QUIET = dict(progress=False, log=lambda s: None)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,7 +175,7 @@ def test_feature_cache_is_read_back_and_resumes(trained, shapes_root, proposals,
     assert counts == {"computed": 1, "reused": 11}
     # another CNN: the whole cache is rebuilt
     with torch.no_grad():
-        model.backbone.box_head.fc7.bias.add_(1.0)
+        model.box_head.fc7.bias.add_(1.0)
     logs = []
     _, counts = extract_features(model, train_set, source, cache_dir, progress=False, log=logs.append)
     assert counts == {"computed": 12, "reused": 0} and "rebuilding" in logs[0]
@@ -203,13 +206,12 @@ def test_bad_inputs_are_clear_errors(shapes_root, proposals, tmp_path):
         wrong = ClassSVMs(3)
         wrong.weights, wrong.biases = np.zeros((10, 2), np.float32), np.zeros(2, np.float32)
         model.set_svms(wrong)
-    with pytest.raises(ValueError, match="unknown R-CNN setting"):
+    with pytest.raises(ValueError, match="RCNN: warp_sise: unknown field"):
         rcnn("tiny", 3, warp_sise=32)
-    with pytest.raises(ValueError, match="warp_mode must be one of"):
+    with pytest.raises(ValueError, match="warp_mode: Input should be 'anisotropic'"):
         rcnn("tiny", 3, warp_mode="stretch")
-    config = small_config(shapes_root, proposals, "model.roi.nms_thresh=0.5")
-    with pytest.raises(ValueError, match="model.roi does not apply to rcnn"):
-        build_model(config.model, 6)
+    with pytest.raises(ValueError, match="model.roi: not an option of rcnn"):
+        small_config(shapes_root, proposals, "model.roi.nms_thresh=0.5")
 
     # a proposals file without some of the training images: the file and the ids are named
     train_ids = build_dataset(shapes_root, "train").image_ids

@@ -3,14 +3,35 @@
 import pytest
 import torch
 
-from rcnn.backbones import MLPHead
-from rcnn.heads import BoxPredictor, RoIHeads, RoIHeadSettings
-from rcnn.ops import RoIPooler
+from rcnn.components.box_heads import MLPHead
+from rcnn.components.roi_heads import BoxPredictor, RoIHeads, RoIHeadSettings
+from rcnn.core.ops import RoIPooler
 
 
 def make_heads(**settings):
     pooler = RoIPooler(7, (8,), kind="pool")
-    return RoIHeads(pooler, MLPHead(4, 7, 32), num_classes=3, settings=RoIHeadSettings(**settings))
+    return RoIHeads(MLPHead(4, 7, 32), BoxPredictor(32, 3), pooler, settings=RoIHeadSettings(**settings))
+
+
+def test_settings_are_typed_and_range_checked():
+    with pytest.raises(ValueError, match="nms_thresh"):
+        RoIHeadSettings(nms_thresh=1.5)
+    with pytest.raises(ValueError, match="bg_iou_thresh_lo <= bg_iou_thresh_hi"):
+        RoIHeadSettings(bg_iou_thresh_lo=0.6)
+    with pytest.raises(ValueError, match="extra"):
+        RoIHeadSettings(nms_threshold=0.5)
+    merged = RoIHeadSettings().merged({"nms_thresh": "0.4"}, "roi")
+    assert merged.nms_thresh == 0.4 and merged.batch_size_per_image == 64
+    with pytest.raises(ValueError, match=r"roi\.nms_thresh: Input should be a valid number"):
+        RoIHeadSettings().merged({"nms_thresh": "abc"}, "roi")
+
+
+def test_num_classes_is_the_predictors():
+    heads = make_heads()
+    assert heads.num_classes == 3
+    heads.predictor = BoxPredictor(32, 7)
+    assert heads.num_classes == 7
+    assert heads.replace_predictor(4) == ["predictor"] and heads.num_classes == 4
 
 
 def test_sampling_thresholds_and_fractions():

@@ -2,11 +2,11 @@
 
 import torch
 
-from rcnn.anchors import AnchorGenerator
-from rcnn.boxes import box_iou
+from rcnn.core.anchors import AnchorGenerator
+from rcnn.core.boxes import box_iou
 from rcnn.data.coco import CocoDetection
 from rcnn.data.shapes import shapes_paths
-from rcnn.proposals.rpn import RegionProposalNetwork, RPNHead, RPNSettings
+from rcnn.components.proposals.rpn import RegionProposalNetwork, RPNHead, RPNSettings
 
 
 def make_rpn(sizes=(16.0, 32.0), ratios=(1.0,), **settings):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import rcnn.proposals.selective_search as ss_module
-from rcnn.boxes import box_iou
-from rcnn.proposals.io import load_proposals
-from rcnn.proposals.selective_search import SelectiveSearch, compute_proposals, selective_search
+import rcnn.components.proposals.selective_search as ss_module
+from rcnn.core.boxes import box_iou
+from rcnn.components.proposals.io import load_proposals
+from rcnn.components.proposals.selective_search import SelectiveSearch, compute_proposals, selective_search
 
 # Two flat coloured rectangles on a grey, slightly noisy background: (x1, y1, x2, y2)
 RED_BOX = (20, 30, 70, 60)
@@ -161,7 +161,7 @@ def test_unreadable_image_is_named(tmp_path: Path, image_items) -> None:
 
 def test_stats_recall_by_hand(tmp_path: Path, shapes_root: Path) -> None:
     from rcnn.data import build_dataset
-    from rcnn.proposals.io import proposal_stats, save_proposals
+    from rcnn.components.proposals.io import proposal_stats, save_proposals
 
     dataset = build_dataset(shapes_root, "val")
     gt = {image_id: dataset.annotation(i)["boxes"] for i, image_id in enumerate(dataset.image_ids)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn.svm import ClassSVMs, ImageRegions, class_overlaps
+from rcnn.components.svm import ClassSVMs, ImageRegions, class_overlaps
 
 GT_BOX = [0.0, 0.0, 10.0, 10.0]
 EASY_BOX = [50.0, 50.0, 60.0, 60.0]  # IoU 0 with the gt: negative

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcnn.warp import to_warp_frame, warp_regions, warp_windows
+from rcnn.components.warp import to_warp_frame, warp_regions, warp_windows
 
 RED = torch.tensor([1.0, 0.0, 0.0])
 GREEN = torch.tensor([0.0, 1.0, 0.0])

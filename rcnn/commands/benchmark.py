@@ -10,7 +10,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from rcnn.benchmark import markdown, run_lineage
+    from rcnn.training.lineage import markdown, run_lineage
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     result = run_lineage(
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(markdown(result))
     print("speed-ups:", ", ".join(f"{k} {v:.1f}x" for k, v in result["speedups"].items()))
-    print(f"results: {args.results}/lineage.json   plots: {', '.join(result['plots'])}")
+    print(f"results: {args.results or args.out}/lineage.json   plots: {', '.join(result['plots'])}")
     return 0
 
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", help="pre-trained tiny backbone weights (default: pre-train one first)")
     parser.add_argument("--no-random-init", action="store_true", help="skip Faster R-CNN from a random init")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per model (default 2)")
-    parser.add_argument("--out", default="runs/lineage", help="work directory for the runs")
-    parser.add_argument("--results", default="benchmarks/results", help="where lineage.json goes")
-    parser.add_argument("--img", default="docs/img", help="where the plots go")
+    parser.add_argument("--out", default="runs/lineage", help="folder for the runs, lineage.json and the plots")
+    parser.add_argument("--results", help="where lineage.json goes (default: --out)")
+    parser.add_argument("--img", help="where the plots go (default: --out)")
     parser.set_defaults(func=run)

@@ -18,10 +18,12 @@ from rcnn.config import SHAPES_CONFIGS
 
 
 def run(args: argparse.Namespace) -> int:
+    from rcnn.build import load_model, model_class
     from rcnn.config import load_config
     from rcnn.inference import predict_dataset
-    from rcnn.training.checkpoint import write_json
-    from rcnn.training.run import prepare_data, proposal_source, run_training
+    from rcnn.io.files import write_json
+    from rcnn.training.datasets import proposal_source
+    from rcnn.training.run import prepare_data, run_training
     from rcnn.viz import draw_detections, save_grid
 
     out = Path(args.out)
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations:
         overrides.append(f"train.iterations={args.iterations}")
     config = load_config(SHAPES_CONFIGS[args.model], overrides)
-    if config.model.name in ("fast_rcnn", "rcnn"):
+    if model_class(config.model.name).needs_proposals:
         # selective search proposals: computed by run_training on the first run, then read from here
         config.data.proposals_train = str(out / f"selective_search_{config.data.train_split}.safetensors")
         config.data.proposals_val = str(out / f"selective_search_{config.data.val_split}.safetensors")
@@ -38,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     summary["total_seconds"] = time.perf_counter() - start
 
     # pictures: predictions beside the ground truth on the first validation images
-    from rcnn.training.checkpoint import load_model
-
     model, config, class_names = load_model(out / "run")
     data = prepare_data(config, need_train=False)
     proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for index in range(min(args.pictures, len(data.val))):
         image, target = data.val[index]
         tiles.append(draw_detections(image, target, class_names, scale=2.0))
-        threshold = getattr(model, "display_score_thresh", 0.5)  # R-CNN: SVM scores, 0 = the decision boundary
+        threshold = model.display_score_thresh  # R-CNN: SVM scores, 0 = the decision boundary
         tiles.append(draw_detections(image, outputs[int(target["image_id"])], class_names, threshold, scale=2.0))
     picture = save_grid(tiles, out / "predictions.png", ncols=4)
     summary["pictures"] = str(picture)

@@ -13,18 +13,20 @@ from rcnn.commands.common import add_config_arguments
 
 
 def run(args: argparse.Namespace) -> int:
+    from rcnn.build import load_model
     from rcnn.config import load_config
     from rcnn.data.build import build_dataset
     from rcnn.inference import evaluate_model
-    from rcnn.training.checkpoint import find_checkpoint, load_model, write_json
-    from rcnn.training.run import proposal_source
+    from rcnn.io.checkpoints import find_checkpoint
+    from rcnn.io.files import write_json
+    from rcnn.training.datasets import proposal_source
 
     model, config, _ = load_model(args.weights)
     if args.config is not None or args.overrides:  # data settings from another config / --set
         config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
     data_root = args.data or config.data.root
     split = args.split or config.data.val_split
-    dataset = build_dataset(data_root, split, with_masks=config.model.name == "mask_rcnn", images_dir=config.data.images)
+    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, images_dir=config.data.images)
     proposals_file = args.proposals or config.data.proposals_val
     proposals = proposal_source(proposals_file) if proposals_file else None
     metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True)

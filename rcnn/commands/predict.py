@@ -13,21 +13,22 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from rcnn.build import load_model
     from rcnn.inference import predict_images
-    from rcnn.training.checkpoint import load_model, write_json
+    from rcnn.io.files import write_json
     from rcnn.viz import draw_detections
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model, config, class_names = load_model(args.weights, device)
     proposals = None
-    if config.model.name in ("fast_rcnn", "rcnn"):
-        from rcnn.proposals.selective_search import selective_search_file
+    if model.needs_proposals:
+        from rcnn.components.proposals.selective_search import selective_search_file
 
         proposals = {str(Path(p)): selective_search_file(p) for p in args.images}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # R-CNN's scores are SVM decision values, positive on the object side: its own default
-    threshold = args.score_thresh if args.score_thresh is not None else getattr(model, "display_score_thresh", 0.5)
+    threshold = args.score_thresh if args.score_thresh is not None else model.display_score_thresh
     for path, image, output in predict_images(model, args.images, proposals=proposals):
         keep = output["scores"] >= threshold
         kept = {k: v[keep] for k, v in output.items()}

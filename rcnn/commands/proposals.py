@@ -15,7 +15,7 @@ import time
 
 def _run_selective_search(args: argparse.Namespace) -> int:
     from rcnn.data import build_dataset
-    from rcnn.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals
+    from rcnn.components.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals
 
     dataset = build_dataset(args.dataset, args.split, images_dir=args.images)
     search = SelectiveSearch(
@@ -36,7 +36,7 @@ def _run_selective_search(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from rcnn.proposals.io import load_proposals, proposal_stats
+    from rcnn.components.proposals.io import load_proposals, proposal_stats
 
     proposals = load_proposals(args.file)
     dataset = None
@@ -59,7 +59,7 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from rcnn.proposals.io import convert_proposals, load_proposals
+    from rcnn.components.proposals.io import convert_proposals, load_proposals
 
     settings = {"method": args.method} if args.method else None
     out = convert_proposals(args.source, args.out, settings)

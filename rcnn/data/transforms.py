@@ -16,35 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from rcnn.core.images import resize_boxes, resize_image, resize_masks, resized_shape
 from rcnn.data.common import Transform
 
-__all__ = ["Compose", "RandomHorizontalFlip", "Resize", "collate_fn", "resize_boxes", "resized_shape"]
+__all__ = ["Compose", "RandomHorizontalFlip", "Resize", "collate_fn"]
 
 Target = dict[str, Any]
 
 # Target entries holding boxes that move with the image: the objects, and proposals attached for
 # Fast R-CNN / R-CNN training (``[P, 4]``, see rcnn.training.run.TrainingSet).
 BOX_KEYS = frozenset({"boxes", "proposals"})
-
-
-def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """``(H', W')`` with the shorter side ``min_size`` unless the longer would exceed ``max_size``.
-
-    The Fast R-CNN scale rule (shorter side 600, longer at most 1000 in the paper).
-    """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_boxes(boxes: Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> Tensor:
-    """Scale ``boxes [N, 4]`` from an image of ``from_size (H, W)`` to one of ``to_size (H', W')``."""
-    ratio_h = to_size[0] / from_size[0]
-    ratio_w = to_size[1] / from_size[1]
-    scale = boxes.new_tensor([ratio_w, ratio_h, ratio_w, ratio_h])  # [4]
-    return boxes * scale
 
 
 class Compose:
@@ -66,7 +49,7 @@ class Resize:
     """Resize so the shorter side is ``min_size`` and the longer at most ``max_size``.
 
     ``min_size`` may be a sequence: one value is drawn per image (multi-scale training).
-    Images use bilinear interpolation (antialiased when shrinking), masks nearest neighbour.
+    Images and masks are resized as the detectors resize them (:mod:`rcnn.core.images`).
     """
 
     def __init__(self, min_size: int | Sequence[int], max_size: int) -> None:
@@ -82,16 +65,12 @@ class Resize:
         new_size = resized_shape(height, width, min_size, self.max_size)
         if new_size == (height, width):
             return image, target
-        shrinking = new_size[0] < height
-        image = F.interpolate(
-            image[None], size=new_size, mode="bilinear", align_corners=False, antialias=shrinking
-        )[0]  # [3, H', W']
+        image = resize_image(image, new_size)  # [3, H', W']
         target = dict(target)
         for key in BOX_KEYS & target.keys():
             target[key] = resize_boxes(target[key], (height, width), new_size)
         if "masks" in target:
-            masks = target["masks"]  # [N, H, W]
-            target["masks"] = F.interpolate(masks[None].float(), size=new_size, mode="nearest")[0].to(masks.dtype)
+            target["masks"] = resize_masks(target["masks"], new_size)  # [N, H', W']
         return image, target
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 VOC boxes are 1-based inclusive pixel indices; pixel ``xmin`` .. ``xmax`` covers the
 continuous interval ``[xmin - 1, xmax]``, so ``(x1, y1, x2, y2) = (xmin - 1, ymin - 1, xmax,
-ymax)`` in the library's convention (``rcnn.boxes``). The ``difficult`` flag is kept for
+ymax)`` in the library's convention (``rcnn.core.boxes``). The ``difficult`` flag is kept for
 evaluation. Image ids are positions in the split file (0, 1, ...); the VOC names are in
 ``image_names``.
 

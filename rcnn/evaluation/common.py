@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rcnn.data.common import DetectionDataset
-from rcnn.masks import MASK_THRESHOLD
+from rcnn.core.masks import MASK_THRESHOLD
 
 __all__ = ["Detections", "prepare_predictions"]
 

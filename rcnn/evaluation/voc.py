@@ -6,7 +6,7 @@ A match to an unmatched object is a true positive, to an already matched one a f
 (duplicate), and to a ``difficult`` object neither: difficult objects are ignored, and they
 do not count among the positives. COCO-format data sets have no difficult flag; their crowd
 objects are ignored the same way. IoU uses the library's continuous coordinates
-(``rcnn.boxes.box_iou``), not the devkit's ``+ 1`` pixel convention.
+(``rcnn.core.boxes.box_iou``), not the devkit's ``+ 1`` pixel convention.
 
 Shape shorthand:
     D: number of detections of one class
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rcnn.boxes import box_iou
+from rcnn.core.boxes import box_iou
 from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.common import prepare_predictions
 

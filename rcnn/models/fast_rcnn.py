@@ -9,7 +9,7 @@ regressors become two sibling layers trained with the CNN under one multi-task l
 with the ``[u >= 1]`` indicator, §2.3). The proposals still come from outside the network: a
 proposals file (docs/proposals.md), given to ``model(images, targets, proposals=...)``.
 
-Everything after the proposals is :class:`rcnn.heads.RoIHeads` — Faster R-CNN later swaps only
+Everything after the proposals is :class:`rcnn.components.roi_heads.RoIHeads` — Faster R-CNN later swaps only
 the proposal source. Hierarchical sampling (§2.3: N = 2 images x R/N = 64 RoIs, 25 % foreground)
 is the training loop's ``batch_size: 2`` with the heads' ``batch_size_per_image: 64``.
 
@@ -24,20 +24,18 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from rcnn.backbones import Backbone, resolve_backbone
-from rcnn.config import override_settings
-from rcnn.heads import RoIHeads, RoIHeadSettings, default_roi_settings
-from rcnn.models.base import TwoStageDetector
-from rcnn.models.transform import DetectionTransform
+from rcnn.components.roi_heads import RoIHeads
+from rcnn.components.transform import DetectionTransform
+from rcnn.components.backbones import feature_strides
+from rcnn.models.base import DetectorOptions, TwoStageDetector, box_branch, detector_options, refuse_unused
 
-__all__ = ["FastRCNN", "compress_box_head", "fast_rcnn", "truncated_svd"]
+__all__ = ["FastRCNN", "FastRCNNOptions", "compress_box_head", "fast_rcnn", "truncated_svd"]
 
 
 def truncated_svd(linear: nn.Linear, rank: int) -> nn.Sequential:
@@ -74,7 +72,7 @@ def compress_box_head(box_head: nn.Module, ranks: Sequence[int | None]) -> list[
 
     ``ranks[i]`` is the number of singular values kept for the i-th ``nn.Linear`` of the head
     (``None``: leave it). Works for any head made of ``nn.Linear`` layers: VGG16's and AlexNet's
-    fc6/fc7 (:class:`rcnn.backbones.ClassifierHead`) and the 2-fc MLP head. Returns one report
+    fc6/fc7 (:class:`rcnn.components.backbones.ClassifierHead`) and the 2-fc MLP head. Returns one report
     per replaced layer: name, rank, parameters before and after, and the fraction of the squared
     singular values (the Frobenius energy of the weight) kept.
     """
@@ -106,38 +104,55 @@ def compress_box_head(box_head: nn.Module, ranks: Sequence[int | None]) -> list[
     return reports
 
 
+class FastRCNNOptions(DetectorOptions):
+    """Fast R-CNN's options: those of every two-stage detector (:class:`rcnn.models.base.DetectorOptions`)."""
+
+
 class FastRCNN(TwoStageDetector):
     """Fast R-CNN: backbone + RoI heads on external proposals (no RPN).
 
     Args:
-        backbone: a :class:`rcnn.backbones.Backbone`; its box head is fc6/fc7.
-        num_classes: K + 1 (background included).
-        min_size, max_size: image rescaling (600 / 1000, §2.3); a tuple of ``min_size`` draws one
-            per image in training (multi-scale, §5.2).
-        roi: RoI-head settings; default the paper's (64 RoIs per image, 25 % foreground with
-            IoU >= 0.5, background [0.1, 0.5), per-class NMS 0.3) on single-level backbones.
-        pooler: ``"pool"`` (RoI max pooling, §2.1 — the default on single-level backbones) or
-            ``"align"``.
-        sampling_ratio: RoIAlign's samples per bin side.
-        aligned: RoIAlign's half-pixel alignment (see :func:`rcnn.ops.roi_align`).
+        backbone: any ``nn.Module`` with ``out_channels`` (a named architecture's from
+            :func:`fast_rcnn`); single-level backbones pool with RoI max pooling by default.
+        num_classes: K + 1 (background included); not needed when ``roi_heads`` is given.
+        box_head: the per-RoI head (fc6/fc7 of VGG16 for the paper); default 2 fc layers of 1024.
+        roi_heads: built RoI heads, instead of those made from ``box_head`` and the options.
+        transform: a built :class:`rcnn.components.transform.DetectionTransform`.
+        **options: :class:`FastRCNNOptions` — ``min_size``, ``max_size`` (600 / 1000, §2.3; a list of
+            ``min_size`` draws one per image in training, multi-scale §5.2), ``pooler`` (``"pool"``,
+            §2.1, or ``"align"``), ``sampling_ratio``, ``aligned``, and ``roi`` (RoI-head settings:
+            default the paper's 64 RoIs per image, 25 % foreground with IoU >= 0.5, background
+            [0.1, 0.5), per-class NMS 0.3 on single-level backbones).
 
     ``model(images, targets, proposals=...)``: see :class:`rcnn.models.base.TwoStageDetector`.
     """
 
+    name = "fast_rcnn"
+    options = FastRCNNOptions
+    needs_proposals = True
+
     def __init__(
         self,
-        backbone: Backbone,
-        num_classes: int,
+        backbone: nn.Module,
+        num_classes: int | None = None,
         *,
-        min_size: int | Sequence[int] = 600,
-        max_size: int = 1000,
-        roi: RoIHeadSettings | None = None,
-        pooler: str | None = None,
-        sampling_ratio: int = 2,
-        aligned: bool = True,
+        box_head: nn.Module | None = None,
+        roi_heads: RoIHeads | None = None,
+        transform: DetectionTransform | None = None,
+        **options: Any,
     ) -> None:
-        roi_heads = RoIHeads.for_backbone(backbone, num_classes, roi, pooler, sampling_ratio, aligned=aligned)
-        super().__init__(backbone, roi_heads, DetectionTransform(min_size, max_size), rpn=None)
+        opts = detector_options(type(self), options)
+        strides, pool_strides = feature_strides(backbone)
+        if roi_heads is None:
+            box_head, predictor, pooler, settings = box_branch(backbone, box_head, num_classes, opts, len(strides), pool_strides)
+            roi_heads = RoIHeads(box_head, predictor, pooler, settings)
+        else:
+            refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned"), "RoI heads")
+        if transform is None:
+            transform = DetectionTransform(opts.min_size, opts.max_size)
+        else:
+            refuse_unused(opts, ("min_size", "max_size"), "transform")
+        super().__init__(backbone, roi_heads, transform, rpn=None, levels=(strides, pool_strides))
 
     def compress_fc(self, fc6_rank: int | None = 1024, fc7_rank: int | None = 256) -> list[dict[str, Any]]:
         """Truncated SVD of fc6 and fc7 for faster detection (§3.1: top 1024 and 256 singular values).
@@ -148,19 +163,12 @@ class FastRCNN(TwoStageDetector):
         return compress_box_head(self.roi_heads.box_head, (fc6_rank, fc7_rank))
 
 
-def fast_rcnn(
-    backbone: str | Backbone = "tiny",
-    num_classes: int = 21,
-    *,
-    pretrained_backbone: str | os.PathLike | None = None,
-    trainable_stages: int | None = None,
-    roi: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> FastRCNN:
-    """Build a :class:`FastRCNN` from a backbone name, with RoI-head settings overridden by a dict.
+def fast_rcnn(backbone: str | nn.Module = "tiny", num_classes: int = 21, **kwargs: Any) -> FastRCNN:
+    """Build a :class:`FastRCNN` on a named architecture (or a backbone module).
 
-    Example: ``fast_rcnn("vgg16", 21, pretrained_backbone="vgg16.pth", trainable_stages=3)``
-    (VGG16 fine-tuned from conv3_1 up, §4.5).
+    Keyword arguments: ``pretrained_backbone`` (a local classification checkpoint),
+    ``trainable_stages``, and the :class:`FastRCNNOptions`. Example:
+    ``fast_rcnn("vgg16", 21, pretrained_backbone="vgg16.pth", trainable_stages=3)`` (VGG16 fine-tuned
+    from conv3_1 up, §4.5).
     """
-    backbone = resolve_backbone(backbone, pretrained_backbone, trainable_stages)
-    return FastRCNN(backbone, num_classes, roi=override_settings(default_roi_settings(backbone)[0], roi, "roi"), **kwargs)
+    return FastRCNN.build(backbone, num_classes, **kwargs)

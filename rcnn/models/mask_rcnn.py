@@ -5,10 +5,11 @@
                    \\----------------------- RoIAlign 14x14 -> mask head -> K masks 28x28 (sigmoid)
 
 Compared with Faster R-CNN two things change: RoI pooling becomes RoIAlign (no quantisation,
-§3), for the box branch as for the mask branch, and the mask branch (``rcnn.masks``) is added,
-trained with L = L_cls + L_box + L_mask. Everything else is Faster R-CNN's, reused unchanged.
-At test time the box branch's final detections go through the mask branch, and each one's
-mask (its predicted class's channel) is pasted into the original image at its box.
+§3), for the box branch as for the mask branch, and the RoI heads gain the mask branch
+(:class:`rcnn.components.mask_heads.MaskRoIHeads`), trained with L = L_cls + L_box + L_mask.
+Everything else is Faster R-CNN's, reused unchanged. At test time the box branch's final
+detections go through the mask branch, and each one's mask (its predicted class's channel) is
+pasted into the original image at its box.
 
 Shape shorthand:
     N: images;  G: gt objects of an image;  D: detections of an image;  H, W: original image size
@@ -20,15 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from rcnn.backbones import Backbone
-from rcnn.config import override_settings
-from rcnn.masks import MASK_THRESHOLD, MaskBranch, MaskSettings, paste_masks
-from rcnn.models.faster_rcnn import FasterRCNN, build_detector
-from rcnn.models.transform import ImageBatch
+from rcnn.components.mask_heads import MaskHead, MaskPredictor, MaskRoIHeads, MaskSettings
+from rcnn.components.roi_heads import RoIHeads
+from rcnn.core.ops import RoIPooler
+from rcnn.models.base import box_branch
+from rcnn.models.faster_rcnn import FasterRCNN, FasterRCNNOptions
 
-__all__ = ["MaskRCNN", "mask_rcnn", "validate_masks"]
+__all__ = ["MaskRCNN", "MaskRCNNOptions", "mask_rcnn", "validate_masks"]
 
 
 def validate_masks(images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
@@ -50,55 +51,76 @@ def validate_masks(images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) 
             raise ValueError(f"targets[{i}]['masks']: expected uint8 or bool 0/1 masks, got {masks.dtype}")
 
 
-class MaskRCNN(FasterRCNN):
-    """Mask R-CNN: :class:`FasterRCNN` + :class:`rcnn.masks.MaskBranch`, RoIAlign by default.
+class MaskRCNNOptions(FasterRCNNOptions):
+    """Faster R-CNN's options plus the mask branch's.
 
-    Args:
-        backbone, num_classes, min_size, max_size, anchor_sizes, aspect_ratios, rpn, roi,
-            sampling_ratio, anchor_offset, aligned: as for :class:`FasterRCNN` (``aligned`` for both branches).
-        pooler: ``"align"`` (RoIAlign, the default here) or ``"pool"`` (RoI max pooling) for the
-            box branch, and for the mask branch unless ``mask.pooler`` says otherwise; ``"pool"``
+    Attributes:
+        pooler: as for Faster R-CNN, but ``None`` means RoIAlign (§3) for both branches; ``"pool"``
             for both is the paper's RoIPool ablation (Table 2c).
-        mask: :class:`rcnn.masks.MaskSettings` (14 x 14 input, 4 x 256 convs, 28 x 28 masks).
-        mask_probabilities: output float mask probabilities instead of binary masks (the
+        mask: :class:`rcnn.components.mask_heads.MaskSettings` that differ from the defaults
+            (14 x 14 input, 4 x 256 convs, 28 x 28 masks; ``mask.pooler`` defaults to the box branch's).
+        mask_probabilities: output float mask probabilities instead of binary masks (the RoI heads'
             attribute of the same name may be changed later).
+    """
+
+    mask: MaskSettings.overrides() = MaskSettings.overrides()()  # type: ignore[valid-type]
+    mask_probabilities: bool = False
+
+
+class MaskRCNN(FasterRCNN):
+    """Mask R-CNN: :class:`FasterRCNN` whose RoI heads are :class:`rcnn.components.mask_heads.MaskRoIHeads`.
+
+    Args: as for :class:`FasterRCNN`; ``**options``: :class:`MaskRCNNOptions`.
 
     Eval mode adds ``masks [D, 1, H, W]`` at the original image size to each output: uint8 0/1
     (probability >= 0.5, §3.1) or, with ``mask_probabilities``, float probabilities.
     """
 
-    def __init__(
+    name = "mask_rcnn"
+    options = MaskRCNNOptions
+    predicts_masks = True
+
+    def branch_parts(
+        self, backbone: nn.Module, num_classes: int | None, opts: Any, num_levels: int, pool_strides: Sequence[int]
+    ) -> tuple[RoIPooler, MaskHead, MaskPredictor]:
+        """The mask branch's pooler, head and predictor (created, then initialised, head first)."""
+        if num_classes is None:
+            raise ValueError("num_classes (K + 1, background included) is needed to build the mask branch")
+        m = MaskSettings().merged(opts.mask, "mask")
+        pooler = RoIPooler(m.pool_size, pool_strides, m.pooler or opts.pooler or "align", opts.sampling_ratio, opts.aligned)
+        head = MaskHead(backbone.out_channels, m.num_convs, m.channels, init=False)
+        predictor = MaskPredictor(head.out_channels, num_classes, m.channels, init=False)
+        head.reset_parameters()
+        predictor.reset_parameters()
+        return pooler, head, predictor
+
+    def build_roi_heads(
         self,
-        backbone: Backbone,
-        num_classes: int,
-        *,
-        pooler: str | None = "align",
-        sampling_ratio: int = 2,
-        aligned: bool = True,
-        mask: MaskSettings | None = None,
-        mask_probabilities: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        if "mask_branch" in kwargs:
-            raise ValueError("MaskRCNN builds its own mask branch; configure it with mask=MaskSettings(...)")
-        pooler = pooler or "align"  # None: Mask R-CNN's own choice, RoIAlign (§3)
-        m = mask or MaskSettings()
-        branch = MaskBranch(
-            backbone.out_channels,
-            num_classes,
-            backbone.pool_strides,
-            pool_size=m.pool_size,
-            pooler=m.pooler or pooler,
-            num_convs=m.num_convs,
-            channels=m.channels,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
+        backbone: nn.Module,
+        box_head: nn.Module | None,
+        num_classes: int | None,
+        opts: Any,
+        num_levels: int,
+        pool_strides: Sequence[int],
+        branches: Any,
+    ) -> RoIHeads:
+        """:class:`MaskRoIHeads`: the box branch (RoIAlign unless ``pooler`` says otherwise) and the mask parts."""
+        box_head, predictor, pooler, settings = box_branch(
+            backbone, box_head, num_classes, opts, num_levels, pool_strides, default_pooler="align"
         )
-        super().__init__(
-            backbone, num_classes, pooler=pooler, sampling_ratio=sampling_ratio, aligned=aligned,
-            mask_branch=branch, **kwargs,
-        )  # fmt: skip
-        self.mask_probabilities = bool(mask_probabilities)
+        mask_pooler, mask_head, mask_predictor = branches
+        return MaskRoIHeads(
+            box_head, predictor, pooler, mask_pooler, mask_head, mask_predictor, settings, opts.mask_probabilities
+        )
+
+    @property
+    def mask_probabilities(self) -> bool:
+        """Whether outputs hold float mask probabilities (else binary masks); settable."""
+        return getattr(self.roi_heads, "mask_probabilities", False)
+
+    @mask_probabilities.setter
+    def mask_probabilities(self, value: bool) -> None:
+        self.roi_heads.mask_probabilities = bool(value)
 
     def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
         """As :meth:`TwoStageDetector.check_targets`; the targets must also have ``masks [G, H, W]``
@@ -107,21 +129,10 @@ class MaskRCNN(FasterRCNN):
         if self.train_mode != "rpn":
             validate_masks(images, targets)
 
-    def finalize(self, detections: list[dict[str, Tensor]], batch: ImageBatch) -> list[dict[str, Tensor]]:
-        """Map boxes back to the original images, then paste each mask there at its box."""
-        detections = super().finalize(detections, batch)
-        threshold = None if self.mask_probabilities else MASK_THRESHOLD
-        for det, size in zip(detections, batch.original_sizes):
-            det["masks"] = paste_masks(det.pop("mask_probs"), det["boxes"], size, threshold)[:, None]  # [D, 1, H, W]
-        return detections
 
-
-def mask_rcnn(
-    backbone: str | Backbone = "tiny", num_classes: int = 91, *, mask: dict[str, Any] | None = None, **kwargs: Any
-) -> MaskRCNN:
-    """Build a :class:`MaskRCNN` from a backbone name, as :func:`rcnn.models.faster_rcnn.build_detector`,
-    with the mask branch's settings overridden by the dict ``mask``.
+def mask_rcnn(backbone: str | nn.Module = "tiny", num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
+    """Build a :class:`MaskRCNN` on a named architecture (or a backbone module), as :func:`faster_rcnn`.
 
     Example: ``mask_rcnn("resnet50_fpn", 81, pretrained_backbone="resnet50.pth", mask={"pooler": "pool"})``.
     """
-    return build_detector(MaskRCNN, backbone, num_classes, mask=override_settings(MaskSettings(), mask, "mask"), **kwargs)
+    return MaskRCNN.build(backbone, num_classes, **kwargs)

@@ -14,8 +14,8 @@ Training is R-CNN's multi-stage procedure (``rcnn.training.rcnn_stages``):
 1. fine-tune the CNN on warped regions, K + 1 classes — this module's training mode:
    ``model(images, targets, proposals) -> {"loss_cls"}``, driven by the common training loop;
 2. extract fc7 (and pool5) features of every training region into a disk cache;
-3. train one linear SVM per class with hard negative mining (``rcnn.svm.ClassSVMs``);
-4. train the class-specific box regressors (``rcnn.box_regression.BoxRegressors``).
+3. train one linear SVM per class with hard negative mining (``rcnn.components.svm.ClassSVMs``);
+4. train the class-specific box regressors (``rcnn.components.ridge.BoxRegressors``).
 
 The SVMs and the regressors are stored in the module as buffers (:meth:`RCNN.set_svms`,
 :meth:`RCNN.set_box_regressors`), so a checkpoint of the module is the whole trained R-CNN.
@@ -34,40 +34,41 @@ Shape shorthand:
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone, InferenceOptimizable, resolve_backbone
-from rcnn.box_regression import DEFAULT_LAMBDAS, BoxRegressors
-from rcnn.boxes import box_iou, clip_boxes, remove_small_boxes
-from rcnn.losses import softmax_log_loss
-from rcnn.matching import BalancedSampler, Matcher
-from rcnn.config import override_settings
-from rcnn.models.transform import IMAGENET_MEAN, IMAGENET_STD, validate_images, validate_targets
-from rcnn.ops import batched_nms
-from rcnn.svm import ClassSVMs
-from rcnn.warp import WARP_MODES, warp_regions
+from rcnn.components.backbones import as_feature_list, feature_strides
+from rcnn.components.box_heads import MLPHead
+from rcnn.components.ridge import DEFAULT_LAMBDAS, BoxRegressors
+from rcnn.components.settings import IoU, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Settings, validate_options
+from rcnn.components.svm import ClassSVMs
+from rcnn.components.transform import validate_images, validate_targets
+from rcnn.components.warp import WARP_MODES, warp_regions
+from rcnn.core.boxes import clip_boxes, remove_small_boxes
+from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from rcnn.core.losses import softmax_log_loss
+from rcnn.core.matching import BalancedSampler, Matcher, label_proposals
+from rcnn.core.postprocess import per_class_detections
+from rcnn.models.base import DetectorCapabilities, InferenceOptimizable
 
 __all__ = ["RCNN", "RCNNSettings", "rcnn"]
 
 _MIN_REGION_SIZE = 1.0  # proposals narrower or lower than 1 px are dropped (nothing to warp)
 
 
-@dataclass
-class RCNNSettings:
+class RCNNSettings(Settings):
     """R-CNN's hyper-parameters; defaults from the paper and its code (``rcnn_train.m`` and friends).
 
     Attributes:
         warp_size: side S of the warped regions (227 for AlexNet; smaller for small networks).
         warp_mode: ``"anisotropic"`` (the paper's choice), ``"isotropic_context"`` or
-            ``"isotropic_pad"`` (``rcnn.warp``).
+            ``"isotropic_pad"`` (``rcnn.components.warp``).
         context_padding: p, output pixels of image context around the box (16 at 227, App. A).
         fg_iou_thresh: fine-tuning labels a region with a gt's class if IoU >= 0.5, else background.
         batch_size, positive_fraction: regions per fine-tuning step over all its images, and the
@@ -89,89 +90,102 @@ class RCNNSettings:
         detections_per_image: at most this many detections per image.
     """
 
-    warp_size: int = 227
-    warp_mode: str = "anisotropic"
-    context_padding: int = 16
-    fg_iou_thresh: float = 0.5
-    batch_size: int = 128
-    positive_fraction: float = 0.25
+    warp_size: int = Field(default=227, ge=8)
+    warp_mode: Literal[WARP_MODES] = "anisotropic"  # type: ignore[valid-type]
+    context_padding: NonNegativeInt = 16
+    fg_iou_thresh: IoU = 0.5
+    batch_size: PositiveInt = 128
+    positive_fraction: Probability = 0.25
     add_gt_as_proposals: bool = True
-    regression_features: str = "pool5"
-    feature_batch_size: int = 128
-    svm_C: float = 1e-3
-    svm_positive_weight: float = 2.0
-    svm_negative_iou: float = 0.3
-    svm_max_rounds: int = 1
-    svm_initial_images: int = 1
-    svm_initial_negatives: int | None = None
-    svm_retrain_limit: int = 2000
-    bbox_min_iou: float = 0.6
-    bbox_lambdas: Sequence[float] = DEFAULT_LAMBDAS
-    nms_thresh: float = 0.3
+    regression_features: Literal["pool5", "fc7"] = "pool5"
+    feature_batch_size: PositiveInt = 128
+    svm_C: PositiveFloat = 1e-3
+    svm_positive_weight: PositiveFloat = 2.0
+    svm_negative_iou: IoU = 0.3
+    svm_max_rounds: NonNegativeInt = 1
+    svm_initial_images: PositiveInt = 1
+    svm_initial_negatives: PositiveInt | None = None
+    svm_retrain_limit: PositiveInt = 2000
+    bbox_min_iou: IoU = 0.6
+    bbox_lambdas: tuple[PositiveFloat, ...] = Field(default=DEFAULT_LAMBDAS, min_length=1)
+    nms_thresh: IoU = 0.3
     svm_score_thresh: float = -1.0
-    softmax_score_thresh: float = 0.05
-    detections_per_image: int = 100
+    softmax_score_thresh: Probability = 0.05
+    detections_per_image: PositiveInt = 100
 
-    def __post_init__(self) -> None:
-        if self.warp_mode not in WARP_MODES:
-            raise ValueError(f"R-CNN warp_mode must be one of {WARP_MODES}, got {self.warp_mode!r}")
-        if self.warp_size < 8 or not 0 <= 2 * self.context_padding < self.warp_size:
+    @model_validator(mode="after")
+    def _padding_fits(self) -> RCNNSettings:
+        if not 2 * self.context_padding < self.warp_size:
             raise ValueError(
-                f"R-CNN needs warp_size >= 8 and 0 <= 2 * context_padding < warp_size, got "
-                f"{self.warp_size} and {self.context_padding}"
+                f"context_padding must leave room for the region: 2 * {self.context_padding} >= warp_size {self.warp_size}"
             )
-        if self.regression_features not in ("pool5", "fc7"):
-            raise ValueError(f"R-CNN regression_features must be 'pool5' or 'fc7', got {self.regression_features!r}")
-        if self.batch_size < 1 or self.feature_batch_size < 1:
-            raise ValueError("R-CNN batch_size and feature_batch_size must be positive")
-        self.bbox_lambdas = tuple(float(v) for v in self.bbox_lambdas)
+        return self
 
 
-class RCNN(InferenceOptimizable, nn.Module):
+class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
     """R-CNN: a CNN on warped regions, per-class SVMs and box regressors (see the module doc).
 
     ``display_score_thresh``: detections scoring at least this are drawn by ``rcnn predict`` and
     the demo — 0, the SVMs' decision boundary (other detectors' scores are probabilities: 0.5).
 
     Args:
-        backbone: a single-level :class:`rcnn.backbones.Backbone` (conv body + fc6/fc7 box head).
+        backbone: a single-level backbone (any ``nn.Module`` with ``out_channels``): the conv body.
         num_classes: K + 1 (background included).
-        settings: :class:`RCNNSettings`.
+        box_head: fc6/fc7 on pool5 (its ``pool_size``); default 2 fc layers of 1024 on 7 x 7.
+        settings: :class:`RCNNSettings`; or give its fields as keyword ``options``.
         image_mean, image_std: the network's input normalisation; regions outside the image are
             filled with the mean (zero after normalisation, as R-CNN's code).
     """
 
+    name = "rcnn"
+    options = RCNNSettings
+    needs_proposals = True
+    trains_in_stages = True
     display_score_thresh = 0.0
 
     def __init__(
         self,
-        backbone: Backbone,
-        num_classes: int,
+        backbone: nn.Module,
+        num_classes: int | None = None,
+        *,
+        box_head: nn.Module | None = None,
         settings: RCNNSettings | None = None,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        if len(backbone.strides) != 1:
+        strides, _ = feature_strides(backbone)
+        if len(strides) != 1:
             raise ValueError(
                 f"R-CNN runs the CNN on whole warped regions and needs a single-level backbone; "
-                f"{backbone.name!r} has {len(backbone.strides)} feature levels"
+                f"{getattr(backbone, 'name', type(backbone).__name__)!r} has {len(strides)} feature levels"
             )
-        if num_classes < 2:
+        if num_classes is None or num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-        self.settings = s = settings or RCNNSettings()
+        if settings is not None and options:
+            raise ValueError("give R-CNN's settings either as settings=RCNNSettings(...) or as keyword options, not both")
+        s = settings or validate_options(RCNNSettings, options, "RCNN")
+        super().__init__()
+        self.settings = s
         self.backbone = backbone
-        self.num_classes = num_classes
+        self.box_head = box_head if box_head is not None else MLPHead(backbone.out_channels, 7, 1024)
+        self.pool_size = int(self.box_head.pool_size)
+        fc7_dim = self.box_head.out_features
+        pool5_dim = backbone.out_channels * self.pool_size**2
+        self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
+        self._new_classifier(num_classes, fc7_dim, pool5_dim if s.regression_features == "pool5" else fc7_dim)
+        self.matcher = Matcher(s.fg_iou_thresh, s.fg_iou_thresh)  # below 0.5: background
+        self.sampler = BalancedSampler(s.batch_size, s.positive_fraction)
+        self.use_box_regression = True  # switch off to measure its effect (ablation)
+
+    def _new_classifier(self, num_classes: int, fc7_dim: int, reg_dim: int) -> None:
+        """The class-specific parts: fine-tuning's (K+1)-way layer, and the SVMs' and regressors' buffers."""
         num_fg = num_classes - 1
-        fc7_dim = backbone.box_head.out_features
-        pool5_dim = backbone.out_channels * backbone.pool_size**2
-        reg_dim = pool5_dim if s.regression_features == "pool5" else fc7_dim
         # fine-tuning's new (K+1)-way classification layer, initialised as Fast R-CNN's (std 0.01)
         self.cls_score = nn.Linear(fc7_dim, num_classes)
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.zeros_(self.cls_score.bias)
-        self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
         # the parts trained outside the network, as buffers so that they travel in checkpoints
         self.register_buffer("svm_weights", torch.zeros(fc7_dim, num_fg))  # [F, K]
         self.register_buffer("svm_biases", torch.zeros(num_fg))  # [K]
@@ -180,9 +194,18 @@ class RCNN(InferenceOptimizable, nn.Module):
         self.register_buffer("bbox_biases", torch.zeros(num_fg, 4))  # [K, 4]
         self.register_buffer("bbox_feature_scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("trained_parts", torch.zeros(2, dtype=torch.bool))  # SVMs, regressors
-        self.matcher = Matcher(s.fg_iou_thresh, s.fg_iou_thresh)  # below 0.5: background
-        self.sampler = BalancedSampler(s.batch_size, s.positive_fraction)
-        self.use_box_regression = True  # switch off to measure its effect (ablation)
+
+    @property
+    def num_classes(self) -> int:
+        """K + 1, from the fine-tuning classifier."""
+        return self.cls_score.out_features
+
+    def replace_predictor(self, num_classes: int) -> list[str]:
+        """A new (K+1)-way layer for ``num_classes``, and empty SVMs and regressors (to train again)."""
+        device = self.cls_score.weight.device
+        self._new_classifier(num_classes, self.cls_score.in_features, self.bbox_weights.shape[1])
+        self.to(device)
+        return ["cls_score", "svm_weights", "svm_biases", "bbox_weights", "bbox_biases"]
 
     # -- the parts trained outside the network ----------------------------------------------
     def set_svms(self, svms: ClassSVMs) -> None:
@@ -242,13 +265,13 @@ class RCNN(InferenceOptimizable, nn.Module):
         s = self.settings
         mean = self.image_mean.to(image.dtype)
         crops = warp_regions(image, boxes, s.warp_size, s.warp_mode, s.context_padding, fill=mean.flatten())
-        return (crops - mean) / self.image_std.to(image.dtype)
+        return normalize(crops, mean, self.image_std)
 
     def cnn(self, crops: Tensor) -> tuple[Tensor, Tensor]:
         """``crops [R, 3, S, S]`` -> ``(pool5 [R, C, Q, Q], fc7 [R, F])``."""
-        conv = self.backbone(crops)[0]  # [R, C, S/stride, S/stride]
-        pool5 = F.adaptive_max_pool2d(conv, self.backbone.pool_size)  # [R, C, Q, Q]
-        return pool5, self.backbone.box_head(pool5)
+        conv = as_feature_list(self.backbone(crops))[0]  # [R, C, S/stride, S/stride]
+        pool5 = F.adaptive_max_pool2d(conv, self.pool_size)  # [R, C, Q, Q]
+        return pool5, self.box_head(pool5)
 
     def region_features(self, image: Tensor, boxes: Tensor, regression_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """fc7 features ``[R, F]`` of ``boxes [R, 4]``, and the regression features ``[E_rows, E]``.
@@ -311,9 +334,7 @@ class RCNN(InferenceOptimizable, nn.Module):
             gt_boxes, gt_labels = target["boxes"].to(boxes.dtype), target["labels"]
             if self.settings.add_gt_as_proposals:
                 boxes = torch.cat((boxes, gt_boxes))
-            matches = self.matcher(box_iou(gt_boxes, boxes))  # [P]
-            labels = gt_labels[matches.clamp(min=0)] if gt_boxes.numel() else torch.zeros_like(matches)
-            labels = torch.where(matches >= 0, labels, 0)
+            labels, _ = label_proposals(self.matcher, gt_boxes, gt_labels, boxes)  # [P]: below 0.5 background
             boxes_per_image.append(boxes)
             labels_per_image.append(labels)
         owner = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels_per_image)])  # [sum P]
@@ -360,14 +381,8 @@ class RCNN(InferenceOptimizable, nn.Module):
         best ``detections_per_image`` survivors are then moved by their class's regressor.
         """
         s = self.settings
-        num_props, num_fg = scores.shape
-        labels = torch.arange(1, num_fg + 1, device=scores.device).repeat(num_props)  # [P*K]
-        rows = torch.arange(num_props, device=scores.device).repeat_interleave(num_fg)  # [P*K]
-        flat = scores.reshape(-1)  # [P*K]
-        keep = (flat > score_thresh).nonzero().flatten()
-        rows, labels, flat = rows[keep], labels[keep], flat[keep]
-        keep = batched_nms(proposals[rows], flat, labels, s.nms_thresh, max_kept=s.detections_per_image)
-        rows, labels, flat = rows[keep], labels[keep], flat[keep]
+        found = per_class_detections(proposals, scores, score_thresh, s.nms_thresh, s.detections_per_image)
+        rows, labels, flat = found["rows"], found["labels"], found["scores"]
         boxes = proposals[rows]
         regressors = self.box_regressors() if self.use_box_regression else None
         if regressors is not None and rows.numel():
@@ -375,26 +390,20 @@ class RCNN(InferenceOptimizable, nn.Module):
         return {"boxes": boxes, "labels": labels, "scores": flat.to(torch.float32)}
 
     def feature_fingerprint(self) -> str:
-        """A hash of the CNN's weights: what the feature cache depends on."""
+        """A hash of the CNN's weights (conv body and box head): what the feature cache depends on."""
         digest = hashlib.sha1()
-        for name, tensor in self.backbone.state_dict().items():
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
+        for prefix, module in (("backbone.", self.backbone), ("box_head.", self.box_head)):
+            for name, tensor in module.state_dict().items():
+                digest.update((prefix + name).encode())
+                digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
         return digest.hexdigest()
 
 
-def rcnn(
-    backbone: str | Backbone = "alexnet",
-    num_classes: int = 21,
-    *,
-    pretrained_backbone: str | os.PathLike | None = None,
-    trainable_stages: int | None = None,
-    **settings: Any,
-) -> RCNN:
-    """Build an :class:`RCNN` from a backbone name; keyword arguments override :class:`RCNNSettings`.
+def rcnn(backbone: str | nn.Module = "alexnet", num_classes: int = 21, **kwargs: Any) -> RCNN:
+    """Build an :class:`RCNN` on a named architecture (or a backbone module); keyword arguments:
+    ``pretrained_backbone``, ``trainable_stages`` and the :class:`RCNNSettings` fields.
 
     Example: ``rcnn("alexnet", 21, pretrained_backbone="alexnet.pth")`` (the paper's network) or
     ``rcnn("tiny", 6, warp_size=64, context_padding=4)``.
     """
-    backbone = resolve_backbone(backbone, pretrained_backbone, trainable_stages)
-    return RCNN(backbone, num_classes, override_settings(RCNNSettings(), settings, "R-CNN"))
+    return RCNN.build(backbone, num_classes, **kwargs)

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from rcnn.config import TrainConfig
 from rcnn.inference import model_device
-from rcnn.training.checkpoint import find_checkpoint, load_checkpoint, read_json, save_checkpoint
+from rcnn.io.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from rcnn.io.files import read_json
+from rcnn.training.datasets import TrainingSet
 from rcnn.training.loop import TrainResult, train
-from rcnn.training.run import TrainingSet
 
 __all__ = ["STEPS", "freeze", "shared_parameters", "train_alternating"]
 
@@ -36,9 +37,9 @@ STEPS = ("step1_rpn", "step2_detector", "step3_rpn", "step4_detector")
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The convolutional layers the RPN and the detector share: the backbone minus its box head."""
-    head = {id(p) for p in model.backbone.box_head.parameters()}
-    return [p for p in model.backbone.parameters() if id(p) not in head]
+    """The convolutional layers the RPN and the detector share: the backbone's (the box head is the
+    detector's own)."""
+    return list(model.backbone.parameters())
 
 
 def freeze(params: list[nn.Parameter]) -> None:
@@ -53,20 +54,12 @@ def _rpn_proposals(model: nn.Module, dataset: Any) -> dict[int, Tensor]:
     Computed with the RPN's training-time counts (e.g. 2000 per image), as the reference code
     does when it generates proposals to train the detector on.
     """
-    model.eval()
-    rpn_training = model.rpn.training
     device = model_device(model)
     proposals = {}
     for index in range(len(dataset)):
         image, target = dataset[index]
-        batch, _, _ = model.transform([image.to(device)])
-        features = model.backbone(batch.tensors)
-        model.rpn.train()  # training-time top-n, no loss without targets
-        (props,), _ = model.rpn(features, batch.image_sizes)
-        model.rpn.train(rpn_training)
-        (height, width), (new_h, new_w) = batch.original_sizes[0], batch.image_sizes[0]
-        scale = props.new_tensor([width / new_w, height / new_h, width / new_w, height / new_h])
-        proposals[int(target["image_id"])] = (props * scale).cpu()
+        (props,) = model.rpn_proposals([image.to(device)], training_counts=True)
+        proposals[int(target["image_id"])] = props.cpu()
     return proposals
 
 
@@ -93,7 +86,7 @@ def train_alternating(
     Each step checkpoints into ``run_dir/<step>``; with ``resume`` finished steps are loaded
     rather than re-run and an interrupted step continues where it stopped.
     """
-    if getattr(model, "rpn", None) is None:
+    if not getattr(model, "has_rpn", False):
         raise ValueError("alternating training needs a model with an RPN (faster_rcnn or mask_rcnn)")
     run_dir = Path(run_dir)
     alt = cfg.alternating

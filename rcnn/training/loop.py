@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
-from rcnn.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rcnn.io.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
 

@@ -7,7 +7,7 @@ set for free). The classifier is the backbone's body, its RoI-sized pooling and 
 (fc6/fc7 for VGG16 and AlexNet) topped by one linear layer, so both the shared conv layers and
 the per-RoI head that the detectors reuse get trained. Training runs through the common loop
 (progress bar, checkpoints, resume, TensorBoard) and the result is saved in the layout
-:func:`rcnn.backbones.load_pretrained` reads (``model.pretrained_backbone`` in a config).
+:func:`rcnn.components.backbones.load_pretrained` reads (``model.pretrained_backbone`` in a config).
 
 Shape shorthand:
     N: images;  S: crop side;  C: backbone channels;  P: pooled side;  K: classes
@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from rcnn.backbones import Backbone, build_backbone
-from rcnn.data.common import load_image
-from rcnn.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from rcnn.components.backbones import BackboneParts, build_backbone, parts_state_dict
+from rcnn.config import TrainConfig
+from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
+from rcnn.io.images import load_image
+from rcnn.io.tensors import save_tensors
+from rcnn.training.loop import train
 
 __all__ = ["BackboneClassifier", "CropDataset", "ImageFolderDataset", "classification_accuracy", "pretrain"]
 
@@ -42,22 +44,23 @@ class BackboneClassifier(nn.Module):
     returns ``{"loss_cls"}`` in training; in eval mode it returns the logits ``[N, K]``.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+    def __init__(self, parts: BackboneParts, num_classes: int) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
-        self.backbone = backbone
-        self.classifier = nn.Linear(backbone.box_head.out_features, num_classes)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
+        self.backbone = parts.backbone
+        self.box_head = parts.box_head
+        self.classifier = nn.Linear(parts.box_head.out_features, num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD), persistent=False)
 
     def logits(self, images: Sequence[Tensor]) -> Tensor:
-        x = (torch.stack(list(images)) - self.mean) / self.std  # [N, 3, S, S]
+        x = normalize(torch.stack(list(images)), self.mean, self.std)  # [N, 3, S, S]
         level = len(self.backbone.pool_strides) - 1  # the coarsest level RoIs are pooled from
         features = self.backbone(x)[level]  # [N, C, S/s, S/s]
-        size = self.backbone.pool_size
+        size = self.box_head.pool_size
         pooled = F.adaptive_max_pool2d(features, size)  # [N, C, P, P], what RoI pooling gives a whole-image RoI
-        return self.classifier(self.backbone.box_head(pooled))  # [N, K]
+        return self.classifier(self.box_head(pooled))  # [N, K]
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]] | None = None) -> Any:
         logits = self.logits(images)
@@ -70,7 +73,7 @@ class BackboneClassifier(nn.Module):
 
 
 def _square(image: Tensor, size: int) -> Tensor:
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return resize_image(image, (size, size), antialias=True)
 
 
 class ImageFolderDataset(Dataset):
@@ -173,7 +176,7 @@ def pretrain(
     backbone_name: str,
     train_set: Dataset,
     num_classes: int,
-    cfg: Any,
+    cfg: TrainConfig,
     out_dir: str | os.PathLike,
     *,
     val_set: Dataset | None = None,
@@ -183,20 +186,15 @@ def pretrain(
 ) -> dict[str, Any]:
     """Train ``backbone_name`` as a classifier; write ``out_dir/backbone.safetensors``.
 
-    ``cfg`` is a :class:`rcnn.config.TrainConfig`. Returns the training summary, the validation
-    accuracy (when ``val_set`` is given) and the path of the weights file.
+    Returns the training summary, the validation accuracy (when ``val_set`` is given) and the path
+    of the weights file (in the layout :func:`rcnn.components.backbones.load_pretrained` reads).
     """
-    from rcnn.training.loop import train
-
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     model = BackboneClassifier(build_backbone(backbone_name, norm="bn"), num_classes)
     evaluator = (lambda m: classification_accuracy(m, val_set)) if val_set is not None else None
     result = train(model, train_set, cfg, out_dir, evaluator=evaluator, resume=resume, progress=progress, log=log)
-    weights = out_dir / "backbone.safetensors"
-    tmp = out_dir / ".backbone.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
+    weights = save_tensors(out_dir / "backbone.safetensors", parts_state_dict(BackboneParts(model.backbone, model.box_head)))
     return {
         "backbone": backbone_name,
         "iterations": result.iterations,

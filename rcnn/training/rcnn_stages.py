@@ -10,9 +10,9 @@
    image is written atomically; a rerun reads what is there and computes only what is missing or
    stale, and the whole cache is rebuilt when the CNN or the warp settings change. Features are
    read back memory-mapped, never all in memory.
-3. **Train the SVMs** (``rcnn.svm.ClassSVMs``), one per class, with hard negative mining; each
+3. **Train the SVMs** (``rcnn.components.svm.ClassSVMs``), one per class, with hard negative mining; each
    round's hard negatives are reported.
-4. **Train the box regressors** (``rcnn.box_regression.BoxRegressors``): ridge, λ by
+4. **Train the box regressors** (``rcnn.components.ridge.BoxRegressors``): ridge, λ by
    cross-validation, on proposals with IoU >= 0.6.
 
 The SVMs and regressors are put into the model (:meth:`rcnn.models.RCNN.set_svms`), which is then
@@ -38,17 +38,19 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rcnn.box_regression import BoxRegressors, select_regression_examples
+from rcnn.components.ridge import BoxRegressors, select_regression_examples
+from rcnn.components.svm import ClassSVMs, ImageRegions
 from rcnn.config import TrainConfig
 from rcnn.inference import model_device
-from rcnn.svm import ClassSVMs, ImageRegions
-from rcnn.training.checkpoint import read_json, save_checkpoint, write_json
+from rcnn.io.checkpoints import save_checkpoint
+from rcnn.io.files import atomic_write, read_json, write_json
+from rcnn.io.tensors import save_tensors
+from rcnn.training.datasets import TrainingSet
 from rcnn.training.loop import TrainResult, train
-from rcnn.training.run import TrainingSet
 
 __all__ = ["FeatureCache", "extract_features", "train_box_regressors", "train_rcnn", "train_svms"]
 
@@ -57,11 +59,13 @@ CACHE_VERSION = 1
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    """Write a ``.npy`` file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, np.ascontiguousarray(array))
-    os.replace(tmp, path)
+    """Write a ``.npy`` file atomically."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+
+    atomic_write(path, write)
 
 
 class FeatureCache(Sequence[ImageRegions]):
@@ -72,7 +76,7 @@ class FeatureCache(Sequence[ImageRegions]):
     ``gt_labels [R]`` (the class for gt regions, 0 for proposals), ``reg_index [N]`` (rows of the
     examples), ``reg_gt [N, 4]`` and ``reg_classes [N]`` (their gt box and class) — written last, so
     that its presence means the image is complete. ``cache.json`` holds the settings the features
-    depend on. ``cache[index]`` is an :class:`rcnn.svm.ImageRegions` with memory-mapped features.
+    depend on. ``cache[index]`` is an :class:`rcnn.components.svm.ImageRegions` with memory-mapped features.
     """
 
     def __init__(self, directory: str | os.PathLike, image_ids: Sequence[int]) -> None:
@@ -102,9 +106,7 @@ class FeatureCache(Sequence[ImageRegions]):
         fc7_path, reg_path, index_path = self.paths(image_id)
         _save_array(fc7_path, fc7.astype(np.float32, copy=False))
         _save_array(reg_path, reg.astype(np.float32, copy=False))
-        tmp = index_path.with_name(f".{index_path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in index.items()}, str(tmp))
-        os.replace(tmp, index_path)
+        save_tensors(index_path, index)
 
     def _load(self, path: Path) -> np.ndarray:
         try:

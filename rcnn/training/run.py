@@ -15,67 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch import nn
 
-from rcnn.config import Config, build_model, config_to_yaml
+from rcnn.build import build_model, model_class
+from rcnn.components.proposals.io import load_proposals
+from rcnn.components.proposals.selective_search import ensure_dataset_proposals
+from rcnn.config import Config, config_to_yaml
 from rcnn.data.build import build_dataset
 from rcnn.data.common import DetectionDataset
+from rcnn.data.shapes import make_shapes
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
+from rcnn.inference import evaluate_model
+from rcnn.training.alternating import train_alternating
+from rcnn.training.datasets import TrainingSet, proposal_source
+from rcnn.training.loop import train
+from rcnn.training.rcnn_stages import train_rcnn
 
-__all__ = ["TrainingSet", "ensure_proposal_files", "prepare_data", "proposal_source", "run_training"]
+__all__ = ["Data", "ensure_proposal_files", "prepare_data", "run_training"]
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingSet(Dataset):
-    """A data set for the training loop: optional proposals attached, then augmentation.
-
-    ``target["proposals"]`` (original image coordinates) is added before the transforms so that
-    a flip moves the proposals with the boxes.
-    """
-
-    def __init__(
-        self,
-        dataset: DetectionDataset,
-        transforms: Callable | None = None,
-        proposals: Callable[[int], Tensor] | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.transforms = transforms
-        self.proposals = proposals
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        image, target = self.dataset[index]
-        if self.proposals is not None:
-            target["proposals"] = self.proposals(int(target["image_id"]))
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
-
-
-def proposal_source(path: str | os.PathLike) -> Callable[[int], Tensor]:
-    """``image_id -> proposals [P, 4]`` read from a proposals file (see docs/proposals.md)."""
-    from rcnn.proposals.io import load_proposals
-
-    proposals = load_proposals(path)
-    return lambda image_id: proposals[image_id]
 
 
 def ensure_proposal_files(
     config: Config, data: Data, *, log: Callable[[str], None] = print, progress: bool = True
 ) -> None:
-    """For R-CNN and Fast R-CNN: compute selective search proposals (default settings) into the
-    configured proposals files that do not exist yet; check that existing ones cover their split
-    (``MissingProposalsError`` naming the file and the missing image ids otherwise)."""
-    if config.model.name not in ("fast_rcnn", "rcnn"):
+    """For models that need proposals (R-CNN, Fast R-CNN): compute selective search proposals
+    (default settings) into the configured proposals files that do not exist yet; check that
+    existing ones cover their split (``MissingProposalsError`` naming the file and the missing
+    image ids otherwise)."""
+    if not model_class(config.model.name).needs_proposals:
         return
-    from rcnn.proposals.io import load_proposals
-    from rcnn.proposals.selective_search import ensure_dataset_proposals
-
     for dataset, path in ((data.train, config.data.proposals_train), (data.val, config.data.proposals_val)):
         if dataset is None or not path:
             continue
@@ -97,11 +66,9 @@ def prepare_data(config: Config, *, need_train: bool = True, need_val: bool = Tr
     data = config.data
     root = Path(data.root)
     if data.shapes is not None and not (root / "annotations").is_dir():
-        from rcnn.data.shapes import make_shapes
-
         logger.info("generating the shapes data set in %s", root)
         make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed, image_size=data.shapes.image_size)
-    with_masks = config.model.name == "mask_rcnn"
+    with_masks = model_class(config.model.name).predicts_masks
     train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, images_dir=data.images) if need_train else None
     val = None
     if need_val and data.val_split:
@@ -123,9 +90,6 @@ def run_training(
     Returns a summary: iterations, training seconds, final losses, evaluation metrics and the
     checkpoint path.
     """
-    from rcnn.inference import evaluate_model
-    from rcnn.training.loop import train
-
     out_dir = Path(out_dir)
     torch.manual_seed(config.train.seed)
     data = prepare_data(config)
@@ -138,7 +102,7 @@ def run_training(
     ensure_proposal_files(config, data, log=log, progress=progress)
     train_proposals = proposal_source(config.data.proposals_train) if config.data.proposals_train else None
     val_proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
-    if config.model.name in ("fast_rcnn", "rcnn") and (train_proposals is None or (data.val and val_proposals is None)):
+    if model.needs_proposals and (train_proposals is None or (data.val and val_proposals is None)):
         raise ValueError(
             f"model {config.model.name} needs proposals files: set data.proposals_train and data.proposals_val "
             "(compute them with `rcnn proposals selective-search`)"
@@ -162,13 +126,9 @@ def run_training(
         progress=progress,
         log=log,
     )
-    if config.model.name == "rcnn":
-        from rcnn.training.rcnn_stages import train_rcnn
-
+    if model.trains_in_stages:
         result = train_rcnn(model, training_set, config.train, out_dir, **common)
     elif config.train.scheme == "alternating":
-        from rcnn.training.alternating import train_alternating
-
         result = train_alternating(model, training_set, config.train, out_dir, **common)
     else:
         result = train(model, training_set, config.train, out_dir, **common)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rcnn.boxes import check_boxes
+from rcnn.core.boxes import check_boxes
 
 __all__ = ["WARP_MODES", "WarpWindows", "to_warp_frame", "warp_regions", "warp_windows"]
 

@@ -10,7 +10,7 @@ shrunk for speed, removes duplicates and boxes smaller than ``min_size`` and kee
 regions first).
 
 :func:`compute_proposals` runs it over a data set in worker processes and writes one
-proposals file (``rcnn.proposals.io``). The file is also the cache: a second run with the same
+proposals file (``rcnn.components.proposals.io``). The file is also the cache: a second run with the same
 settings reads it and computes nothing, an interrupted run (partial results are saved every
 ``save_every_s`` seconds and on any exception) resumes where it stopped, and a run whose
 settings differ from the file's refuses to touch it (``ValueError``: pick another file).
@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from rcnn.boxes import clip_boxes, remove_small_boxes
-from rcnn.data.common import load_image
-from rcnn.proposals.io import ProposalsFile, load_proposals, save_proposals
+from rcnn.components.proposals.io import ProposalsFile, load_proposals, save_proposals
+from rcnn.core.boxes import clip_boxes, remove_small_boxes
+from rcnn.io.images import load_image
 
 __all__ = [
     "SelectiveSearch",

@@ -1,9 +1,10 @@
 """The library's one entry point for NMS, RoI pooling and RoIAlign.
 
-The fast versions call the ``torchvision.ops`` kernels (C++ on the CPU, CUDA on a GPU). Each has a
-slow, loop-based pure-PyTorch reference version beside it (``*_reference``), written from the
-papers' descriptions; the tests check that the two agree, so the kernels' semantics are pinned
-down here rather than taken on trust.
+These call the ``torchvision.ops`` kernels (C++ on the CPU, CUDA on a GPU). Each has a slow,
+loop-based pure-PyTorch reference version beside it (``*_reference``), written from the papers'
+descriptions; the tests check that the two agree, so the kernels' semantics are pinned down here
+rather than taken on trust. Where a CPU fast path of :mod:`rcnn.core.fastpaths` applies (and the
+switch there is on), one line hands the work to it; the results are the same.
 
 RoIs are given either as a ``[R, 5]`` tensor of ``(batch_index, x1, y1, x2, y2)`` or as a list
 with one ``[Ri, 4]`` box tensor per image, in input-image pixels; ``spatial_scale`` (1 / stride)
@@ -18,14 +19,14 @@ Shape shorthand:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torchvision.ops
 from torch import Tensor, nn
 
-from rcnn.boxes import box_iou
+from rcnn.core import fastpaths
+from rcnn.core.boxes import box_iou
 
 __all__ = [
     "RoIPooler",
@@ -34,7 +35,6 @@ __all__ = [
     "nms",
     "nms_reference",
     "roi_align",
-    "roi_align_grad",
     "roi_align_reference",
     "roi_pool",
     "roi_pool_reference",
@@ -79,8 +79,8 @@ def batched_nms(
     answer. ``k`` starts at ``4 * max_kept`` and grows fourfold until it is enough. This is what
     makes per-class NMS cheap at a low score threshold: 90 classes x 1000 proposals are 90,000
     candidates for 100 detections. When ``4 * max_kept`` already covers all boxes (the RPN in
-    training: 2000 boxes, 512 kept), the boxes are taken on the CPU in chunks instead (see
-    :func:`_chunked_nms`), so NMS stops where ``max_kept`` are kept. (Equal scores at a cut may be
+    training: 2000 boxes, 512 kept), the CPU fast path takes the boxes in chunks instead (see
+    :func:`rcnn.core.fastpaths.chunked_nms`), so NMS stops where ``max_kept`` are kept. (Equal scores at a cut may be
     ordered differently from a full run, as NMS orders ties arbitrarily anyway.)
     """
     _check_nms_inputs(boxes, scores)
@@ -92,8 +92,8 @@ def batched_nms(
     if max_kept is None:
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
     k = 4 * max_kept
-    if k >= len(scores) and boxes.device.type == "cpu":
-        return _chunked_nms(boxes, scores, groups, iou_threshold, max_kept)
+    if k >= len(scores) and fastpaths.enabled() and boxes.device.type == "cpu":
+        return fastpaths.chunked_nms(boxes, scores, groups, iou_threshold, max_kept)
     while k < len(scores):
         top = scores.topk(k).indices  # sorted by decreasing score
         keep = torchvision.ops.batched_nms(boxes[top], scores[top], groups[top], iou_threshold)
@@ -101,60 +101,6 @@ def batched_nms(
             return top[keep[:max_kept]]
         k *= 4
     return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]
-
-
-def _chunked_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
-    """``batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]``, boxes taken in score order in chunks.
-
-    The first chunk (the best ``1.5 * max_kept``) goes through NMS as it is. A later chunk's boxes
-    are first dropped where they overlap (IoU above the threshold, same group) a box kept so far,
-    all pairs at once; NMS among the survivors then gives exactly the chunk's kept boxes, since a
-    box suppressed earlier suppresses nothing. Chunks of ``max_kept / 2`` follow until
-    ``max_kept`` are kept. torchvision's CPU kernel compares each kept box with every later box,
-    so stopping early saves most of the work when about half the boxes survive: the RPN's 2000
-    training proposals, 512 kept, take 3.6 instead of 11.3 ms per image (late in training on the
-    shapes data, 2 threads).
-    """
-    n = len(scores)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    boxes, scores, groups = boxes[order], scores[order], groups[order]  # from here on, in score order
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    threshold = _float_threshold(iou_threshold, boxes.dtype)
-    end = min(n, (3 * max_kept + 1) // 2)
-    kept = torchvision.ops.batched_nms(boxes[:end], scores[:end], groups[:end], iou_threshold).sort().values
-    parts, count = [kept], len(kept)
-    while count < max_kept and end < n:
-        start, end = end, min(n, end + max(max_kept // 2, 1))
-        kept = torch.cat(parts)
-        a, b = boxes[start:end], boxes[kept]  # [c, 4] candidates, [k, 4] kept so far
-        w = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-        h = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp(min=0)
-        # [c, k]; IoU as torchvision's kernel computes it (raw areas, no guard for degenerate boxes),
-        # not rcnn.boxes.box_iou, so that the result is the kernel's also for such boxes
-        inter = w * h
-        overlap = inter / (area[start:end, None] + area[None, kept] - inter) > threshold
-        overlap &= groups[start:end, None] == groups[None, kept]
-        alive = torch.arange(start, end, device=boxes.device)[~overlap.any(dim=1)]
-        if len(alive):
-            chosen = alive[torchvision.ops.batched_nms(boxes[alive], scores[alive], groups[alive], iou_threshold).sort().values]
-            parts.append(chosen)
-            count += len(chosen)
-    return order[torch.cat(parts)[:max_kept]]
-
-
-def _float_threshold(threshold: float, dtype: torch.dtype) -> float | Tensor:
-    """A threshold ``t`` for ``iou > t`` in ``dtype`` that agrees with torchvision's comparison in double.
-
-    A float32 tensor is compared with a Python float rounded to float32; where that rounding goes
-    up, ``iou > float32(t)`` would miss an IoU equal to ``float32(t)`` that exceeds ``t``. The largest
-    float32 not above ``t`` gives the same answers as comparing in double.
-    """
-    if dtype == torch.float64:
-        return threshold
-    t = torch.tensor(threshold, dtype=dtype)
-    if float(t) > threshold:
-        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
-    return t
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -236,165 +182,16 @@ def roi_align(
     coordinates map exactly onto feature-cell centres (without it the sampling grid is
     misaligned by half a pixel, the legacy behaviour).
 
-    On the CPU, with a fixed ``sampling_ratio`` and float32/64 features, RoIAlign is computed as
-    one sparse matrix product for all channels, forward and backward (:func:`roi_align_grad`);
-    elsewhere by torchvision's kernel. Both give the same values up to float rounding (tested).
+    On the CPU, with a fixed ``sampling_ratio``, the fast path computes it as one sparse matrix
+    product for all channels, forward and backward (:func:`rcnn.core.fastpaths.roi_align`); both
+    give the same values up to float rounding (tested).
     """
     rois = to_rois(rois).to(features.dtype)
     _check_features(features, rois)
     args = (_pair(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
-    if (
-        features.device.type == "cpu"
-        and args[2] > 0
-        and features.dtype in (torch.float32, torch.float64)
-        and features.numel() > 0
-    ):
-        return _RoIAlignCPU.apply(features, rois, *args)
+    if fastpaths.roi_align_applies(features, args[2]):
+        return fastpaths.roi_align(features, rois, *args)
     return torchvision.ops.roi_align(features, rois, *args)
-
-
-class _RoIAlignCPU(torch.autograd.Function):
-    """RoIAlign on the CPU as a sparse linear map over all channels, forward and backward.
-
-    RoIAlign is linear in the features: every output cell is a fixed weighted sum of feature cells
-    (``sampling_ratio`` squared bilinear samples of 4 taps each, averaged). The forward builds that
-    map once (:func:`_roi_align_taps`) as a sparse ``[R*P*Q, N*H*W]`` matrix and applies it to the
-    channels-last features, one multi-threaded sparse x dense product; the backward applies its
-    transpose to the output gradient from the same taps. torchvision's CPU kernels instead walk the
-    samples RoI by RoI and channel by channel on one thread.
-    """
-
-    @staticmethod
-    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):  # type: ignore[override]
-        num_images, channels, height, width = features.shape
-        (out_h, out_w), num_rois = output_size, rois.shape[0]
-        cell, weight = _roi_align_taps(rois, features.shape, output_size, spatial_scale, sampling_ratio, aligned)
-        ctx.save_for_backward(cell, weight)
-        ctx.settings = (tuple(features.shape), output_size)
-        if num_rois == 0:
-            return features.new_zeros((0, channels, out_h, out_w))
-        taps = cell.numel() // (num_rois * out_h * out_w)
-        index = _index_dtype(cell.numel(), num_images * height * width)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            matrix = torch.sparse_csr_tensor(
-                torch.arange(0, cell.numel() + 1, taps, device=cell.device, dtype=index), cell.to(index), weight,
-                (num_rois * out_h * out_w, num_images * height * width), check_invariants=False,
-            )  # fmt: skip
-            out = matrix @ features.permute(0, 2, 3, 1).reshape(-1, channels)  # [R*P*Q, C]
-        return out.reshape(num_rois, out_h, out_w, channels).permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        cell, weight = ctx.saved_tensors
-        shape, _ = ctx.settings
-        return _roi_align_transpose(grad, cell, weight, shape), None, None, None, None, None
-
-
-def _index_dtype(nnz: int, columns: int) -> torch.dtype:
-    """int32 indices for a sparse matrix when they fit (MKL's native width: faster), else int64."""
-    return torch.int32 if max(nnz, columns) < 2**31 - 1 else torch.int64
-
-
-def _bilinear_taps(coords: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """The two cells and weights of 1-D bilinear interpolation at ``coords [..., S]`` on ``size`` cells,
-    with RoIAlign's border rules (zero beyond -1 and ``size``, clamped to the edge cells within):
-    ``[..., S, 2]`` int64 cell indices and ``[..., S, 2]`` weights."""
-    inside = ((coords >= -1.0) & (coords <= size)).to(coords.dtype)
-    c = coords.clamp(min=0.0)
-    low = c.floor().long()
-    edge = low >= size - 1
-    low = low.clamp(max=size - 1)
-    high = torch.where(edge, low, low + 1)
-    frac = torch.where(edge, torch.zeros_like(c), c - low.to(c.dtype))
-    return torch.stack((low, high), -1), torch.stack(((1.0 - frac) * inside, frac * inside), -1)
-
-
-def _roi_align_taps(
-    rois: Tensor,
-    feature_shape: Sequence[int],
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-) -> tuple[Tensor, Tensor]:
-    """RoIAlign as a weighted sum of feature cells: ``cell`` and ``weight``, both ``[R*P*Q*T]``.
-
-    Output cell ``(r, p, q)`` is ``sum_t weight[i] * features_flat[cell[i]]`` over its T = (2s)^2
-    taps ``i = ((r*P + p)*Q + q)*T + t`` (s x s samples, separable bilinear: 2 x 2 cells each,
-    weights divided by s^2 for the average); ``cell`` indexes the N*H*W feature cells (int64),
-    ``features_flat`` being the features in channels-last order. Needs ``sampling_ratio > 0``.
-    """
-    num_images, _, height, width = (int(v) for v in feature_shape)
-    out_h, out_w = output_size
-    num_rois = rois.shape[0]
-    s = int(sampling_ratio)
-    offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - offset
-    y1 = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - x1
-    roi_h = rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:  # legacy: malformed RoIs forced to at least 1 x 1, as torchvision's kernel does
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    # sample positions in bin units: (i + 0.5) / s for i < P * s; [R, P*s] and [R, Q*s]
-    steps_y = (torch.arange(out_h * s, device=rois.device, dtype=rois.dtype) + 0.5) / s
-    steps_x = (torch.arange(out_w * s, device=rois.device, dtype=rois.dtype) + 0.5) / s
-    rows, row_w = _bilinear_taps(y1[:, None] + steps_y * (roi_h / out_h)[:, None], height)  # [R, P*s, 2]
-    cols, col_w = _bilinear_taps(x1[:, None] + steps_x * (roi_w / out_w)[:, None], width)  # [R, Q*s, 2]
-    taps = 2 * s  # per bin and axis: s samples x 2 cells
-    rows, row_w = rows.reshape(num_rois, out_h, 1, taps, 1), row_w.reshape(num_rois, out_h, 1, taps, 1) / s
-    cols, col_w = cols.reshape(num_rois, 1, out_w, 1, taps), col_w.reshape(num_rois, 1, out_w, 1, taps) / s
-    image = rois[:, 0].long().reshape(num_rois, 1, 1, 1, 1)
-    cell = ((image * height + rows) * width + cols).reshape(-1)  # [R*P*Q*T]
-    return cell, (row_w * col_w).reshape(-1)
-
-
-def _roi_align_transpose(grad: Tensor, cell: Tensor, weight: Tensor, feature_shape: Sequence[int]) -> Tensor:
-    """The transpose of the map given by :func:`_roi_align_taps`, applied to ``grad [R, C, P, Q]``:
-    the gradient ``[N, C, H, W]`` with respect to the features."""
-    num_images, channels, height, width = (int(v) for v in feature_shape)
-    num_rois, _, out_h, out_w = grad.shape
-    if num_rois == 0:
-        return grad.new_zeros((num_images, channels, height, width))
-    taps = cell.numel() // (num_rois * out_h * out_w)
-    index = _index_dtype(cell.numel(), num_rois * out_h * out_w)
-    # CSR over feature cells: sort the taps by cell; column = the output cell (r, p, q) of each tap
-    sorted_cell, order = torch.sort(cell)
-    counts = torch.bincount(sorted_cell, minlength=num_images * height * width)
-    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(index)
-    grad_cells = grad.permute(0, 2, 3, 1).reshape(num_rois * out_h * out_w, channels)  # [R*P*Q, C]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(
-            crow, torch.div(order, taps, rounding_mode="floor").to(index), weight[order],
-            (num_images * height * width, num_rois * out_h * out_w), check_invariants=False,
-        )  # fmt: skip
-        out = matrix @ grad_cells  # [N*H*W, C]
-    return out.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
-
-
-def roi_align_grad(
-    grad: Tensor,
-    rois: Tensor,
-    feature_shape: Sequence[int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool = True,
-) -> Tensor:
-    """Gradient of :func:`roi_align` with respect to its ``[N, C, H, W]`` features, given ``grad [R, C, P, Q]``.
-
-    RoIAlign is linear in the features, so the gradient is the transpose of its map applied to
-    ``grad``: one sparse x dense product for all channels (rows: feature cells, columns: output
-    cells), where torchvision's CPU backward walks the samples RoI by RoI and channel by channel on
-    one thread. Same values up to float rounding (tests compare with torchvision's backward). Needs
-    ``sampling_ratio > 0``. (Training computes this from the taps its forward built.)
-    """
-    if sampling_ratio <= 0:
-        raise ValueError(f"roi_align_grad needs a fixed sampling_ratio > 0, got {sampling_ratio}")
-    rois = rois.to(grad.dtype)
-    cell, weight = _roi_align_taps(rois, feature_shape, tuple(grad.shape[-2:]), spatial_scale, sampling_ratio, aligned)
-    return _roi_align_transpose(grad, cell, weight, feature_shape)
 
 
 def roi_pool_reference(features: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float) -> Tensor:

@@ -18,17 +18,18 @@ Shape shorthand:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import model_validator
 from torch import Tensor, nn
 
-from rcnn.anchors import AnchorGenerator
-from rcnn.backbones import Backbone
-from rcnn.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
-from rcnn.losses import rpn_loss
-from rcnn.matching import BalancedSampler, Matcher
-from rcnn.ops import batched_nms
+from rcnn.components.settings import IoU, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Settings
+from rcnn.core.anchors import AnchorGenerator
+from rcnn.core.boxes import BoxCoder, clip_boxes, remove_small_boxes
+from rcnn.core.losses import rpn_loss
+from rcnn.core.matching import BalancedSampler, Matcher, label_proposals
+from rcnn.core.ops import batched_nms
 
 __all__ = ["RPNHead", "RPNSettings", "RegionProposalNetwork", "default_rpn_settings"]
 
@@ -64,8 +65,7 @@ def _flatten_level(logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
     return logits, deltas
 
 
-@dataclass
-class RPNSettings:
+class RPNSettings(Settings):
     """The RPN's hyper-parameters; defaults are the Faster R-CNN paper's (py-faster-rcnn's config).
 
     Attributes:
@@ -83,30 +83,38 @@ class RPNSettings:
             N_box = anchor locations).
     """
 
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    pre_nms_top_n_train: int = 12000
-    pre_nms_top_n_test: int = 6000
-    post_nms_top_n_train: int = 2000
-    post_nms_top_n_test: int = 300
-    nms_thresh: float = 0.7
-    min_size: float = 1e-3
-    score_thresh: float = 0.0
-    allowed_border: float | None = 0.0
-    loss_normalization: str = "paper"
-    box_weight: float = 10.0
-    beta: float = 1.0
+    fg_iou_thresh: IoU = 0.7
+    bg_iou_thresh: IoU = 0.3
+    batch_size_per_image: PositiveInt = 256
+    positive_fraction: Probability = 0.5
+    pre_nms_top_n_train: PositiveInt = 12000
+    pre_nms_top_n_test: PositiveInt = 6000
+    post_nms_top_n_train: PositiveInt = 2000
+    post_nms_top_n_test: PositiveInt = 300
+    nms_thresh: IoU = 0.7
+    min_size: NonNegativeFloat = 1e-3
+    score_thresh: Probability = 0.0
+    allowed_border: NonNegativeFloat | None = 0.0
+    loss_normalization: Literal["paper", "batch"] = "paper"
+    box_weight: NonNegativeFloat = 10.0
+    beta: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> RPNSettings:
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(
+                f"bg_iou_thresh ({self.bg_iou_thresh}) must not exceed fg_iou_thresh ({self.fg_iou_thresh})"
+            )
+        return self
 
 
-def default_rpn_settings(backbone: Backbone) -> RPNSettings:
+def default_rpn_settings(num_levels: int) -> RPNSettings:
     """The Faster R-CNN paper's RPN settings on single-level backbones (12000 / 2000 proposals
     before / after NMS in training, 6000 / 300 at test, cross-boundary anchors ignored, the
-    paper's loss normalisation); on FPN backbones the FPN / torchvision conventions (2000 / 2000
-    per level / image in training, 1000 / 1000 at test, all anchors used, the "batch" loss
-    normalisation with beta 1/9)."""
-    if len(backbone.strides) == 1:
+    paper's loss normalisation); on FPN backbones (``num_levels > 1``) the FPN / torchvision
+    conventions (2000 / 2000 per level / image in training, 1000 / 1000 at test, all anchors used,
+    the "batch" loss normalisation with beta 1/9)."""
+    if num_levels == 1:
         return RPNSettings()
     return RPNSettings(
         pre_nms_top_n_train=2000, pre_nms_top_n_test=1000, post_nms_top_n_train=2000, post_nms_top_n_test=1000,
@@ -212,10 +220,8 @@ class RegionProposalNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Anchor targets of one image: labels ``[T]`` (1 / 0 / -1 ignored) and matched gt ``[T]``."""
         s = self.settings
-        matches = self.matcher(box_iou(gt_boxes, anchors))  # [T]
-        labels = torch.full_like(matches, -1)
-        labels[matches >= 0] = 1
-        labels[matches == Matcher.BELOW_LOW_THRESHOLD] = 0
+        objects = torch.ones(gt_boxes.shape[0], dtype=torch.int64, device=gt_boxes.device)  # object / not object
+        labels, matched = label_proposals(self.matcher, gt_boxes, objects, anchors)  # [T], [T]
         if s.allowed_border is not None:
             b = s.allowed_border
             height, width = image_size
@@ -223,7 +229,7 @@ class RegionProposalNetwork(nn.Module):
                 (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] <= width + b) & (anchors[:, 3] <= height + b)
             )
             labels[~inside] = -1
-        return labels, matches.clamp(min=0)
+        return labels, matched
 
     def loss(
         self,

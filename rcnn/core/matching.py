@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BalancedSampler", "Matcher", "hard_negatives"]
+from rcnn.core.boxes import box_iou
+
+__all__ = ["BalancedSampler", "Matcher", "hard_negatives", "label_proposals"]
 
 
 class Matcher:
@@ -80,6 +82,28 @@ class Matcher:
             # a proposal that is the best for several gts keeps its own highest-IoU gt
             result[prop_idx] = matches[prop_idx]
         return result
+
+
+def label_proposals(matcher: Matcher, gt_boxes: Tensor, gt_labels: Tensor, proposals: Tensor) -> tuple[Tensor, Tensor]:
+    """Label proposals (or anchors) by IoU with the ground truth: the rule every generation shares.
+
+    Args:
+        matcher: the generation's thresholds (see the module docstring).
+        gt_boxes: ``[G, 4]``; gt_labels: ``[G]`` int64 in 1..K (all ones for the RPN's
+            object / not-object labels).
+        proposals: ``[P, 4]``.
+
+    Returns ``labels [P]`` int64 — the matched gt's class (>= 1), 0 for background, -1 for
+    ignored — and ``matched [P]``, the index of the matched gt (0 where there is none).
+    """
+    matches = matcher(box_iou(gt_boxes.to(proposals.dtype), proposals))  # [P]
+    if gt_boxes.numel():
+        labels = gt_labels[matches.clamp(min=0)].clone()
+    else:
+        labels = torch.zeros_like(matches)
+    labels[matches == Matcher.BELOW_LOW_THRESHOLD] = 0
+    labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1
+    return labels, matches.clamp(min=0)
 
 
 class BalancedSampler:

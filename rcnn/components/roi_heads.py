@@ -1,10 +1,15 @@
 """Per-RoI heads: RoI sampling, pooling, the box head and predictor, their loss and post-processing.
 
 Fast R-CNN (§2) pools a fixed-size feature map for each RoI from the shared conv features,
-runs it through fc layers (the *box head*, owned by the backbone: VGG16's fc6/fc7, ResNet's
-res5, or two new fc layers on an FPN) and branches into two siblings: a softmax over K + 1
-classes and K class-specific box regressors. Faster R-CNN feeds it RPN proposals; Mask R-CNN
-adds a mask branch (``rcnn.masks``) beside the box branch.
+runs it through the *box head* (VGG16's fc6/fc7, ResNet's res5, or two new fc layers on an FPN;
+:mod:`rcnn.components.box_heads`) and branches into two siblings, the :class:`BoxPredictor`: a
+softmax over K + 1 classes and K class-specific box regressors. Faster R-CNN feeds it RPN
+proposals; Mask R-CNN's heads (:class:`rcnn.components.mask_heads.MaskRoIHeads`) subclass
+:class:`RoIHeads` and add the mask branch through its two hooks, :meth:`RoIHeads.branch_losses`
+(training) and :meth:`RoIHeads.branch_outputs` (inference).
+
+The number of classes is the predictor's: replacing ``roi_heads.predictor`` by one for another
+class count (the fine-tuning recipe) changes the model's classes everywhere.
 
 Shape shorthand:
     N: images;  P: proposals of an image;  R: RoIs of the batch;  G: gt boxes of an image
@@ -15,15 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from rcnn.backbones import Backbone
-from rcnn.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
-from rcnn.losses import fast_rcnn_loss
-from rcnn.matching import BalancedSampler, Matcher
-from rcnn.ops import RoIPooler, batched_nms
+from rcnn.components.settings import IoU, NonNegativeFloat, PositiveFloat, PositiveInt, Probability, Settings
+from rcnn.core.boxes import BoxCoder, clip_boxes
+from rcnn.core.losses import fast_rcnn_loss
+from rcnn.core.matching import BalancedSampler, Matcher, label_proposals
+from rcnn.core.ops import RoIPooler
+from rcnn.core.postprocess import per_class_detections
 
 __all__ = ["BoxPredictor", "RoIHeadSettings", "RoIHeads", "SampledRoIs", "default_roi_settings"]
 
@@ -45,7 +53,6 @@ class BoxPredictor(nn.Module):
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
         if init not in ("gaussian", "uniform"):
             raise ValueError(f"roi.predictor_init must be 'gaussian' or 'uniform', got {init!r}")
-        self.num_classes = num_classes
         self.cls_score = nn.Linear(in_features, num_classes)
         self.bbox_pred = nn.Linear(in_features, 4 * (num_classes - 1))
         if init == "gaussian":
@@ -54,12 +61,16 @@ class BoxPredictor(nn.Module):
             nn.init.zeros_(self.cls_score.bias)
             nn.init.zeros_(self.bbox_pred.bias)
 
+    @property
+    def num_classes(self) -> int:
+        """K + 1, read from the classification layer."""
+        return self.cls_score.out_features
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # [R, F] -> [R, K+1], [R, 4K]
         return self.cls_score(x), self.bbox_pred(x)
 
 
-@dataclass
-class RoIHeadSettings:
+class RoIHeadSettings(Settings):
     """Hyper-parameters of the box branch; defaults follow Fast R-CNN / py-faster-rcnn.
 
     Attributes:
@@ -78,23 +89,33 @@ class RoIHeadSettings:
             default, as torchvision); see :class:`BoxPredictor`.
     """
 
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh_hi: float = 0.5
-    bg_iou_thresh_lo: float = 0.1
-    batch_size_per_image: int = 64
-    positive_fraction: float = 0.25
+    fg_iou_thresh: IoU = 0.5
+    bg_iou_thresh_hi: IoU = 0.5
+    bg_iou_thresh_lo: IoU = 0.1
+    batch_size_per_image: PositiveInt = 64
+    positive_fraction: Probability = 0.25
     add_gt_as_proposals: bool = True
-    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-    box_loss_weight: float = 1.0
-    box_loss_beta: float = 1.0
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.3
-    detections_per_image: int = 100
-    predictor_init: str = "gaussian"
+    bbox_reg_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (10.0, 10.0, 5.0, 5.0)
+    box_loss_weight: NonNegativeFloat = 1.0
+    box_loss_beta: PositiveFloat = 1.0
+    score_thresh: float = Field(default=0.05, ge=0.0, le=1.0)
+    nms_thresh: IoU = 0.3
+    detections_per_image: PositiveInt = 100
+    predictor_init: Literal["gaussian", "uniform"] = "gaussian"
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> RoIHeadSettings:
+        if not self.bg_iou_thresh_lo <= self.bg_iou_thresh_hi <= self.fg_iou_thresh:
+            raise ValueError(
+                "the thresholds must satisfy bg_iou_thresh_lo <= bg_iou_thresh_hi <= fg_iou_thresh, got "
+                f"{self.bg_iou_thresh_lo}, {self.bg_iou_thresh_hi}, {self.fg_iou_thresh}"
+            )
+        return self
 
 
-def default_roi_settings(backbone: Backbone) -> tuple[RoIHeadSettings, str]:
-    """RoI-head settings and RoI pooler kind (``"pool"`` or ``"align"``) for a backbone.
+def default_roi_settings(num_levels: int) -> tuple[RoIHeadSettings, str]:
+    """RoI-head settings and RoI pooler kind (``"pool"`` or ``"align"``) for a backbone with
+    ``num_levels`` feature levels.
 
     Single-level backbones get the Fast / Faster R-CNN papers' settings: RoI max pooling, 64 RoIs
     per image with background IoU in [0.1, 0.5), per-class NMS 0.3, smooth L1 with beta 1. FPN
@@ -102,7 +123,7 @@ def default_roi_settings(backbone: Backbone) -> tuple[RoIHeadSettings, str]:
     two can be compared like for like: RoIAlign, 512 RoIs per image with background in [0, 0.5),
     NMS 0.5, beta 1/9.
     """
-    if len(backbone.strides) == 1:
+    if num_levels == 1:
         return RoIHeadSettings(), "pool"
     return RoIHeadSettings(batch_size_per_image=512, bg_iou_thresh_lo=0.0, nms_thresh=0.5, box_loss_beta=1.0 / 9), "align"
 
@@ -121,50 +142,39 @@ class RoIHeads(nn.Module):
     """RoI sampling + pooling + box head + predictor, with the Fast R-CNN loss and post-processing.
 
     Args:
+        box_head: ``[R, C, P, P] -> [R, F]`` with attributes ``out_features`` (F) and, unless
+            ``pooler`` is given, ``pool_size`` (P).
+        predictor: the :class:`BoxPredictor` (its ``num_classes`` is the model's K + 1).
         pooler: pools each RoI to the box head's input size (RoI pooling or RoIAlign).
-        box_head: ``[R, C, P, P] -> [R, F]`` with attribute ``out_features``.
-        num_classes: K + 1.
         settings: :class:`RoIHeadSettings`.
-        mask_branch: optional Mask R-CNN branch (``rcnn.masks.MaskBranch``).
     """
 
     def __init__(
         self,
-        pooler: RoIPooler,
         box_head: nn.Module,
-        num_classes: int,
+        predictor: BoxPredictor,
+        pooler: RoIPooler,
         settings: RoIHeadSettings | None = None,
-        mask_branch: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.settings = s = settings or RoIHeadSettings()
         self.pooler = pooler
         self.box_head = box_head
-        self.predictor = BoxPredictor(box_head.out_features, num_classes, s.predictor_init)
-        self.mask_branch = mask_branch
-        self.num_classes = num_classes
+        self.predictor = predictor
         self.box_coder = BoxCoder(s.bbox_reg_weights)
         self.matcher = Matcher(s.fg_iou_thresh, s.bg_iou_thresh_hi, min_negative=s.bg_iou_thresh_lo)
         self.sampler = BalancedSampler(s.batch_size_per_image, s.positive_fraction)
 
-    @classmethod
-    def for_backbone(
-        cls,
-        backbone: Backbone,
-        num_classes: int,
-        settings: RoIHeadSettings | None = None,
-        pooler: str | None = None,
-        sampling_ratio: int = 2,
-        mask_branch: nn.Module | None = None,
-        aligned: bool = True,
-    ) -> RoIHeads:
-        """The RoI heads on ``backbone``: its box head, pooled at its ``pool_size`` from its
-        ``pool_strides``; settings and pooler default to :func:`default_roi_settings`."""
-        default, default_pooler = default_roi_settings(backbone)
-        roi_pooler = RoIPooler(
-            backbone.pool_size, backbone.pool_strides, pooler or default_pooler, sampling_ratio, aligned
-        )
-        return cls(roi_pooler, backbone.box_head, num_classes, settings or default, mask_branch)
+    @property
+    def num_classes(self) -> int:
+        """K + 1: the predictor's."""
+        return self.predictor.num_classes
+
+    def replace_predictor(self, num_classes: int) -> list[str]:
+        """New, freshly initialised class-specific layers for ``num_classes`` (K + 1); returns their
+        names (for reports). The box head and everything before it stay."""
+        self.predictor = BoxPredictor(self.box_head.out_features, num_classes, self.settings.predictor_init)
+        return ["predictor"]
 
     def sample(self, proposals: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
         """Label proposals by IoU with the gt and sample a balanced mini-batch of RoIs per image."""
@@ -173,16 +183,10 @@ class RoIHeads(nn.Module):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
             if self.settings.add_gt_as_proposals:
                 props = torch.cat((props, gt_boxes.to(props.dtype)))
-            matches = self.matcher(box_iou(gt_boxes, props))  # [P]
-            if gt_boxes.numel():
-                labels = gt_labels[matches.clamp(min=0)].clone()
-            else:
-                labels = torch.zeros_like(matches)
-            labels[matches == Matcher.BELOW_LOW_THRESHOLD] = 0
-            labels[matches == Matcher.BETWEEN_THRESHOLDS] = -1
+            labels, matched = label_proposals(self.matcher, gt_boxes, gt_labels, props)  # [P], [P]
             pos, neg = self.sampler(labels)
             idx = torch.cat((pos, neg))
-            props, labels, matched = props[idx], labels[idx], matches[idx].clamp(min=0)
+            props, labels, matched = props[idx], labels[idx], matched[idx]
             if gt_boxes.numel():
                 box_targets = self.box_coder.encode(gt_boxes[matched], props)
             else:
@@ -218,14 +222,24 @@ class RoIHeads(nn.Module):
                 box_weight=self.settings.box_loss_weight,
                 beta=self.settings.box_loss_beta,
             )
-            if self.mask_branch is not None:
-                losses.update(self.mask_branch.loss(features, sampled, targets))
+            losses.update(self.branch_losses(features, sampled, targets))
             return [], losses
         class_logits, box_deltas = self.predictor(self.box_features(features, proposals))
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
-        if self.mask_branch is not None:
-            self.mask_branch.predict(features, detections)
+        self.branch_outputs(features, detections)
         return detections, {}
+
+    def branch_losses(
+        self, features: Sequence[Tensor], sampled: SampledRoIs, targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Hook for further per-RoI branches in training (Mask R-CNN's mask loss); none here."""
+        return {}
+
+    def branch_outputs(self, features: Sequence[Tensor], detections: list[dict[str, Tensor]]) -> None:
+        """Hook for further per-RoI branches at test time, run on the final detections (in place)."""
+
+    def finalize(self, detections: list[dict[str, Tensor]], original_sizes: Sequence[tuple[int, int]]) -> None:
+        """Hook run once the boxes are in original image coordinates (Mask R-CNN pastes its masks)."""
 
     def postprocess(
         self,
@@ -234,20 +248,22 @@ class RoIHeads(nn.Module):
         proposals: Sequence[Tensor],
         image_sizes: Sequence[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        """Softmax, per-class decoding, clipping, score threshold, per-class NMS, top detections."""
+        """Softmax, per-class decoding, clipping, then :func:`rcnn.core.postprocess.per_class_detections`."""
         s = self.settings
         num_fg = self.num_classes - 1
+        if box_deltas.shape[1] != 4 * num_fg:
+            raise ValueError(
+                f"the box predictor gives {box_deltas.shape[1] // 4} box regressors for {num_fg} classes; "
+                "a predictor of K + 1 scores needs 4K deltas (see BoxPredictor)"
+            )
         probs = torch.softmax(class_logits, dim=-1)[:, 1:]  # [R, K]
         counts = [len(p) for p in proposals]
         all_boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(-1, num_fg, 4)  # [R, K, 4]
         detections = []
         for boxes, scores, size in zip(all_boxes.split(counts), probs.split(counts), image_sizes):
-            boxes = clip_boxes(boxes, size).reshape(-1, 4)  # [P*K, 4]
-            labels = torch.arange(1, num_fg + 1, device=boxes.device).repeat(scores.shape[0])  # [P*K]
-            scores = scores.reshape(-1)
-            keep = (scores > s.score_thresh).nonzero().flatten()
-            keep = keep[remove_small_boxes(boxes[keep], 1e-2)]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, s.nms_thresh, max_kept=s.detections_per_image)
-            detections.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            found = per_class_detections(
+                clip_boxes(boxes, size), scores, s.score_thresh, s.nms_thresh, s.detections_per_image, min_size=1e-2
+            )
+            found.pop("rows")
+            detections.append(found)
         return detections

@@ -1,17 +1,21 @@
-"""Backbones: the shared convolutional layers, and the per-RoI head that sits on top of them.
+"""Backbones: the shared convolutional layers, named architectures, and their pre-trained weights.
 
 Every generation runs a CNN pre-trained for classification (the seed's step 1). R-CNN runs it
 on each warped region; Fast/Faster/Mask R-CNN run its convolutional part once on the whole
 image and replace its last max pool by RoI pooling, keeping its fully connected layers (fc6,
-fc7) as the per-RoI *box head* (Fast R-CNN §2.2). A :class:`Backbone` therefore owns both
-parts, so that a classification checkpoint (torchvision's layout) loads into both at once:
+fc7) as the per-RoI *box head* (Fast R-CNN §2.2). A named architecture therefore gives two
+parts (:class:`BackboneParts`): the :class:`Backbone` (``images -> feature maps``) and its box
+head (:mod:`rcnn.components.box_heads`), and a classification checkpoint (torchvision's layout)
+loads into both at once (:func:`load_pretrained`). The detector registers each part once.
 
-- ``forward(images)`` -> feature maps, one per entry of ``strides``;
-- ``box_head``: ``[R, C, P, P]`` pooled RoI features -> ``[R, box_head.out_features]``,
-  with ``P = pool_size`` (7 for VGG16 and FPNs, 6 for AlexNet, 14 for ResNet-C4).
+Any ``nn.Module`` with an ``out_channels`` attribute can serve as a detector's backbone, as in
+torchvision: it may return one tensor, a list, or a dict of feature maps (torchvision's
+``BackboneWithFPN``: levels ``"0"``..``"3"`` and an RPN-only ``"pool"``). Its ``strides`` and
+``pool_strides`` are read from it when it has them, else measured once on a blank image
+(:func:`feature_strides`).
 
-Architectures come from ``torchvision.models`` (classification models only); weights are
-never downloaded: :func:`load_pretrained` reads a local file.
+Architectures come from ``torchvision.models`` (classification models only); weights are never
+downloaded: :func:`load_pretrained` reads a local file.
 
 Shape shorthand:
     N: images;  C: feature channels (``out_channels``);  R: RoIs;  P: pooled side
@@ -19,84 +23,52 @@ Shape shorthand:
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from rcnn.components.box_heads import ClassifierHead, MLPHead, ResNetC5Head
+from rcnn.io.tensors import read_state_dict
 
 __all__ = [
     "BACKBONES",
     "Backbone",
-    "InferenceOptimizable",
+    "BackboneParts",
     "LoadReport",
+    "as_feature_list",
     "build_backbone",
+    "default_anchor_sizes",
+    "feature_strides",
     "fold_batchnorm",
     "load_pretrained",
-    "resolve_backbone",
+    "parts_state_dict",
 ]
 
 
-class MLPHead(nn.Module):
-    """Two fully connected layers on flattened pooled features (the FPN box head, "2fc")."""
-
-    def __init__(self, in_channels: int, pool_size: int, hidden: int) -> None:
-        super().__init__()
-        self.fc6 = nn.Linear(in_channels * pool_size * pool_size, hidden)
-        self.fc7 = nn.Linear(hidden, hidden)
-        self.out_features = hidden
-
-    def forward(self, x: Tensor) -> Tensor:  # [R, C, P, P] -> [R, hidden]
-        x = torch.relu(self.fc6(x.flatten(1)))
-        return torch.relu(self.fc7(x))
-
-
-class ClassifierHead(nn.Module):
-    """fc6 / fc7 of a classification network (VGG16, AlexNet), reused as the box head.
-
-    ``classifier`` keeps torchvision's module indices, so ``classifier.0.weight`` (VGG16's fc6)
-    loads from a torchvision checkpoint unchanged.
-    """
-
-    def __init__(self, classifier: nn.Sequential, out_features: int) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:  # [R, C, P, P] -> [R, 4096]
-        return self.classifier(x.flatten(1))
-
-
-class ResNetC5Head(nn.Module):
-    """ResNet's res5 stage (``layer4``) + global average pooling as the box head (ResNet-C4)."""
-
-    def __init__(self, layer4: nn.Module, out_features: int) -> None:
-        super().__init__()
-        self.layer4 = layer4
-        self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:  # [R, 1024, 14, 14] -> [R, 2048]
-        return self.layer4(x).mean(dim=(2, 3))
-
-
 class Backbone(nn.Module):
-    """Feature extractor plus box head; see the module docstring.
+    """The shared convolutional layers of a named architecture (see the module docstring).
 
     Attributes:
-        name: the builder name (``"vgg16"``, ``"resnet50_fpn"``, ...).
+        name: the architecture (``"vgg16"``, ``"resnet50_fpn"``, ...).
         out_channels: channels of every returned feature map.
         strides: the stride of each returned feature map, in input pixels.
         pool_strides: the strides (a prefix of ``strides``) that RoIs are pooled from; an FPN's
             extra coarsest level (P6) serves the RPN only.
-        pool_size: P, the side of the pooled RoI features the box head expects.
-        box_head: the per-RoI head, with attribute ``out_features``.
         stages: the body's stages in order, for freezing (``trainable_stages``).
-        key_map: prefix renames from a torchvision classification checkpoint to this module.
+        key_map: prefix renames from a torchvision classification checkpoint to this module
+            (``body.``) and its box head (``box_head.``).
+        anchor_sizes: the architecture's default anchor sizes per level, or ``None`` for the
+            general rule (:func:`default_anchor_sizes`).
     """
 
     def __init__(
@@ -104,27 +76,25 @@ class Backbone(nn.Module):
         name: str,
         body: nn.Module,
         body_forward: Callable[[nn.Module, Tensor], list[Tensor]],
-        box_head: nn.Module,
         out_channels: int,
         strides: Sequence[int],
         pool_strides: Sequence[int],
-        pool_size: int,
         stages: Sequence[nn.Module],
         key_map: dict[str, str],
         fpn: nn.Module | None = None,
+        anchor_sizes: Sequence[Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.body = body
         self._body_forward = body_forward
         self.fpn = fpn
-        self.box_head = box_head
         self.out_channels = int(out_channels)
         self.strides = tuple(int(s) for s in strides)
         self.pool_strides = tuple(int(s) for s in pool_strides)
-        self.pool_size = int(pool_size)
         self.stages = list(stages)
         self.key_map = dict(key_map)
+        self.anchor_sizes = tuple(tuple(float(v) for v in level) for level in anchor_sizes) if anchor_sizes else None
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [N, 3, H, W]`` (normalised) -> one ``[N, C, H/s, W/s]`` map per stride s."""
@@ -150,6 +120,83 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
 
+class BackboneParts(NamedTuple):
+    """A named architecture's two parts: the shared conv layers and the per-RoI box head."""
+
+    backbone: Backbone
+    box_head: nn.Module
+
+
+def as_feature_list(output: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> list[Tensor]:
+    """A backbone's output as a list of feature maps: one tensor, a list, or a dict's values in order."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return list(output.values())
+    return list(output)
+
+
+def _power_of_two(value: float) -> bool:
+    return value >= 1 and abs(math.log2(value) - round(math.log2(value))) < 1e-6
+
+
+@torch.no_grad()
+def feature_strides(backbone: nn.Module, probe_size: int = 256) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(strides, pool_strides)`` of a backbone's feature maps.
+
+    Read from its ``strides`` / ``pool_strides`` attributes when it has them; otherwise measured
+    once by running it on a blank ``probe_size`` x ``probe_size`` image (in eval mode, so no
+    BatchNorm statistics change). RoIs are pooled from every level but a dict's ``"pool"`` level
+    (torchvision's FPN adds it for the RPN only).
+    """
+    if not isinstance(getattr(backbone, "out_channels", None), int):
+        raise ValueError(
+            f"a backbone must be an nn.Module with an int attribute out_channels (the channels of its "
+            f"feature maps); {type(backbone).__name__} has none"
+        )
+    strides = getattr(backbone, "strides", None)
+    pool_strides = getattr(backbone, "pool_strides", None)
+    if strides is None:
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+            output = backbone(torch.zeros(1, 3, probe_size, probe_size, device=device))
+        finally:
+            backbone.train(was_training)
+        maps = as_feature_list(output)
+        strides = []
+        for i, feature in enumerate(maps):
+            if feature.dim() != 4 or feature.shape[1] != backbone.out_channels:
+                raise ValueError(
+                    f"backbone output {i} has shape {list(feature.shape)}; expected [N, {backbone.out_channels}, H, W] "
+                    "(every feature map with out_channels channels)"
+                )
+            stride = probe_size / feature.shape[-1]
+            if not _power_of_two(stride):
+                raise ValueError(f"backbone output {i} has stride {stride:g}; set the backbone's strides attribute")
+            strides.append(round(stride))
+        if pool_strides is None:
+            rpn_only = isinstance(output, Mapping) and list(output)[-1] == "pool"
+            pool_strides = strides[:-1] if rpn_only and len(strides) > 1 else strides
+    strides = tuple(int(s) for s in strides)
+    pool_strides = tuple(int(s) for s in (pool_strides if pool_strides is not None else strides))
+    if strides[: len(pool_strides)] != pool_strides:
+        raise ValueError(f"pool_strides {pool_strides} must be the first levels of strides {strides}")
+    return strides, pool_strides
+
+
+def default_anchor_sizes(backbone: nn.Module, num_levels: int) -> tuple[tuple[float, ...], ...]:
+    """The backbone's own ``anchor_sizes`` if it has them; else the paper's 128, 256, 512 on one
+    level and one size per level on a pyramid (32, 64, ... 512)."""
+    own = getattr(backbone, "anchor_sizes", None)
+    if own:
+        return tuple(tuple(float(v) for v in level) for level in own)
+    if num_levels > 1:
+        return tuple((32.0 * 2**i,) for i in range(num_levels))
+    return ((128.0, 256.0, 512.0),)
+
+
 def _sequential_forward(indices: Sequence[int]) -> Callable[[nn.Module, Tensor], list[Tensor]]:
     """Run a ``nn.Sequential`` body and return the outputs of the modules at ``indices``."""
     wanted = set(indices)
@@ -163,6 +210,14 @@ def _sequential_forward(indices: Sequence[int]) -> Callable[[nn.Module, Tensor],
         return outs
 
     return run
+
+
+def _last_output(body: nn.Module, x: Tensor) -> list[Tensor]:
+    return body(x)[-1:]
+
+
+def _all_outputs(body: nn.Module, x: Tensor) -> list[Tensor]:
+    return body(x)
 
 
 def _norm_layer(norm: str) -> type[nn.Module]:
@@ -181,7 +236,7 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
-def _tiny(norm: str) -> Backbone:
+def _tiny(norm: str) -> BackboneParts:
     """A small stride-8 CNN for tests and CPU demos: 0.1 M conv parameters, 64 output channels.
 
     Its receptive field (71 px) covers the largest objects of the 128-pixel shapes images; its
@@ -194,40 +249,41 @@ def _tiny(norm: str) -> Backbone:
         nn.Sequential(_conv_bn(32, 64, 2), _conv_bn(64, 64, 1), _conv_bn(64, 64, 1), _conv_bn(64, 64, 1)),  # stride 8
     ]
     body = nn.Sequential(*stages)
-    return Backbone(
-        "tiny", body, _sequential_forward([2]), MLPHead(64, 7, 256),
-        out_channels=64, strides=(8,), pool_strides=(8,), pool_size=7, stages=stages, key_map={},
+    backbone = Backbone(
+        "tiny", body, _sequential_forward([2]), out_channels=64, strides=(8,), pool_strides=(8,), stages=stages,
+        key_map={}, anchor_sizes=((16.0, 32.0, 64.0),),  # for ~128-pixel images
     )
+    return BackboneParts(backbone, MLPHead(64, 7, 256))
 
 
-def _vgg16(norm: str) -> Backbone:
+def _vgg16(norm: str) -> BackboneParts:
     """VGG16 up to conv5_3 (stride 16, pool5 removed) with fc6/fc7 as the box head (the seed's)."""
     del norm  # VGG16 has no normalisation layers
     vgg = torchvision.models.vgg16(weights=None)
     body = vgg.features[:30]  # conv1_1 .. conv5_3 + ReLU; index 30 is pool5
     bounds = [0, 5, 10, 17, 24, 30]  # the five conv blocks, each ending before a max pool
     stages = [body[a:b] for a, b in zip(bounds, bounds[1:])]
-    head = ClassifierHead(vgg.classifier[:6], 4096)  # fc6, ReLU, dropout, fc7, ReLU, dropout
-    return Backbone(
-        "vgg16", body, _sequential_forward([29]), head,
-        out_channels=512, strides=(16,), pool_strides=(16,), pool_size=7, stages=stages,
+    head = ClassifierHead(vgg.classifier[:6], 4096, pool_size=7)  # fc6, ReLU, dropout, fc7, ReLU, dropout
+    backbone = Backbone(
+        "vgg16", body, _sequential_forward([29]), out_channels=512, strides=(16,), pool_strides=(16,), stages=stages,
         key_map={"features.": "body.", "classifier.": "box_head.classifier."},
     )
+    return BackboneParts(backbone, head)
 
 
-def _alexnet(norm: str) -> Backbone:
+def _alexnet(norm: str) -> BackboneParts:
     """AlexNet (R-CNN's original network) up to conv5 (stride 16), fc6/fc7 as the head (pool 6)."""
     del norm
     alex = torchvision.models.alexnet(weights=None)
     body = alex.features[:12]  # conv1 .. conv5 + ReLU; index 12 is pool5
     bounds = [0, 3, 6, 8, 10, 12]
     stages = [body[a:b] for a, b in zip(bounds, bounds[1:])]
-    head = ClassifierHead(alex.classifier[:6], 4096)  # dropout, fc6, ReLU, dropout, fc7, ReLU
-    return Backbone(
-        "alexnet", body, _sequential_forward([11]), head,
-        out_channels=256, strides=(16,), pool_strides=(16,), pool_size=6, stages=stages,
-        key_map={"features.": "body.", "classifier.": "box_head.classifier."},
+    head = ClassifierHead(alex.classifier[:6], 4096, pool_size=6)  # dropout, fc6, ReLU, dropout, fc7, ReLU
+    backbone = Backbone(
+        "alexnet", body, _sequential_forward([11]), out_channels=256, strides=(16,), pool_strides=(16,),
+        stages=stages, key_map={"features.": "body.", "classifier.": "box_head.classifier."},
     )
+    return BackboneParts(backbone, head)
 
 
 class _ResNetBody(nn.Module):
@@ -249,50 +305,52 @@ class _ResNetBody(nn.Module):
         return outs
 
 
-def _resnet50(norm: str) -> Backbone:
+def _resnet50(norm: str) -> BackboneParts:
     """ResNet-50-C4: conv1..res4 (stride 16, 1024 ch) shared, res5 + average pool as the box head."""
     resnet = torchvision.models.resnet50(weights=None, norm_layer=_norm_layer(norm))
     body = _ResNetBody(resnet, 3)
     stages = [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3]
-    return Backbone(
-        "resnet50", body, lambda b, x: b(x)[-1:], ResNetC5Head(resnet.layer4, 2048),
-        out_channels=1024, strides=(16,), pool_strides=(16,), pool_size=14, stages=stages,
+    backbone = Backbone(
+        "resnet50", body, _last_output, out_channels=1024, strides=(16,), pool_strides=(16,), stages=stages,
         key_map={"layer4.": "box_head.layer4.", "": "body."},
     )
+    return BackboneParts(backbone, ResNetC5Head(resnet.layer4, 2048, pool_size=14))
 
 
-def _resnet50_fpn(norm: str) -> Backbone:
+def _resnet50_fpn(norm: str) -> BackboneParts:
     """ResNet-50 + FPN: P2-P5 (256 ch, strides 4-32) for RoIs, plus P6 (stride 64) for the RPN."""
     resnet = torchvision.models.resnet50(weights=None, norm_layer=_norm_layer(norm))
     body = _ResNetBody(resnet, 4)
     fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool())
     stages = [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
-    return Backbone(
-        "resnet50_fpn", body, lambda b, x: b(x), MLPHead(256, 7, 1024),
-        out_channels=256, strides=(4, 8, 16, 32, 64), pool_strides=(4, 8, 16, 32), pool_size=7,
-        stages=stages, key_map={"": "body."}, fpn=fpn,
+    backbone = Backbone(
+        "resnet50_fpn", body, _all_outputs, out_channels=256, strides=(4, 8, 16, 32, 64),
+        pool_strides=(4, 8, 16, 32), stages=stages, key_map={"": "body."}, fpn=fpn,
     )
+    return BackboneParts(backbone, MLPHead(256, 7, 1024))
 
 
-def _mobilenet_v3_fpn(norm: str) -> Backbone:
+def _mobilenet_v3_fpn(norm: str) -> BackboneParts:
     """MobileNetV3-Large + FPN over its last two stages, as torchvision's Faster R-CNN peer.
 
     Both stages it reads (blocks 13 and 16) are at stride 32; with the max-pooled extra level
-    that gives RPN levels at strides 32, 32, 64 and RoI pooling from the first.
+    that gives RPN levels at strides 32, 32, 64 and RoI pooling from the first. As torchvision
+    does for it, every level gets all five anchor sizes.
     """
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm))
     body = mobilenet.features
     fpn = FeaturePyramidNetwork([160, 960], 256, extra_blocks=LastLevelMaxPool())
     bounds = [0, 2, 4, 7, 13, 17]  # stem, then the stages split at each stride-2 block
     stages = [body[a:b] for a, b in zip(bounds, bounds[1:])]
-    return Backbone(
-        "mobilenet_v3_fpn", body, _sequential_forward([13, 16]), MLPHead(256, 7, 1024),
-        out_channels=256, strides=(32, 32, 64), pool_strides=(32,), pool_size=7, stages=stages,
-        key_map={"features.": "body."}, fpn=fpn,
+    backbone = Backbone(
+        "mobilenet_v3_fpn", body, _sequential_forward([13, 16]), out_channels=256, strides=(32, 32, 64),
+        pool_strides=(32,), stages=stages, key_map={"features.": "body."}, fpn=fpn,
+        anchor_sizes=((32.0, 64.0, 128.0, 256.0, 512.0),) * 3,
     )
+    return BackboneParts(backbone, MLPHead(256, 7, 1024))
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {
+BACKBONES: dict[str, Callable[[str], BackboneParts]] = {
     "tiny": _tiny,
     "alexnet": _alexnet,
     "vgg16": _vgg16,
@@ -307,13 +365,14 @@ def build_backbone(
     pretrained: str | os.PathLike | None = None,
     trainable_stages: int | None = None,
     norm: str | None = None,
-) -> Backbone:
-    """Build backbone ``name`` (one of ``BACKBONES``), optionally loading local weights.
+) -> BackboneParts:
+    """Build architecture ``name`` (one of ``BACKBONES``): its backbone and box head.
 
     Args:
         pretrained: a local classification checkpoint (torchvision ``.pth`` or ``.safetensors``,
-            or one written by ``rcnn pretrain``); see :func:`load_pretrained`.
-        trainable_stages: train only the last this many stages of the body (None: all).
+            or one written by ``rcnn pretrain``), loaded into both parts; see :func:`load_pretrained`.
+        trainable_stages: train only the last this many stages of the body (None: all); the box
+            head always trains.
         norm: ``"frozen"`` (BatchNorm statistics and affine fixed, the norm for fine-tuning
             with small batches) or ``"bn"`` (ordinary BatchNorm). Default: frozen when
             ``pretrained`` is given, ordinary otherwise — a randomly initialised network with
@@ -323,22 +382,11 @@ def build_backbone(
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if norm is None:
         norm = "frozen" if pretrained is not None else "bn"
-    backbone = BACKBONES[name](norm)
+    parts = BACKBONES[name](norm)
     if pretrained is not None:
-        load_pretrained(backbone, pretrained)
-    backbone.freeze_stages(trainable_stages)
-    return backbone
-
-
-def resolve_backbone(
-    backbone: str | Backbone, pretrained: str | os.PathLike | None = None, trainable_stages: int | None = None
-) -> Backbone:
-    """``backbone`` itself if it is a :class:`Backbone`, else :func:`build_backbone` of that name."""
-    if isinstance(backbone, Backbone):
-        if pretrained is not None or trainable_stages is not None:
-            raise ValueError("pretrained_backbone / trainable_stages apply to a backbone name, not a built Backbone")
-        return backbone
-    return build_backbone(backbone, pretrained, trainable_stages)
+        load_pretrained(parts, pretrained)
+    parts.backbone.freeze_stages(trainable_stages)
+    return parts
 
 
 @dataclass
@@ -362,39 +410,27 @@ class LoadReport:
         return text
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: say which and why
-        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
-    for key in ("state_dict", "model"):  # common wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+def parts_state_dict(parts: BackboneParts) -> dict[str, Tensor]:
+    """The two parts' tensors in one namespace: the backbone's keys, and ``box_head.`` + the head's."""
+    state = dict(parts.backbone.state_dict())
+    state.update({f"box_head.{k}": v for k, v in parts.box_head.state_dict().items()})
     return state
 
 
-def load_pretrained(backbone: Backbone, path: str | os.PathLike) -> LoadReport:
-    """Load a local classification checkpoint into ``backbone`` (body and box head).
+def load_pretrained(parts: BackboneParts, path: str | os.PathLike) -> LoadReport:
+    """Load a local classification checkpoint into a backbone and its box head.
 
     Accepts torchvision's classification layout (``features.0.weight``, ``layer1.0.conv1.weight``,
     ``classifier.0.weight`` ...), mapped through ``backbone.key_map``, and this library's own
-    layout (keys as in ``backbone.state_dict()``, e.g. from ``rcnn pretrain``). Keys of layers the
+    layout (:func:`parts_state_dict`'s keys, as ``rcnn pretrain`` writes). Keys of layers the
     detector adds (FPN, heads) are reported as missing; keys the detector does not use (the
     classifier's last layer) as unexpected. A shape mismatch, or a file sharing no key with the
     backbone (the wrong architecture), raises ``ValueError``.
     """
     path = Path(path)
-    state = _read_state_dict(path)
-    own = backbone.state_dict()
+    backbone = parts.backbone
+    state = read_state_dict(path, "pretrained weights file")
+    own = parts_state_dict(parts)
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
@@ -420,27 +456,13 @@ def load_pretrained(backbone: Backbone, path: str | os.PathLike) -> LoadReport:
             f"{path} shares no tensor with backbone {backbone.name!r} "
             f"(first keys in the file: {list(state)[:3]}); is this the right architecture?"
         )
-    backbone.load_state_dict(mapped, strict=False)
+    head_prefix = "box_head."
+    backbone.load_state_dict({k: v for k, v in mapped.items() if not k.startswith(head_prefix)}, strict=False)
+    parts.box_head.load_state_dict(
+        {k[len(head_prefix):]: v for k, v in mapped.items() if k.startswith(head_prefix)}, strict=False
+    )
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
     return LoadReport(loaded=sorted(mapped), missing=missing, unexpected=unexpected)
-
-
-class InferenceOptimizable:
-    """Mixin for detectors with a ``backbone``: :meth:`optimize_for_inference`, and a guard that
-    refuses to train a model so optimised."""
-
-    def optimize_for_inference(self):
-        """Prepare the model for fast inference, in place: eval mode, BatchNorm folded into the
-        preceding convolutions (same outputs, less work). The model cannot be trained afterwards."""
-        self.eval()
-        fold_batchnorm(self.backbone)
-        self._inference_only = True
-        return self
-
-    def train(self, mode: bool = True):
-        if mode and getattr(self, "_inference_only", False):
-            raise ValueError("this model was optimized for inference (BatchNorm folded) and cannot be trained")
-        return super().train(mode)
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -448,8 +470,9 @@ def fold_batchnorm(module: nn.Module) -> int:
 
     At inference a BatchNorm (frozen, or ordinary in eval mode) is a fixed per-channel affine
     map of its running statistics, so ``bn(conv(x))`` equals one conv with rescaled weights and
-    a bias: the same outputs with one pass over the activations fewer. The folded model must
-    not be trained further. Returns the number of layers folded.
+    a bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``): the same outputs with one pass over
+    the activations fewer. The folded model must not be trained further. Returns the number of
+    layers folded.
     """
     folded = 0
     for parent in module.modules():
@@ -460,18 +483,11 @@ def fold_batchnorm(module: nn.Module) -> int:
                 continue
             if bn.running_mean is None or bn.running_var is None:  # batch statistics only: not foldable
                 continue
-            scale = torch.rsqrt(bn.running_var + bn.eps)  # [C]
-            if bn.weight is not None:
-                scale = bn.weight * scale
-            bias = -bn.running_mean * scale
-            if bn.bias is not None:
-                bias = bias + bn.bias
-            with torch.no_grad():
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-                if conv.bias is None:
-                    conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-                else:
-                    conv.bias.copy_(conv.bias * scale + bias)
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+            conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+            conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
             parent._modules[name] = nn.Identity()
             folded += 1
     return folded

@@ -14,7 +14,6 @@ either the previous checkpoint or the new one, never a half-written one.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -26,32 +25,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rcnn.io.files import read_json, write_json, write_text
+
 __all__ = [
+    "LEGACY_KEYS",
     "find_checkpoint",
     "load_checkpoint",
-    "load_model",
-    "read_json",
+    "load_weights",
     "restore_rng",
     "rng_state",
     "save_checkpoint",
-    "write_json",
 ]
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt JSON ({exc})") from None
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -103,16 +87,8 @@ def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> d
 
 
 def _model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Weights as contiguous CPU tensors; tensors shared between modules are stored once."""
-    state, seen = {}, {}
-    for key, value in model.state_dict().items():
-        ptr = (value.data_ptr(), value.shape, value.dtype) if value.numel() else None
-        if ptr is not None and ptr in seen:
-            continue  # safetensors refuses shared storage; load_state_dict(strict=False) fills aliases
-        if ptr is not None:
-            seen[ptr] = key
-        state[key] = value.detach().cpu().contiguous().clone()
-    return state
+    """Weights as contiguous CPU tensors (each tensor of the library's models is registered once)."""
+    return {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
 
 
 def save_checkpoint(
@@ -144,7 +120,7 @@ def save_checkpoint(
         state["rng"] = rng_meta
     write_json(tmp / "state.json", state)
     if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        write_text(tmp / "config.yaml", config_yaml)
     if class_names is not None:
         write_json(tmp / "classes.json", class_names)
     shutil.rmtree(final, ignore_errors=True)
@@ -175,6 +151,54 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+# Checkpoints written by rcnn 0.1 registered the box head twice (under the backbone and the RoI
+# heads; it was stored once, under the backbone) and named the mask branch's layers differently.
+# Their keys are renamed on loading, so older run folders keep working.
+LEGACY_KEYS: tuple[tuple[str, str], ...] = (
+    ("backbone.box_head.", "roi_heads.box_head."),  # Fast / Faster / Mask R-CNN
+    ("backbone.box_head.", "box_head."),  # R-CNN
+    ("roi_heads.mask_branch.head.convs.", "roi_heads.mask_head.convs."),
+    ("roi_heads.mask_branch.head.deconv.", "roi_heads.mask_predictor.deconv."),
+    ("roi_heads.mask_branch.head.predictor.", "roi_heads.mask_predictor.logits."),
+)
+
+
+def _rename_legacy(weights: dict[str, Tensor], own: set[str]) -> dict[str, Tensor]:
+    """``weights`` with keys of older checkpoints renamed to this model's (see ``LEGACY_KEYS``)."""
+    renamed = {}
+    for key, value in weights.items():
+        if key not in own:
+            for old, new in LEGACY_KEYS:
+                if key.startswith(old) and new + key[len(old) :] in own:
+                    key = new + key[len(old) :]
+                    break
+        renamed[key] = value
+    return renamed
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """Load ``weights`` into ``model``, every tensor and no other: ``ValueError`` naming ``source``
+    and the first mismatching keys otherwise."""
+    own = model.state_dict()
+    weights = _rename_legacy(weights, set(own))
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [k for k in weights if k in own and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        details = []
+        if wrong:
+            k = wrong[0]
+            details.append(f"{k} has shape {list(weights[k].shape)}, the model expects {list(own[k].shape)}")
+        if missing:
+            details.append(f"missing {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: weights do not fit this model ({'; '.join(details)}); was it trained with another config?"
+        )
+    model.load_state_dict(weights)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -188,20 +212,7 @@ def load_checkpoint(
         weights = load_file(str(ckpt / "model.safetensors"))
     except Exception as exc:
         raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = str(exc).split("\n\t", 1)[-1].replace("\n\t", "; ")
-        raise ValueError(f"{ckpt}: weights do not fit this model ({detail}); was it trained with another config?") from None
-    # keys missing only because their tensor is shared with a stored key (stored once) are fine
-    own = model.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in weights if k in own and own[k].numel()}
-    really_missing = [k for k in missing if not (own[k].numel() and own[k].data_ptr() in loaded_ptrs)]
-    if really_missing or unexpected:
-        raise ValueError(
-            f"{ckpt}: weights do not fit this model (missing {really_missing[:5]}, unexpected "
-            f"{unexpected[:5]}); was it trained with another config?"
-        )
+    load_weights(model, weights, ckpt)
     state = read_json(ckpt / "state.json")
     if optimizer is not None or restore_rng_state:
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
@@ -211,26 +222,3 @@ def load_checkpoint(
         if restore_rng_state:
             restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
     return state
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, list[str]]:
-    """Rebuild a trained model from its checkpoint alone: ``(model, config, class names)``.
-
-    The model is in eval mode and optimised for inference (it cannot be trained further; to
-    continue training, use ``rcnn train --resume``).
-    """
-    from rcnn.config import build_model, load_config
-
-    ckpt = find_checkpoint(path)
-    if not (ckpt / "config.yaml").is_file():
-        raise FileNotFoundError(f"{ckpt}: no config.yaml beside the weights; pass --config too")
-    config = load_config(ckpt / "config.yaml")
-    class_names = read_json(ckpt / "classes.json") if (ckpt / "classes.json").is_file() else None
-    num_classes = len(class_names) if class_names else None
-    config.model.pretrained_backbone = None  # the checkpoint holds the trained weights
-    model = build_model(config.model, num_classes)
-    load_checkpoint(ckpt, model)
-    model.to(device).eval()
-    if hasattr(model, "optimize_for_inference"):
-        model.optimize_for_inference()
-    return model, config, class_names or [f"class_{i}" for i in range(model.num_classes)]

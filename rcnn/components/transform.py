@@ -22,13 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcnn.boxes import check_boxes
-from rcnn.data.transforms import resize_boxes, resized_shape
+from rcnn.core.boxes import check_boxes
+from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_boxes, resize_image, resize_masks, resized_shape
 
-__all__ = ["DetectionTransform", "ImageBatch", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DetectionTransform", "ImageBatch", "validate_images", "validate_targets"]
 
 
 @dataclass
@@ -123,17 +120,14 @@ class DetectionTransform(nn.Module):
             height, width = original_sizes[i]
             size = resized_shape(height, width, self._min_size(), self.max_size)
             if size != (height, width):
-                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+                image = resize_image(image, size)
                 if new_targets is not None:
                     new_targets[i]["boxes"] = resize_boxes(new_targets[i]["boxes"], (height, width), size)
                     if "masks" in new_targets[i]:
-                        masks = new_targets[i]["masks"]
-                        new_targets[i]["masks"] = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].to(
-                            masks.dtype
-                        )
+                        new_targets[i]["masks"] = resize_masks(new_targets[i]["masks"], size)
                 if new_proposals is not None:
                     new_proposals[i] = resize_boxes(new_proposals[i], (height, width), size)
-            resized.append((image - self.image_mean) / self.image_std)
+            resized.append(normalize(image, self.image_mean, self.image_std))
             sizes.append(size)
         batch = self._pad(resized)
         return ImageBatch(batch, sizes, original_sizes), new_targets, new_proposals

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rcnn.boxes import box_iou, check_boxes
+from rcnn.core.boxes import box_iou, check_boxes
+from rcnn.io.files import atomic_write
 
 __all__ = [
     "FORMAT_NAME",
@@ -98,20 +98,6 @@ def _image_id(key: str, path: Path) -> int:
         raise ValueError(f"{path}: {key!r} is not an integer image id") from None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` and move the temporary file onto ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_proposals(
     path: str | os.PathLike,
     boxes: Mapping[int, Tensor | np.ndarray],
@@ -141,7 +127,7 @@ def save_proposals(
     except TypeError as exc:
         raise ValueError(f"{path}: settings must be JSON-serialisable ({exc})") from None
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "settings": settings_json}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 
@@ -261,7 +247,7 @@ def _load_safetensors(path: Path) -> ProposalsFile:
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(
             f"{path}: not a proposals file (metadata 'format' is {metadata.get('format')!r}, "
-            f"expected {FORMAT_NAME!r}); write it with rcnn.proposals.io.save_proposals"
+            f"expected {FORMAT_NAME!r}); write it with rcnn.components.proposals.io.save_proposals"
         )
     if metadata.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: proposals format version {metadata.get('version')!r}, this library reads {FORMAT_VERSION!r}")

@@ -35,7 +35,6 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -45,15 +44,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 from torch import Tensor
 from tqdm import tqdm
 
-from rcnn.boxes import box_iou
-from rcnn.matching import hard_negatives
+from rcnn.core.boxes import box_iou
+from rcnn.core.matching import hard_negatives
+from rcnn.io.tensors import read_tensor_file, write_tensor_file
 
 __all__ = [
     "ClassSVMs",
@@ -61,45 +59,7 @@ __all__ = [
     "MiningRecord",
     "class_overlaps",
     "mean_feature_norm",
-    "read_model_file",
-    "write_model_file",
 ]
-
-
-def write_model_file(path: str | os.PathLike, tensors: dict[str, Tensor], file_format: str, metadata: dict[str, Any]) -> Path:
-    """Write ``tensors`` and JSON ``metadata`` to a safetensors file atomically (temp file + rename).
-
-    Used for the R-CNN parts trained outside the network (SVMs, box regressors); ``file_format``
-    is stored and checked by :func:`read_model_file`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    strings = {"format": file_format, **{key: json.dumps(value) for key, value in metadata.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=strings)
-    os.replace(tmp, path)
-    return path
-
-
-def read_model_file(path: str | os.PathLike, file_format: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of a file written by :func:`write_model_file` with ``file_format``.
-
-    ``what`` names the content in errors ("SVM file"): ``FileNotFoundError`` for a missing file,
-    ``ValueError`` naming the file for a damaged or foreign one.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            strings = handle.metadata() or {}
-        tensors = load_file(str(path))
-        if strings.get("format") != file_format:
-            raise ValueError(f"format {strings.get('format')!r}, expected {file_format!r}")
-        metadata = {key: json.loads(value) for key, value in strings.items() if key != "format"}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable {what} ({exc})") from None
-    return tensors, metadata
 
 
 def class_overlaps(boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
@@ -495,12 +455,12 @@ class ClassSVMs:
             "max_iter": self.max_iter, "tol": self.tol,
         }  # fmt: skip
         history = [asdict(r) for r in self.history]
-        return write_model_file(path, tensors, _SVM_FORMAT, {"settings": settings, "history": history})
+        return write_tensor_file(path, tensors, _SVM_FORMAT, {"settings": settings, "history": history})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassSVMs:
         """Read SVMs written by :meth:`save` (errors name the file)."""
-        tensors, metadata = read_model_file(path, _SVM_FORMAT, "SVM file")
+        tensors, metadata = read_tensor_file(path, _SVM_FORMAT, "SVM file")
         if not {"weights", "biases", "feature_scale"} <= tensors.keys() or "settings" not in metadata:
             raise ValueError(f"{path}: not an SVM file written by ClassSVMs.save (entries missing)")
         svms = cls(**metadata["settings"])

@@ -7,10 +7,12 @@ test time per image split into proposal time (selective search, or the RPN) and 
 training time and peak memory. Faster R-CNN is also trained from a randomly initialised backbone,
 to show what pre-training buys. Each model runs in its own process, so its peak memory is its own.
 
-    rcnn benchmark [--quick] [--models rcnn,fast_rcnn,faster_rcnn,mask_rcnn] [--budget SECONDS]
+    rcnn benchmark [--quick] [--models rcnn,fast_rcnn,faster_rcnn,mask_rcnn] [--budget SECONDS] [--out DIR]
 
-Writes ``benchmarks/results/lineage.json`` and the plots ``docs/img/lineage_speed_accuracy.png``
-(AP against milliseconds per image) and ``docs/img/lineage_training_curves.png``.
+Writes ``DIR/lineage.json`` and the plots ``DIR/lineage_speed_accuracy.png`` (AP against
+milliseconds per image) and ``DIR/lineage_training_curves.png``, beside the runs (``DIR/<model>``,
+which ``rcnn evaluate``, ``predict`` and ``serve`` take). The repository's benchmark page is made
+from the same function by ``python -m benchmarks.lineage``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from rcnn.build import load_model, model_class
 from rcnn.config import MODEL_NAMES as MODELS
-from rcnn.config import SHAPES_CONFIGS
+from rcnn.config import SHAPES_CONFIGS, TrainConfig, load_config
+from rcnn.components.proposals.selective_search import SelectiveSearch
+from rcnn.data.build import build_dataset
+from rcnn.data.shapes import make_shapes
+from rcnn.inference import detect_timed, evaluate_model, peak_memory_mb
+from rcnn.io.files import write_text
+from rcnn.training.datasets import proposal_source
+from rcnn.training.pretrain import CropDataset, pretrain
+from rcnn.training.run import prepare_data, run_training
 
 __all__ = ["MODELS", "PAPER_FIGURES", "markdown", "measure_model", "plot", "run_lineage"]
 
@@ -38,39 +49,6 @@ PAPER_FIGURES = {
     "faster_rcnn": {"mAP_voc07": 0.699, "s_per_image": 0.198, "note": "RPN 10 ms vs selective search 1.51 s (CPU)"},
     "mask_rcnn": {"mask_AP_coco": 0.357, "s_per_image": 0.2, "note": "COCO mask AP 35.7 (R101-FPN), ~5 fps"},
 }
-
-
-def _peak_memory_mb() -> float:
-    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _timed_rpn(model: torch.nn.Module) -> Callable[[], float]:
-    """Hook the RPN to accumulate its time; returns a function giving (and resetting) the total."""
-    state = {"start": 0.0, "total": 0.0}
-
-    def before(*_: Any) -> None:
-        state["start"] = time.perf_counter()
-
-    def after(*_: Any) -> None:
-        state["total"] += time.perf_counter() - state["start"]
-
-    model.rpn.register_forward_pre_hook(before)
-    model.rpn.register_forward_hook(after)
-
-    def take() -> float:
-        total, state["total"] = state["total"], 0.0
-        return total
-
-    return take
 
 
 def measure_model(
@@ -85,16 +63,10 @@ def measure_model(
 ) -> dict[str, Any]:
     """Train one generation for ``budget_s`` seconds and measure it (runs in a child process)."""
     torch.set_num_threads(threads)
-    from rcnn.config import load_config
-    from rcnn.inference import evaluate_model
-    from rcnn.proposals.selective_search import SelectiveSearch
-    from rcnn.training.checkpoint import load_model
-    from rcnn.training.run import prepare_data, proposal_source, run_training
-
     run = Path(run_dir)
     sets = [f"data.root={data_root}", "data.shapes=null", f"train.time_budget_s={budget_s}",
             "train.checkpoint_every=1000000", f"model.pretrained_backbone={pretrained or 'null'}"]  # fmt: skip
-    if name in ("rcnn", "fast_rcnn"):
+    if model_class(name).needs_proposals:
         sets += [f"data.proposals_train={run.parent / 'ss_train.safetensors'}",
                  f"data.proposals_val={run.parent / 'ss_val.safetensors'}"]  # fmt: skip
     config = load_config(SHAPES_CONFIGS[name], [*sets, *overrides])
@@ -108,26 +80,12 @@ def measure_model(
     metrics = evaluate_model(model, val, proposals=proposals)
     # test time per image, proposals and the rest, on the first val images
     search = SelectiveSearch() if proposals is not None else None
-    rpn_time = _timed_rpn(model) if getattr(model, "rpn", None) is not None else None
     prop_s, rest_s = [], []
-    with torch.inference_mode():
-        for index in range(min(timing_images, len(val))):
-            image, target = val[index]
-            if search is not None:
-                pixels = (image.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-                tic = time.perf_counter()
-                boxes = search(pixels)
-                prop_s.append(time.perf_counter() - tic)
-                tic = time.perf_counter()
-                model([image], proposals=[boxes])
-                rest_s.append(time.perf_counter() - tic)
-            else:
-                rpn_time()
-                tic = time.perf_counter()
-                model([image])
-                total = time.perf_counter() - tic
-                prop_s.append(rpn_time())
-                rest_s.append(total - prop_s[-1])
+    for index in range(min(timing_images, len(val))):
+        image, _ = val[index]
+        _, timing = detect_timed(model, image, search)
+        prop_s.append(timing["proposals_s"])
+        rest_s.append(timing["rest_s"])
     curve = []
     metrics_file = run / "metrics.jsonl"
     if metrics_file.is_file():
@@ -147,7 +105,7 @@ def measure_model(
         "ms_proposals": 1000 * float(np.median(prop_s)),
         "ms_rest": 1000 * float(np.median(rest_s)),
         "ms_per_image": 1000 * float(np.median(np.add(prop_s, rest_s))),
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(),
         "curve": curve,
     }
     if "segm" in metrics:
@@ -165,10 +123,6 @@ def _in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 def _pretrain_child(data_root: str, out: str, backbone: str, iterations: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    from rcnn.config import TrainConfig
-    from rcnn.data.build import build_dataset
-    from rcnn.training.pretrain import CropDataset, pretrain
-
     train_set = CropDataset(build_dataset(data_root, "train"), size=48)
     val_set = CropDataset(build_dataset(data_root, "val"), size=48, augment=False)
     cfg = TrainConfig(iterations=iterations, batch_size=min(64, len(train_set)), lr=0.02, schedule="cosine", warmup_iterations=20,
@@ -192,16 +146,17 @@ def run_lineage(
     pretrain_iterations: int | None = None,
     timing_images: int | None = None,
     threads: int = 2,
-    results_dir: str | os.PathLike = "benchmarks/results",
-    img_dir: str | os.PathLike = "docs/img",
+    results_dir: str | os.PathLike | None = None,
+    img_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the lineage benchmark (see the module docstring); return and write its results."""
+    """Run the lineage benchmark (see the module docstring); return and write its results.
+
+    ``lineage.json`` goes to ``results_dir`` and the plots to ``img_dir``, both ``out_dir`` by default.
+    """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    from rcnn.data.shapes import make_shapes
-
     out, data_root = Path(out_dir), Path(data_root)
     budget = budget_s or (90.0 if quick else 600.0)
     n_train, n_val = (200, 50) if quick else (400, 100)
@@ -230,12 +185,8 @@ def run_lineage(
                         None, timing_images, threads)  # fmt: skip
         result["faster_rcnn_random_init"] = row
     result["speedups"] = _speedups(result["models"])
-    Path(results_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(results_dir) / "lineage.json"
-    tmp = path.with_name(".lineage.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    result["plots"] = plot(result, img_dir)
+    write_text(Path(results_dir or out) / "lineage.json", json.dumps(result, indent=1) + "\n")
+    result["plots"] = plot(result, img_dir or out)
     return result
 
 
@@ -252,7 +203,7 @@ def _speedups(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def plot(result: dict[str, Any], img_dir: str | os.PathLike = "docs/img") -> list[str]:
+def plot(result: dict[str, Any], img_dir: str | os.PathLike) -> list[str]:
     """AP against ms/image, one point per generation; training curves. Returns the PNG paths."""
     import matplotlib
 

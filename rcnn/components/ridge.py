@@ -2,7 +2,7 @@
 
 R-CNN (§3.4, appendix C; the seed's "Bounding Box Regression") trains, for each class, a linear
 map from a proposal's CNN features to the seed's targets ``t = (tx, ty, tw, th)``
-(:class:`rcnn.boxes.BoxCoder`) that move the proposal onto its ground-truth box, minimising::
+(:class:`rcnn.core.boxes.BoxCoder`) that move the proposal onto its ground-truth box, minimising::
 
     sum_i ||t_i - x_i W||² + λ ||W||²
 
@@ -39,9 +39,9 @@ import torch
 from sklearn.linear_model import RidgeCV
 from torch import Tensor
 
-from rcnn.boxes import BoxCoder, box_iou
-from rcnn.matching import Matcher
-from rcnn.svm import read_model_file, write_model_file
+from rcnn.core.boxes import BoxCoder
+from rcnn.core.matching import Matcher, label_proposals
+from rcnn.io.tensors import read_tensor_file, write_tensor_file
 
 __all__ = ["DEFAULT_LAMBDAS", "BoxRegressors", "select_regression_examples"]
 
@@ -62,10 +62,9 @@ def select_regression_examples(
 
     Returns ``(index [N] int64 into proposals, matched gt boxes [N, 4], classes [N] int64)``.
     """
-    matcher = Matcher(high=min_iou, low=min_iou)
-    matches = matcher(box_iou(gt_boxes.to(proposals.dtype), proposals))  # [P]
+    labels, matches = label_proposals(Matcher(high=min_iou, low=min_iou), gt_boxes, gt_labels, proposals)  # [P], [P]
     has_area = (proposals[:, 2] > proposals[:, 0]) & (proposals[:, 3] > proposals[:, 1])
-    index = ((matches >= 0) & has_area).nonzero().flatten()  # [N]
+    index = ((labels > 0) & has_area).nonzero().flatten()  # [N]
     matched = matches[index]
     return index, gt_boxes[matched].to(proposals.dtype), gt_labels[matched].to(torch.int64)
 
@@ -269,12 +268,12 @@ class BoxRegressors:
             "whiten_targets": self.whiten_targets, "target_norm": self.target_norm, "cv_folds": self.cv_folds,
             "box_coder_weights": list(self.box_coder.weights), "box_coder_clamp": self.box_coder.clamp,
         }  # fmt: skip
-        return write_model_file(path, tensors, _FORMAT, {"settings": settings})
+        return write_tensor_file(path, tensors, _FORMAT, {"settings": settings})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BoxRegressors:
         """Read regressors written by :meth:`save` (errors name the file)."""
-        tensors, metadata = read_model_file(path, _FORMAT, "box regressor file")
+        tensors, metadata = read_tensor_file(path, _FORMAT, "box regressor file")
         names = {"weights", "biases", "feature_scale", "chosen_lambdas", "num_examples"}
         if not names <= tensors.keys() or "settings" not in metadata:
             raise ValueError(f"{path}: not a box regressor file written by BoxRegressors.save (entries missing)")

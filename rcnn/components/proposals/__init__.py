@@ -1,0 +1,1 @@
+"""Region proposals: selective search (R-CNN, Fast R-CNN), proposals files, the RPN (Faster R-CNN)."""

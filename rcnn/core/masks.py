@@ -1,0 +1,110 @@
+"""Mask R-CNN's masks as tensors: training targets in the RoI frame, and pasting masks into images.
+
+- :func:`mask_targets`: the gt mask of each positive RoI's object, cropped to the RoI and
+  resampled to the head's m x m grid (the target of L_mask, Mask R-CNN §3).
+- :func:`paste_masks`: an m x m box-frame mask resampled into the full image at its box, and
+  binarised at :data:`MASK_THRESHOLD` (§3.1 "Inference").
+
+Shape shorthand:
+    R: RoIs;  G: gt objects of an image;  D: detections of an image
+    m: mask side (28 for the FPN head);  H, W: image size
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rcnn.core.ops import roi_align
+
+__all__ = ["MASK_THRESHOLD", "mask_targets", "paste_masks"]
+
+MASK_THRESHOLD = 0.5  # Mask R-CNN §3.1 "Inference": the m x m float mask is binarised at 0.5
+
+
+def mask_targets(gt_masks: Tensor, proposals: Tensor, matched_gt: Tensor, mask_size: int) -> Tensor:
+    """The gt mask of each RoI's object, in the RoI's frame, at ``mask_size`` x ``mask_size``.
+
+    Args:
+        gt_masks: ``[G, H, W]`` (uint8 / bool / float in 0..1) the image's gt masks, at the size
+            the proposals' coordinates refer to.
+        proposals: ``[R, 4]`` RoIs (x1, y1, x2, y2) in pixels.
+        matched_gt: ``[R]`` index into ``gt_masks`` of each RoI's matched object.
+        mask_size: m.
+
+    Returns ``[R, m, m]`` float 0/1. Each of the m x m cells is the mean of the gt mask over the
+    cell, computed with RoIAlign (``aligned=True``, adaptive sampling: about one bilinear sample
+    per mask pixel, so a cell averages the pixels it covers), then thresholded at 0.5: a cell is
+    foreground when at least half of it is covered. Cells outside the image count as background.
+    """
+    if gt_masks.dim() != 3:
+        raise ValueError(f"mask_targets: gt_masks must be [G, H, W], got {list(gt_masks.shape)}")
+    if proposals.dim() != 2 or proposals.shape[1] != 4 or matched_gt.shape != proposals.shape[:1]:
+        raise ValueError(
+            f"mask_targets: proposals must be [R, 4] and matched_gt [R], got "
+            f"{list(proposals.shape)} and {list(matched_gt.shape)}"
+        )
+    if proposals.shape[0] == 0:
+        return proposals.new_zeros((0, mask_size, mask_size))
+    if int(matched_gt.min()) < 0 or int(matched_gt.max()) >= gt_masks.shape[0]:
+        raise ValueError(f"mask_targets: matched_gt indices must lie in [0, {gt_masks.shape[0] - 1}]")
+    # only the matched objects' masks are made float (a full-size float copy of all G can be large)
+    used, index = torch.unique(matched_gt, return_inverse=True)  # [U], [R] into used
+    masks = gt_masks[used][:, None].to(proposals.dtype)  # [U, 1, H, W]
+    rois = torch.cat((index[:, None].to(proposals.dtype), proposals), dim=1)  # [R, 5]
+    # sampling_ratio 0: ceil(bin size) samples per bin side, so no mask pixel is skipped
+    cells = roi_align(masks, rois, mask_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)  # [R, 1, m, m]
+    return (cells[:, 0] >= 0.5).to(proposals.dtype)
+
+
+def _bilinear_weights(lo: float, hi: float, cells: int, start: int, stop: int, like: Tensor) -> Tensor:
+    """``[stop - start, cells]``: bilinear weights of ``cells`` equal cells spanning ``[lo, hi]``
+    at the pixel centres ``start + 0.5, ..., stop - 0.5``; zero beyond the outer cell centres'
+    neighbours, as ``grid_sample(align_corners=False, padding_mode="zeros")`` does."""
+    centres = torch.arange(start, stop, device=like.device, dtype=like.dtype) + 0.5  # [n]
+    position = (centres - lo) / (hi - lo) * cells - 0.5  # [n], in cell-centre units
+    index = torch.arange(cells, device=like.device, dtype=like.dtype)  # [cells]
+    return (1.0 - (position[:, None] - index[None, :]).abs()).clamp(min=0.0)  # [n, cells]
+
+
+def paste_masks(
+    mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float | None = None
+) -> Tensor:
+    """Paste each box-frame mask into a full image: ``[D, m, m]`` at ``boxes [D, 4]`` -> ``[D, H, W]``.
+
+    The m x m mask covers its box exactly (cell j spans ``[x1 + j w/m, x1 + (j+1) w/m]``) and is
+    resampled bilinearly at the centres of the image's pixels, with zero outside the mask: the same
+    values as ``F.grid_sample(..., align_corners=False)`` on a grid over the whole image, but only
+    the pixels near each box are computed, as two small matrix products (bilinear resampling is
+    separable), so no ``[D, H, W, 2]`` sampling grid is built.
+
+    Boxes partly or wholly outside the image are cut to it; zero-width or zero-height boxes give
+    empty masks. ``image_size`` is ``(H, W)``. With ``threshold`` the result is uint8
+    ``probability >= threshold``, otherwise float probabilities.
+    """
+    if mask_probs.dim() != 3 or boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != mask_probs.shape[0]:
+        raise ValueError(
+            f"paste_masks: expected mask_probs [D, m, m] and boxes [D, 4], got "
+            f"{list(mask_probs.shape)} and {list(boxes.shape)}"
+        )
+    height, width = int(image_size[0]), int(image_size[1])
+    dtype = torch.uint8 if threshold is not None else mask_probs.dtype
+    out = mask_probs.new_zeros((mask_probs.shape[0], height, width), dtype=dtype)  # [D, H, W]
+    rows, cols = mask_probs.shape[-2:]
+    for d, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        if not (x2 > x1 and y2 > y1):  # degenerate (or NaN) box: nothing to paste
+            continue
+        half_w, half_h = (x2 - x1) / cols / 2, (y2 - y1) / rows / 2
+        # pixels whose centre lies within half a cell of the box can get a non-zero value
+        c0, c1 = max(math.floor(x1 - half_w), 0), min(math.ceil(x2 + half_w), width)
+        r0, r1 = max(math.floor(y1 - half_h), 0), min(math.ceil(y2 + half_h), height)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        wy = _bilinear_weights(y1, y2, rows, r0, r1, mask_probs)  # [h, rows]
+        wx = _bilinear_weights(x1, x2, cols, c0, c1, mask_probs)  # [w, cols]
+        region = wy @ mask_probs[d] @ wx.T  # [h, w]
+        out[d, r0:r1, c0:c1] = region >= threshold if threshold is not None else region
+    return out
