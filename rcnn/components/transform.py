@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from rcnn.core.boxes import check_boxes
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_boxes, resize_image, resize_masks, resized_shape
 
-__all__ = ["DetectionTransform", "ImageBatch", "validate_images", "validate_targets"]
+__all__ = ["DetectionTransform", "ImageBatch", "validate_images", "validate_inputs", "validate_targets"]
 
 
 @dataclass
@@ -69,6 +69,28 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
                 f"targets[{i}]['labels'] must lie in 1..{num_classes - 1} (0 is background), "
                 f"got values {sorted(set(labels.tolist()))}"
             )
+
+
+def validate_inputs(
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Any]] | None,
+    proposals: Sequence[Tensor] | None,
+    training: bool,
+    num_classes: int,
+) -> list[Tensor] | None:
+    """Check a detector call ``model(images, targets, proposals)``: the images; in training the
+    targets (present, well-formed, labels below ``num_classes``); the number of proposal sets.
+    Returns the proposals in the images' dtype. ``ValueError`` naming the image and field."""
+    validate_images(images)
+    if training:
+        if targets is None:
+            raise ValueError("training mode needs targets (call model.eval() for inference)")
+        validate_targets(targets, len(images), num_classes)
+    if proposals is None:
+        return None
+    if len(proposals) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
+    return [p.to(images[0].dtype) for p in proposals]
 
 
 class DetectionTransform(nn.Module):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import field_validator
@@ -39,12 +39,13 @@ from rcnn.components.box_heads import MLPHead
 from rcnn.components.proposals.rpn import RegionProposalNetwork
 from rcnn.components.roi_heads import BoxPredictor, RoIHeads, RoIHeadSettings, default_roi_settings
 from rcnn.components.settings import NonNegativeInt, PositiveInt, Settings, validate_options
-from rcnn.components.transform import DetectionTransform, ImageBatch, validate_images, validate_targets
+from rcnn.components.transform import DetectionTransform, ImageBatch, validate_images, validate_inputs
 from rcnn.core.images import resize_boxes
 from rcnn.core.ops import RoIPooler
 
 __all__ = [
     "TRAIN_MODES",
+    "BoxBranch",
     "DetectorCapabilities",
     "DetectorOptions",
     "InferenceOptimizable",
@@ -228,15 +229,9 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         targets: Sequence[dict[str, Any]] | None = None,
         proposals: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        validate_images(images)
+        proposals = validate_inputs(images, targets, proposals, self.training, self.num_classes)
         if self.training:
-            if targets is None:
-                raise ValueError("training mode needs targets (call model.eval() for inference)")
             self.check_targets(images, targets)
-        if proposals is not None:
-            if len(proposals) != len(images):
-                raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
-            proposals = [p.to(images[0].dtype) for p in proposals]
         batch, targets, proposals = self.transform(images, targets, proposals)
         features = as_feature_list(self.backbone(batch.tensors))
         proposals, losses = self.propose(batch, features, targets, proposals)
@@ -249,8 +244,7 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         return self.finalize(detections, batch)
 
     def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
-        """Raise a ``ValueError`` naming the image and field for malformed training targets."""
-        validate_targets(targets, len(images), self.num_classes)
+        """Further checks of the training targets a model needs (Mask R-CNN: masks); none here."""
 
     def propose(
         self,
@@ -304,6 +298,15 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         return detections
 
 
+class BoxBranch(NamedTuple):
+    """The parts of the box branch a detector builds."""
+
+    box_head: nn.Module
+    predictor: BoxPredictor
+    pooler: RoIPooler
+    settings: RoIHeadSettings
+
+
 def box_branch(
     backbone: nn.Module,
     box_head: nn.Module | None,
@@ -312,7 +315,7 @@ def box_branch(
     num_levels: int,
     pool_strides: Sequence[int],
     default_pooler: str | None = None,
-) -> tuple[nn.Module, BoxPredictor, RoIPooler, RoIHeadSettings]:
+) -> BoxBranch:
     """The parts of the box branch a detector builds: box head (default: 2 fc of 1024 on 7 x 7),
     predictor, pooler and settings (the backbone's defaults with ``options.roi`` applied)."""
     if num_classes is None:
@@ -326,7 +329,7 @@ def box_branch(
     settings = defaults.merged(options.roi, "roi")
     pooler = RoIPooler(box_head.pool_size, pool_strides, options.pooler or default_pooler or pooler_kind,
                        options.sampling_ratio, options.aligned)  # fmt: skip
-    return box_head, BoxPredictor(box_head.out_features, num_classes, settings.predictor_init), pooler, settings
+    return BoxBranch(box_head, BoxPredictor(box_head.out_features, num_classes, settings.predictor_init), pooler, settings)
 
 
 def detector_options(cls: type[DetectorCapabilities], options: dict[str, Any]) -> Any:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rcnn.components.backbones import feature_strides
 from rcnn.components.roi_heads import RoIHeads
 from rcnn.components.transform import DetectionTransform
-from rcnn.components.backbones import feature_strides
-from rcnn.models.base import DetectorOptions, TwoStageDetector, box_branch, detector_options, refuse_unused
+from rcnn.models.base import BoxBranch, DetectorOptions, TwoStageDetector, box_branch, detector_options, refuse_unused
 
 __all__ = ["FastRCNN", "FastRCNNOptions", "compress_box_head", "fast_rcnn", "truncated_svd"]
 
@@ -125,11 +125,17 @@ class FastRCNN(TwoStageDetector):
             [0.1, 0.5), per-class NMS 0.3 on single-level backbones).
 
     ``model(images, targets, proposals=...)``: see :class:`rcnn.models.base.TwoStageDetector`.
+
+    The later generations subclass it and change what the seed says they change, through three
+    hooks called in this order (the order in which parts are created fixes the initial weights a
+    seed gives): :meth:`branch_parts` (further per-RoI branches: Mask R-CNN's), :meth:`proposer`
+    (the proposal network: Faster R-CNN's RPN) and :meth:`assemble_roi_heads`.
     """
 
     name = "fast_rcnn"
     options = FastRCNNOptions
     needs_proposals = True
+    default_pooler: str | None = None  # None: per backbone (RoI pooling on one level, RoIAlign on an FPN)
 
     def __init__(
         self,
@@ -139,20 +145,42 @@ class FastRCNN(TwoStageDetector):
         box_head: nn.Module | None = None,
         roi_heads: RoIHeads | None = None,
         transform: DetectionTransform | None = None,
+        rpn: Any = None,
         **options: Any,
     ) -> None:
+        rpn_module = rpn if isinstance(rpn, nn.Module) else None
+        if rpn is not None and rpn_module is None:
+            options["rpn"] = rpn  # settings for the RPN the model builds
         opts = detector_options(type(self), options)
         strides, pool_strides = feature_strides(backbone)
+        branches = None
         if roi_heads is None:
-            box_head, predictor, pooler, settings = box_branch(backbone, box_head, num_classes, opts, len(strides), pool_strides)
-            roi_heads = RoIHeads(box_head, predictor, pooler, settings)
+            branches = self.branch_parts(backbone, num_classes, opts, pool_strides)
+        rpn_module = self.proposer(rpn_module, backbone, opts, strides)
+        if roi_heads is None:
+            box = box_branch(backbone, box_head, num_classes, opts, len(strides), pool_strides, self.default_pooler)
+            roi_heads = self.assemble_roi_heads(box, branches, opts)
         else:
-            refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned"), "RoI heads")
+            refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned", "mask"), "RoI heads")
         if transform is None:
             transform = DetectionTransform(opts.min_size, opts.max_size)
         else:
             refuse_unused(opts, ("min_size", "max_size"), "transform")
-        super().__init__(backbone, roi_heads, transform, rpn=None, levels=(strides, pool_strides))
+        super().__init__(backbone, roi_heads, transform, rpn=rpn_module, levels=(strides, pool_strides))
+
+    def branch_parts(self, backbone: nn.Module, num_classes: int | None, opts: Any, pool_strides: Sequence[int]) -> Any:
+        """Parts of further per-RoI branches, made first (Mask R-CNN's mask head); none here."""
+        return None
+
+    def proposer(self, rpn: nn.Module | None, backbone: nn.Module, opts: Any, strides: Sequence[int]) -> nn.Module | None:
+        """The proposal network: none, Fast R-CNN's proposals come from outside (selective search)."""
+        if rpn is not None:
+            raise ValueError(f"{type(self).__name__} has no RPN: its proposals come from outside (proposals=...)")
+        return None
+
+    def assemble_roi_heads(self, box: BoxBranch, branches: Any, opts: Any) -> RoIHeads:
+        """The RoI heads from the box branch's parts (and ``branches``): :class:`RoIHeads` here."""
+        return RoIHeads(box.box_head, box.predictor, box.pooler, box.settings)
 
     def compress_fc(self, fc6_rank: int | None = 1024, fc7_rank: int | None = 256) -> list[dict[str, Any]]:
         """Truncated SVD of fc6 and fc7 for faster detection (§3.1: top 1024 and 256 singular values).

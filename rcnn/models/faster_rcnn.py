@@ -17,14 +17,12 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
-from rcnn.components.backbones import default_anchor_sizes, feature_strides
+from rcnn.components.backbones import default_anchor_sizes
 from rcnn.components.proposals.rpn import RegionProposalNetwork, RPNHead, RPNSettings, default_rpn_settings
-from rcnn.components.roi_heads import RoIHeads
 from rcnn.components.settings import PositiveFloat
-from rcnn.components.transform import DetectionTransform
 from rcnn.core.anchors import AnchorGenerator
-from rcnn.models.base import TwoStageDetector, box_branch, detector_options, refuse_unused
-from rcnn.models.fast_rcnn import FastRCNNOptions
+from rcnn.models.base import refuse_unused
+from rcnn.models.fast_rcnn import FastRCNN, FastRCNNOptions
 
 __all__ = ["FasterRCNN", "FasterRCNNOptions", "faster_rcnn"]
 
@@ -48,8 +46,8 @@ class FasterRCNNOptions(FastRCNNOptions):
     rpn: RPNSettings.overrides() = RPNSettings.overrides()()  # type: ignore[valid-type]
 
 
-class FasterRCNN(TwoStageDetector):
-    """Faster R-CNN: backbone + RPN + Fast R-CNN RoI heads, trained jointly or alternately.
+class FasterRCNN(FastRCNN):
+    """Faster R-CNN: :class:`FastRCNN` fed by a Region Proposal Network; trained jointly or alternately.
 
     Args:
         backbone: any ``nn.Module`` with ``out_channels`` (a named architecture's from :func:`faster_rcnn`).
@@ -62,44 +60,17 @@ class FasterRCNN(TwoStageDetector):
 
     name = "faster_rcnn"
     options = FasterRCNNOptions
+    needs_proposals = False
     has_rpn = True
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int | None = None,
-        *,
-        rpn: RegionProposalNetwork | Any = None,
-        box_head: nn.Module | None = None,
-        roi_heads: RoIHeads | None = None,
-        transform: DetectionTransform | None = None,
-        **options: Any,
-    ) -> None:
-        rpn_module = rpn if isinstance(rpn, nn.Module) else None
-        if rpn is not None and rpn_module is None:
-            options["rpn"] = rpn
-        opts = detector_options(type(self), options)
-        strides, pool_strides = feature_strides(backbone)
-        # parts are created in this order (branches, RPN head, box predictor), so that a seed gives
-        # the same initial weights as it always did
-        branches = self.branch_parts(backbone, num_classes, opts, len(strides), pool_strides) if roi_heads is None else None
-        if rpn_module is None:
-            rpn_module = self.build_rpn(backbone, opts, strides)
-        else:
+    def proposer(
+        self, rpn: nn.Module | None, backbone: nn.Module, opts: Any, strides: Sequence[int]
+    ) -> RegionProposalNetwork:
+        """The RPN: the one given, or the one the options describe (anchors, head, and the settings
+        over the backbone's defaults)."""
+        if rpn is not None:
             refuse_unused(opts, ("rpn", "anchor_sizes", "aspect_ratios", "anchor_offset"), "RPN")
-        if roi_heads is None:
-            roi_heads = self.build_roi_heads(backbone, box_head, num_classes, opts, len(strides), pool_strides, branches)
-        else:
-            refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned"), "RoI heads")
-        if transform is None:
-            transform = DetectionTransform(opts.min_size, opts.max_size)
-        else:
-            refuse_unused(opts, ("min_size", "max_size"), "transform")
-        super().__init__(backbone, roi_heads, transform, rpn=rpn_module, levels=(strides, pool_strides))
-
-    @staticmethod
-    def build_rpn(backbone: nn.Module, opts: FasterRCNNOptions, strides: Sequence[int]) -> RegionProposalNetwork:
-        """The RPN the options describe: anchors, head, and settings over the backbone's defaults."""
+            return rpn  # type: ignore[return-value]
         sizes = opts.anchor_sizes or default_anchor_sizes(backbone, len(strides))
         anchors = AnchorGenerator(sizes, (tuple(opts.aspect_ratios),), offset=opts.anchor_offset)
         if len(anchors.sizes) != len(strides):
@@ -110,26 +81,6 @@ class FasterRCNN(TwoStageDetector):
         settings = default_rpn_settings(len(strides)).merged(opts.rpn, "rpn")
         head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location[0])
         return RegionProposalNetwork(anchors, head, strides, settings)
-
-    def branch_parts(
-        self, backbone: nn.Module, num_classes: int | None, opts: Any, num_levels: int, pool_strides: Sequence[int]
-    ) -> Any:
-        """Parts of further per-RoI branches, made before the RPN (Mask R-CNN's mask head); none here."""
-        return None
-
-    def build_roi_heads(
-        self,
-        backbone: nn.Module,
-        box_head: nn.Module | None,
-        num_classes: int | None,
-        opts: Any,
-        num_levels: int,
-        pool_strides: Sequence[int],
-        branches: Any,
-    ) -> RoIHeads:
-        """The RoI heads the options describe (:class:`RoIHeads` here)."""
-        box_head, predictor, pooler, settings = box_branch(backbone, box_head, num_classes, opts, num_levels, pool_strides)
-        return RoIHeads(box_head, predictor, pooler, settings)
 
 
 def faster_rcnn(backbone: str | nn.Module = "tiny", num_classes: int = 91, **kwargs: Any) -> FasterRCNN:

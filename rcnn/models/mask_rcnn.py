@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from rcnn.components.mask_heads import MaskHead, MaskPredictor, MaskRoIHeads, MaskSettings
 from rcnn.components.roi_heads import RoIHeads
 from rcnn.core.ops import RoIPooler
-from rcnn.models.base import box_branch
+from rcnn.models.base import BoxBranch
 from rcnn.models.faster_rcnn import FasterRCNN, FasterRCNNOptions
 
 __all__ = ["MaskRCNN", "MaskRCNNOptions", "mask_rcnn", "validate_masks"]
@@ -80,8 +80,10 @@ class MaskRCNN(FasterRCNN):
     options = MaskRCNNOptions
     predicts_masks = True
 
+    default_pooler = "align"  # RoIAlign for the box branch too (§3)
+
     def branch_parts(
-        self, backbone: nn.Module, num_classes: int | None, opts: Any, num_levels: int, pool_strides: Sequence[int]
+        self, backbone: nn.Module, num_classes: int | None, opts: Any, pool_strides: Sequence[int]
     ) -> tuple[RoIPooler, MaskHead, MaskPredictor]:
         """The mask branch's pooler, head and predictor (created, then initialised, head first)."""
         if num_classes is None:
@@ -94,24 +96,9 @@ class MaskRCNN(FasterRCNN):
         predictor.reset_parameters()
         return pooler, head, predictor
 
-    def build_roi_heads(
-        self,
-        backbone: nn.Module,
-        box_head: nn.Module | None,
-        num_classes: int | None,
-        opts: Any,
-        num_levels: int,
-        pool_strides: Sequence[int],
-        branches: Any,
-    ) -> RoIHeads:
-        """:class:`MaskRoIHeads`: the box branch (RoIAlign unless ``pooler`` says otherwise) and the mask parts."""
-        box_head, predictor, pooler, settings = box_branch(
-            backbone, box_head, num_classes, opts, num_levels, pool_strides, default_pooler="align"
-        )
-        mask_pooler, mask_head, mask_predictor = branches
-        return MaskRoIHeads(
-            box_head, predictor, pooler, mask_pooler, mask_head, mask_predictor, settings, opts.mask_probabilities
-        )
+    def assemble_roi_heads(self, box: BoxBranch, branches: Any, opts: Any) -> RoIHeads:
+        """:class:`MaskRoIHeads`: the box branch and the mask parts."""
+        return MaskRoIHeads(*box[:3], *branches, settings=box.settings, mask_probabilities=opts.mask_probabilities)
 
     @property
     def mask_probabilities(self) -> bool:
@@ -123,9 +110,7 @@ class MaskRCNN(FasterRCNN):
         self.roi_heads.mask_probabilities = bool(value)
 
     def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:
-        """As :meth:`TwoStageDetector.check_targets`; the targets must also have ``masks [G, H, W]``
-        (except when training the RPN alone)."""
-        super().check_targets(images, targets)
+        """The targets must also have ``masks [G, H, W]`` (except when training the RPN alone)."""
         if self.train_mode != "rpn":
             validate_masks(images, targets)
 

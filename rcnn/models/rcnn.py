@@ -48,7 +48,7 @@ from rcnn.components.box_heads import MLPHead
 from rcnn.components.ridge import DEFAULT_LAMBDAS, BoxRegressors
 from rcnn.components.settings import IoU, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Settings, validate_options
 from rcnn.components.svm import ClassSVMs
-from rcnn.components.transform import validate_images, validate_targets
+from rcnn.components.transform import validate_inputs
 from rcnn.components.warp import WARP_MODES, warp_regions
 from rcnn.core.boxes import clip_boxes, remove_small_boxes
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -305,16 +305,11 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         proposals: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Training: ``{"loss_cls"}`` of fine-tuning; eval: detections per image (module doc)."""
-        validate_images(images)
         if proposals is None:
             raise ValueError("R-CNN needs proposals: model(images, targets, proposals=...) (see docs/proposals.md)")
-        if len(proposals) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(proposals)} proposal sets")
-        regions = [self.clean_proposals(p.to(image.dtype), image) for p, image in zip(proposals, images)]
+        proposals = validate_inputs(images, targets, proposals, self.training, self.num_classes)
+        regions = [self.clean_proposals(p, image) for p, image in zip(proposals, images)]
         if self.training:
-            if targets is None:
-                raise ValueError("training mode needs targets (call model.eval() for inference)")
-            validate_targets(targets, len(images), self.num_classes)
             return self.finetune_loss(images, targets, regions)
         return [self.detect(image, boxes) for image, boxes in zip(images, regions)]
 
