@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import torch
 
-from benchmarks.common import ROOT, command_line, measure, read_result, table, time_one, time_pair, write_result
+from benchmarks.common import command_line, measure, read_result, table, time_one, time_pair, write_result
 from rcnn.config import Config, load_config
 from rcnn.data.build import build_dataset
 from rcnn.inference import evaluate_model
@@ -255,14 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="fewer images and training steps")
     parser.add_argument("--data", help="shapes data root (generated if absent; default WORK/shapes)")
     parser.add_argument("--work", help="proposals and runs (default /tmp/rcnn_ablation[_quick])")
-    parser.add_argument("--report", action="store_true", help="only rewrite the tables from the last results file")
+    parser.add_argument("--report", action="store_true", help="only print the tables of the last results file")
     parser.add_argument("--threads", type=int, default=1, help="compute threads (default 1: steadier on a shared machine)")
     args = parser.parse_args(argv)
     if args.report:
         result = read_result("rcnn_ablation")
         if result is None:
             raise SystemExit("no benchmarks/results/rcnn_ablation.json yet: run the benchmark first")
-        return _write_report(result, result["command"])
+        print(markdown(result))
+        return result
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     settings = QUICK if args.quick else FULL

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from rcnn.core.masks import MASK_THRESHOLD
+from rcnn.io.files import atomic_write
 
 __all__ = ["class_colour", "draw_detections", "save_grid", "to_pil"]
 
@@ -144,8 +145,5 @@ def save_grid(
         row, col = divmod(k, ncols)
         grid.paste(tile, (pad + col * (cell_w + pad), pad + row * (cell_h + pad)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-    os.replace(tmp, path)
-    return path
+    file_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: grid.save(tmp, format=file_format))

@@ -33,6 +33,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from rcnn.io.files import write_bytes
+
 __all__ = ["SHAPES_CLASSES", "make_shapes", "render_shapes_image", "shapes_paths"]
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
@@ -142,13 +144,6 @@ def render_shapes_image(
     return image, [(label, mask) for label, mask, _ in objects]
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _make_split(
     root: Path,
     split: str,
@@ -169,7 +164,7 @@ def _make_split(
         ok, png = cv2.imencode(".png", image[:, :, ::-1])  # cv2 wants BGR
         if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
             raise ValueError(f"could not encode {images_dir / file_name} as PNG")
-        _write_bytes(images_dir / file_name, png.tobytes())
+        write_bytes(images_dir / file_name, png.tobytes())
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for label, mask in objects:
@@ -207,7 +202,7 @@ def _make_split(
             {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES_CLASSES)
         ],
     }
-    _write_bytes(ann_file, json.dumps(dataset, separators=(",", ":")).encode("utf-8"))
+    write_bytes(ann_file, json.dumps(dataset, separators=(",", ":")).encode("utf-8"))
 
 
 def make_shapes(

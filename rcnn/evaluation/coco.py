@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from pycocotools.cocoeval import COCOeval
 
 from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.common import Detections, prepare_predictions
+from rcnn.io.files import write_json
 
 __all__ = ["COCO_STAT_NAMES", "coco_results", "evaluate_coco", "write_coco_results"]
 
@@ -144,9 +144,4 @@ def write_coco_results(
     ``bbox`` ``[x, y, width, height]`` and, when the outputs have masks, ``segmentation`` (RLE).
     """
     _, detections = prepare_predictions(predictions, dataset)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(coco_results(detections, dataset)), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, coco_results(detections, dataset), indent=None)
