@@ -44,7 +44,7 @@ def build_model(model: ModelCommon, num_classes: int | None = None) -> nn.Module
         raise ValueError("model.num_classes is not set and no training data gives it")
     return model_class(model.name).build(
         model.backbone, num_classes, pretrained_backbone=model.pretrained_backbone,
-        trainable_stages=model.trainable_stages, **model.options(),
+        trainable_stages=model.trainable_stages, backbone_norm=model.backbone_norm, **model.options(),
     )  # fmt: skip
 
 
@@ -56,6 +56,7 @@ class LoadedModel:
     config: Config
     class_names: list[str]  # index = label, 0 the background
     checkpoint: Path
+    categories: list[dict[str, Any]] | None = None  # index = label: {"id", "name"}, the data's own ids
 
     def __iter__(self):  # (model, config, class_names), as before
         return iter((self.model, self.config, self.class_names))
@@ -82,4 +83,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, f
     if for_inference and hasattr(model, "optimize_for_inference"):
         model.optimize_for_inference()
     names: Any = class_names or [f"class_{i}" for i in range(model.num_classes)]
-    return LoadedModel(model, config, list(names), ckpt)
+    categories = read_json(ckpt / "categories.json") if (ckpt / "categories.json").is_file() else None
+    return LoadedModel(model, config, list(names), ckpt, categories)

@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_from_dict",
     "config_to_yaml",
     "load_config",
     "resolve_config_path",
@@ -62,6 +63,8 @@ class ModelCommon(_Section):
         backbone: a named architecture (``rcnn.components.backbones.BACKBONES``).
         pretrained_backbone: a local classification checkpoint (.pth / .safetensors).
         trainable_stages: train only the last N backbone stages (None: all).
+        backbone_norm: the backbone's BatchNorm: ``frozen`` (statistics and affine fixed, for
+            fine-tuning with small batches) or ``bn``; default frozen with pre-trained weights, else bn.
         num_classes: K + 1; default: taken from the training data.
     """
 
@@ -69,6 +72,7 @@ class ModelCommon(_Section):
     backbone: str = "tiny"
     pretrained_backbone: str | None = None
     trainable_stages: NonNegativeInt | None = None
+    backbone_norm: Literal["frozen", "bn"] | None = None
     num_classes: int | None = Field(default=None, ge=2)
 
     @field_validator("backbone")
@@ -227,7 +231,8 @@ def _format_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _parse(data: dict[str, Any], source: str) -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """A :class:`Config` from a dict of sections; ``ValueError`` naming ``source`` and each field."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -274,7 +279,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             data["model"] = _upgrade_model_section(data["model"])
         data = apply_overrides(data, overrides)
         source += " (with --set overrides)"
-    return _parse(data, source)
+    return config_from_dict(data, source)
 
 
 def config_to_yaml(config: Config) -> str:

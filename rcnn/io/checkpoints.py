@@ -5,7 +5,8 @@ A checkpoint is a directory ``step_000500/`` inside the run directory holding
 - ``model.safetensors``: the model's weights;
 - ``optimizer.safetensors``: the optimiser's tensors (momentum buffers ...), when training;
 - ``state.json``: iteration, base learning rate, RNG states, the optimiser's non-tensor state;
-- ``config.yaml`` and ``classes.json``: what is needed to rebuild the model for inference.
+- ``config.yaml`` and ``classes.json``: what is needed to rebuild the model for inference;
+  ``categories.json``: the category id of each label, where the data had its own (COCO).
 
 Files are written to a temporary directory that is renamed into place when complete, and the
 run's ``last`` link is then switched to it with an atomic rename, so a kill at any moment leaves
@@ -100,9 +101,14 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     config_yaml: str | None = None,
     class_names: list[str] | None = None,
+    categories: list[dict[str, Any]] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it."""
+    """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it.
+
+    ``class_names`` (index = label, 0 the background) go to ``classes.json``; ``categories`` (one
+    ``{"id", "name"}`` per label, the data set's own category ids, e.g. COCO's) to ``categories.json``.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{iteration:07d}"
@@ -123,6 +129,8 @@ def save_checkpoint(
         write_text(tmp / "config.yaml", config_yaml)
     if class_names is not None:
         write_json(tmp / "classes.json", class_names)
+    if categories is not None:
+        write_json(tmp / "categories.json", categories)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     link_tmp = run_dir / ".last.tmp"
