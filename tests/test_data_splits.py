@@ -122,3 +122,13 @@ def test_val_fraction_splits_a_coco_file_and_refuses_other_names(tmp_path: Path,
         build_dataset(ann, "test", val_fraction=0.25)
     assert main(["data", "split", str(ann)]) == 2  # split files are for the annotation-tool layouts
     assert "a COCO data set has its own splits (or split a COCO file on the fly with val_fraction" in capsys.readouterr().err
+
+
+def test_split_refuses_a_layout_with_its_own_splits(tmp_path: Path, capsys) -> None:
+    from layout_sets import write_yolo
+
+    write_yolo(tmp_path, mixed_set(), polygons=False, splits={"train": ["a.jpg", "b.png"], "val": ["c.jpg"]})
+    assert main(["data", "split", str(tmp_path)]) == 2
+    assert "already has the splits train, val" in capsys.readouterr().err and not (tmp_path / "train.txt").exists()
+    # drawing another split on the fly is still possible, over all three images
+    assert len(build_dataset(tmp_path, "train", val_fraction=0.34)) + len(build_dataset(tmp_path, "val", val_fraction=0.34)) == 3

@@ -73,9 +73,17 @@ def check_split(
                 classes = [{index.class_names[label - 1] for label in r.labels.tolist()} for r in records]
                 keep = split_positions(coco_keys(records, source.images_dir), classes, source.split,
                                        source.val_fraction, source.split_seed)
-                chosen = {str(records[i].path) for i in keep}
+                mine = {str(records[i].path) for i in keep}
+                others = {str(r.path) for r in records} - mine
+
+                def shown_here(problem: Problem) -> bool:
+                    if problem.image is None or problem.image in mine:
+                        return True
+                    # An image that could not be read at all is in no split: shown with train.
+                    return problem.image not in others and source.split != "val"
+
+                problems = [p for p in problems if shown_here(p)]
                 records, names = [records[i] for i in keep], [names[i] for i in keep]
-                problems = [p for p in problems if p.image is None or p.image in chosen]
         elif source.format == "voc":
             index = read_voc(source.root, source.split, source.options.get("class_names"))
             records, problems, names = index.records, list(index.problems), index.image_names

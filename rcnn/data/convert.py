@@ -69,7 +69,8 @@ class ConvertReport:
 
     def lines(self) -> list[str]:
         """The summary ``rcnn data convert`` prints."""
-        out = [f"wrote {self.format.upper()} to {self.out} ({len(self.class_names)} classes: {', '.join(self.class_names)})"]
+        n = len(self.class_names)
+        out = [f"wrote {self.format.upper()} to {self.out} ({n} class{'es' if n != 1 else ''}: {', '.join(self.class_names)})"]
         for s in self.splits:
             extra = f", {s.polygons} as polygons" if self.format == "yolo" and s.polygons else ""
             left = f", {s.left_out} crowd/difficult objects left out" if s.left_out else ""

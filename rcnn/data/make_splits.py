@@ -78,6 +78,12 @@ def make_splits(
             "data set has its own splits (or split a COCO file on the fly with val_fraction / data.val_fraction)"
         )
     raw = read_raw(source)
+    if raw.splits:
+        raise ValueError(
+            f"{raw.root}: already has the splits {', '.join(sorted(raw.splits))} (its folders, data.yaml or subsets); "
+            "they are what split names read, so split files would not be used: split on the fly with val_fraction "
+            "(data.val_fraction) to draw other ones"
+        )
     keys = [image.key for image in raw.images]
     classes = [{obj.name for obj in image.objects} for image in raw.images]
     splits = stratified_split(keys, classes, val_fraction, seed)
