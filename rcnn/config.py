@@ -113,7 +113,8 @@ class ShapesSpec(_Section):
 
 
 class DataConfig(_Section):
-    """Where the data is: a COCO root, a COCO .json file or a VOC root (see ``rcnn data check``)."""
+    """Where the data is: any layout ``rcnn data check`` reads (COCO root or .json, VOC root, a
+    LabelImg, YOLO, LabelMe, VIA or CVAT folder, a split folder of ``rcnn data split``)."""
 
     root: str = "data/shapes"
     images: str | None = None  # images folder, when ``root`` is a COCO .json file
@@ -122,8 +123,16 @@ class DataConfig(_Section):
     shapes: ShapesSpec | None = None
     proposals_train: str | None = None  # proposals files (Fast R-CNN, R-CNN)
     proposals_val: str | None = None
+    val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)  # split a set without splits on the fly
+    split_seed: NonNegativeInt = 0  # the seed of that split (stratified by class)
+    skip_broken: bool = False  # list unreadable images / annotations and use the rest (default: refuse the set)
     hflip: Probability = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
     workers: NonNegativeInt = 2  # data loader processes
+
+    def reader_options(self) -> dict[str, Any]:
+        """What :func:`rcnn.data.build.build_dataset` takes from this section besides the root and split."""
+        return {"images_dir": self.images, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                "skip_broken": self.skip_broken}  # fmt: skip
 
 
 class AlternatingConfig(_Section):

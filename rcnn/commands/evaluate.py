@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
     data_root = args.data or config.data.root
     split = args.split or config.data.val_split
-    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, images_dir=config.data.images)
+    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **config.data.reader_options())
     proposals_file = args.proposals or config.data.proposals_val
     proposals = proposal_source(proposals_file) if proposals_file else None
     metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True)

@@ -69,10 +69,11 @@ def prepare_data(config: Config, *, need_train: bool = True, need_val: bool = Tr
         logger.info("generating the shapes data set in %s", root)
         make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed, image_size=data.shapes.image_size)
     with_masks = model_class(config.model.name).predicts_masks
-    train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, images_dir=data.images) if need_train else None
+    options = data.reader_options()
+    train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, **options) if need_train else None
     val = None
     if need_val and data.val_split:
-        val = build_dataset(data.root, data.val_split, with_masks=with_masks, train=False, images_dir=data.images)
+        val = build_dataset(data.root, data.val_split, with_masks=with_masks, train=False, **options)
     return Data(train, val)  # type: ignore[arg-type]
 
 
