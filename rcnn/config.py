@@ -147,6 +147,7 @@ class TrainConfig(_Section):
     """The training loop: optimiser, schedule, checkpoints, evaluation."""
 
     scheme: Literal["joint", "alternating"] = "joint"
+    init_from: str | None = None  # start from another run's weights (its class-specific layers only if the classes match)
     iterations: PositiveInt = 1000
     time_budget_s: PositiveFloat | None = None  # stop early once this much training time has passed
     batch_size: PositiveInt = 2  # images per step (per process under DDP)

@@ -9,6 +9,7 @@ saved, converted, and both models detect on the same images.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,51 @@ def test_cli_converts_a_checkpoint_with_its_own_classes(tmp_path, capsys):
     code = main(["convert", "torchvision", str(tmp_path / "nope.pth"), "--arch", "fasterrcnn_resnet50_fpn",
                  "--out", str(tmp_path / "run2")])  # fmt: skip
     assert code == 2 and "nope.pth" in capsys.readouterr().err
+
+
+def coco_subset(shapes_root, out, categories: dict[int, str], split: str = "train"):
+    """The shapes split relabelled: shape category id -> (new id, name); other objects removed."""
+    from rcnn.data.shapes import shapes_paths
+
+    images_dir, ann_file = shapes_paths(shapes_root, split)
+    coco = json.loads(Path(ann_file).read_text())
+    coco["annotations"] = [dict(a, category_id=categories[a["category_id"]][0]) for a in coco["annotations"]
+                           if a["category_id"] in categories]  # fmt: skip
+    coco["categories"] = [{"id": new_id, "name": name} for new_id, name in categories.values()]
+    path = out / f"{split}.json"
+    path.write_text(json.dumps(coco))
+    return path, images_dir
+
+
+def test_fine_tune_a_converted_coco_model_on_3_classes(shapes_root, tmp_path, capsys):
+    peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    torch.save(peer.state_dict(), tmp_path / "coco.pth")
+    run = tmp_path / "coco"
+    assert main(["convert", "torchvision", str(tmp_path / "coco.pth"), "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                 "--out", str(run)]) == 0  # fmt: skip
+    # evaluated on data of some COCO classes: matched by name, the model's other classes dropped
+    coco_ann, images = coco_subset(shapes_root, tmp_path, {1: (18, "dog"), 2: (1, "person")}, "val")
+    assert main(["evaluate", "--weights", str(run), "--data", str(coco_ann), "--set", f"data.images={images}",
+                 "--limit", "2"]) == 0  # fmt: skip
+    assert "their detections not scored" in capsys.readouterr().out
+    # data with a class the model does not know: refused with both lists
+    (tmp_path / "o").mkdir()
+    other_ann, _ = coco_subset(shapes_root, tmp_path / "o", {1: (1, "circle")}, "val")
+    assert main(["evaluate", "--weights", str(run), "--data", str(other_ann), "--set", f"data.images={images}"]) == 2
+    assert "classes the model does not know: ['circle']" in capsys.readouterr().err
+    # fine-tuning on 3 classes: all but the predictor loads
+    train_ann, _ = coco_subset(shapes_root, tmp_path, {1: (1, "circle"), 2: (2, "square"), 3: (3, "triangle")})
+    (tmp_path / "v").mkdir()
+    val_ann, _ = coco_subset(shapes_root, tmp_path / "v", {1: (1, "circle"), 2: (2, "square"), 3: (3, "triangle")}, "val")
+    tuned = tmp_path / "tuned"
+    args = ["train", "--config", str(run / "last" / "config.yaml"), "--init-from", str(run), "--out", str(tuned),
+            "--set", f"data.root={train_ann}", "--set", f"data.images={images.parent / 'train'}",
+            "--set", "train.iterations=2", "--set", "train.batch_size=2", "--set", "train.warmup_iterations=0",
+            "--set", "data.workers=0", "--set", "model.min_size=128", "--set", "model.max_size=128", "--no-eval"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "roi_heads.predictor newly initialised (3 classes instead of the source's)" in out
+    tuned_model = load_model(tuned)
+    assert tuned_model.model.num_classes == 4 and tuned_model.class_names[1:] == ["circle", "square", "triangle"]
+    assert main(["evaluate", "--weights", str(tuned), "--data", str(val_ann), "--set", f"data.images={images}"]) == 0
+    assert main(["predict", "--weights", str(tuned), str(next(images.glob("*.png"))), "--out", str(tmp_path / "p")]) == 0

@@ -185,11 +185,13 @@ class MaskRoIHeads(RoIHeads):
         """m: the deconvolution doubles the pooled side."""
         return 2 * self.mask_pooler.output_size[0]
 
+    predictor_names = ("predictor", "mask_predictor")
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """New box and mask predictors for ``num_classes`` (K + 1); returns their names."""
         replaced = super().replace_predictor(num_classes)
         self.mask_predictor = MaskPredictor(self.mask_head.out_channels, num_classes, self.mask_predictor.deconv.out_channels)
-        return [*replaced, "mask_predictor"]
+        return replaced
 
     def mask_logits(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """Mask logits ``[R, K, m, m]`` for ``boxes`` (one ``[Ri, 4]`` per image, in feature-input pixels)."""

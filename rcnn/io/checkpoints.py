@@ -32,7 +32,9 @@ __all__ = [
     "LEGACY_KEYS",
     "find_checkpoint",
     "load_checkpoint",
+    "has_optimizer_state",
     "load_weights",
+    "read_checkpoint_weights",
     "restore_rng",
     "rng_state",
     "save_checkpoint",
@@ -207,6 +209,21 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.
     model.load_state_dict(weights)
 
 
+def read_checkpoint_weights(path: str | os.PathLike, own: set[str] | None = None) -> dict[str, Tensor]:
+    """The weights of a checkpoint (older checkpoints' keys renamed to ``own``'s, see ``LEGACY_KEYS``)."""
+    ckpt = find_checkpoint(path)
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as exc:
+        raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
+    return _rename_legacy(weights, own) if own is not None else weights
+
+
+def has_optimizer_state(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds the optimiser's state (a converted model's does not)."""
+    return (find_checkpoint(path) / "optimizer.safetensors").is_file()
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -216,11 +233,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load weights (and optionally the optimiser and RNG states) from a checkpoint; return its state."""
     ckpt = find_checkpoint(path)
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except Exception as exc:
-        raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
-    load_weights(model, weights, ckpt)
+    load_weights(model, read_checkpoint_weights(ckpt), ckpt)
     state = read_json(ckpt / "state.json")
     if optimizer is not None or restore_rng_state:
         tensors = load_file(str(ckpt / "optimizer.safetensors"))

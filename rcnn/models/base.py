@@ -238,6 +238,11 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         """K + 1, the box predictor's."""
         return self.roi_heads.num_classes
 
+    @property
+    def predictor_names(self) -> list[str]:
+        """The class-specific parts (what :meth:`replace_predictor` replaces), as state-dict prefixes."""
+        return [f"roi_heads.{name}" for name in self.roi_heads.predictor_names]
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """Fresh class-specific layers (box, and mask for Mask R-CNN) for ``num_classes`` (K + 1),
         on the same device; the rest of the model is kept. Returns the replaced modules' names."""
