@@ -14,8 +14,10 @@ DOC = ROOT / "docs" / "own_data.md"
 
 
 def _blocks(language: str, until: str) -> list[str]:
+    """The code blocks of the worked example (from its heading) before the heading ``until``."""
     text = DOC.read_text(encoding="utf-8")
-    return re.findall(rf"```{language}\n(.*?)```", text[: text.index(until)], flags=re.S)
+    text = text[text.index("# A worked example") : text.index(until)]
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def _commands() -> list[list[str]]:

@@ -227,14 +227,10 @@ class MaskRoIHeads(RoIHeads):
         """Add ``masks [D, 1, m, m]`` (sigmoid of the predicted class's mask, in the box's frame) to each
         image's detections, in place."""
         boxes = [det["boxes"] for det in detections]
-        counts = [len(b) for b in boxes]
-        if sum(counts) == 0:
-            for det in detections:
-                det["masks"] = det["boxes"].new_zeros((0, 1, self.mask_size, self.mask_size))
-            return
-        logits = self.mask_logits(features, boxes)  # [R, K, m, m]
+        counts = [b.shape[0] for b in boxes]
+        logits = self.mask_logits(features, boxes)  # [R, K, m, m] (R may be 0)
         labels = torch.cat([det["labels"] for det in detections])  # [R] in 1..K
-        chosen = logits[torch.arange(len(labels), device=labels.device), labels - 1]  # [R, m, m]
+        chosen = logits[torch.arange(labels.shape[0], device=labels.device), labels - 1]  # [R, m, m]
         for det, probs in zip(detections, chosen.sigmoid().split(counts)):
             det["masks"] = probs[:, None]
 

@@ -259,7 +259,7 @@ class RoIHeads(nn.Module):
                 "a predictor of K + 1 scores needs 4K deltas (see BoxPredictor)"
             )
         probs = torch.softmax(class_logits, dim=-1)[:, 1:]  # [R, K]
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # sizes, symbolic when exported
         all_boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(-1, num_fg, 4)  # [R, K, 4]
         detections = []
         for boxes, scores, size in zip(all_boxes.split(counts), probs.split(counts), image_sizes):

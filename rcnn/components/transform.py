@@ -96,8 +96,8 @@ def validate_inputs(
 def _torchvision_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """torchvision's resized size: the floor of each side times the scale, as ``F.interpolate``
     computes it from a ``scale_factor``."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    scale = torch.sym_min(min_size / torch.sym_min(height, width), max_size / torch.sym_max(height, width))
+    return torch.sym_max(1, math.floor(height * scale)), torch.sym_max(1, math.floor(width * scale))
 
 
 class DetectionTransform(nn.Module):
@@ -146,7 +146,7 @@ class DetectionTransform(nn.Module):
         proposals: Sequence[Tensor] | None = None,
     ) -> tuple[ImageBatch, list[dict[str, Any]] | None, list[Tensor] | None]:
         """Returns the batch, the resized targets (copies) and the resized proposals."""
-        original_sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        original_sizes = [(im.shape[1], im.shape[2]) for im in images]  # ints, symbolic when exported
         resized, sizes = [], []
         new_targets = [dict(t) for t in targets] if targets is not None else None
         new_proposals = list(proposals) if proposals is not None else None
@@ -157,14 +157,15 @@ class DetectionTransform(nn.Module):
                 image = normalize(image, self.image_mean, self.image_std)
             else:
                 size = resized_shape(height, width, self._min_size(), self.max_size)
-            if size != (height, width):
-                image = resize_image(image, size)
-                if new_targets is not None:
-                    new_targets[i]["boxes"] = resize_boxes(new_targets[i]["boxes"], (height, width), size)
-                    if "masks" in new_targets[i]:
-                        new_targets[i]["masks"] = resize_masks(new_targets[i]["masks"], size)
-                if new_proposals is not None:
-                    new_proposals[i] = resize_boxes(new_proposals[i], (height, width), size)
+            # bilinear resizing to the same size copies the image: no branch on the size, so an
+            # exported graph serves every input size
+            image = resize_image(image, size)
+            if new_targets is not None and size != (height, width):
+                new_targets[i]["boxes"] = resize_boxes(new_targets[i]["boxes"], (height, width), size)
+                if "masks" in new_targets[i]:
+                    new_targets[i]["masks"] = resize_masks(new_targets[i]["masks"], size)
+            if new_proposals is not None:
+                new_proposals[i] = resize_boxes(new_proposals[i], (height, width), size)
             resized.append(image if self.torchvision else normalize(image, self.image_mean, self.image_std))
             sizes.append(size)
         batch = self._pad(resized)
@@ -172,8 +173,10 @@ class DetectionTransform(nn.Module):
 
     def _pad(self, images: list[Tensor]) -> Tensor:
         d = self.size_divisible
-        height = int(math.ceil(max(im.shape[1] for im in images) / d) * d)
-        width = int(math.ceil(max(im.shape[2] for im in images) / d) * d)
+        height, width = images[0].shape[1], images[0].shape[2]
+        for im in images[1:]:
+            height, width = torch.sym_max(height, im.shape[1]), torch.sym_max(width, im.shape[2])
+        height, width = (height + d - 1) // d * d, (width + d - 1) // d * d
         if len(images) == 1:
             im = images[0]
             return F.pad(im, (0, width - im.shape[2], 0, height - im.shape[1]))[None]
@@ -186,6 +189,5 @@ class DetectionTransform(nn.Module):
     def postprocess(detections: list[dict[str, Tensor]], batch: ImageBatch) -> list[dict[str, Tensor]]:
         """Map detection boxes from resized to original image coordinates (in place, returned)."""
         for det, size, original in zip(detections, batch.image_sizes, batch.original_sizes):
-            if size != original:
-                det["boxes"] = resize_boxes(det["boxes"], size, original)
+            det["boxes"] = resize_boxes(det["boxes"], size, original)
         return detections

@@ -183,8 +183,9 @@ class AnchorGenerator(nn.Module):
                 f"AnchorGenerator has {len(self.base_anchors)} levels but got "
                 f"{len(feature_shapes)} feature maps and {len(strides)} strides"
             )
+        exporting = torch.compiler.is_exporting()  # symbolic sizes: computed in the graph, not cached
         key = (tuple(map(tuple, feature_shapes)), tuple(strides), str(device), dtype)
-        cached = self._cache.get(key)
+        cached = None if exporting else self._cache.get(key)
         if cached is not None:
             return cached
         out = []
@@ -196,6 +197,8 @@ class AnchorGenerator(nn.Module):
             shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)  # [Hi*Wi, 1, 4]
             anchors = (shifts + base.to(device)[None]).reshape(-1, 4)  # [Hi*Wi*A, 4]
             out.append(anchors.to(dtype))
+        if exporting:
+            return out
         if len(self._cache) > 16:  # a few input sizes recur; don't grow without bound
             self._cache.clear()
         self._cache[key] = out
@@ -206,7 +209,7 @@ class AnchorGenerator(nn.Module):
 
         The anchors are the same for every image of a padded batch, so one set is returned.
         """
-        shapes = [tuple(int(v) for v in f.shape[-2:]) for f in features]
+        shapes = [tuple(f.shape[-2:]) for f in features]
         if self.torchvision:  # padded size // level size, per axis (the first level's stride is exact)
             padded = (shapes[0][0] * int(strides[0]), shapes[0][1] * int(strides[0]))
             strides = [(padded[0] // h, padded[1] // w) for h, w in shapes]

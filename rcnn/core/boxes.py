@@ -88,7 +88,7 @@ def box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
 def clip_boxes(boxes: Tensor, image_size: Sequence[int]) -> Tensor:
     """Clip ``boxes [..., 4]`` to an image of ``image_size = (height, width)``."""
-    height, width = int(image_size[0]), int(image_size[1])
+    height, width = image_size[0], image_size[1]  # ints (or symbolic sizes when exported)
     x = boxes[..., 0::2].clamp(min=0, max=width)
     y = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)

@@ -56,8 +56,9 @@ _enabled = os.environ.get("RCNN_FAST_PATHS", "1").strip().lower() not in ("0", "
 
 
 def enabled() -> bool:
-    """Whether the fast paths are on (the default; ``RCNN_FAST_PATHS=0`` turns them off at import)."""
-    return _enabled
+    """Whether the fast paths are on (the default; ``RCNN_FAST_PATHS=0`` turns them off at import).
+    Never while a model is exported: the plain path is what ONNX expresses."""
+    return _enabled and not torch.compiler.is_exporting()
 
 
 def set_enabled(flag: bool) -> None:
@@ -140,7 +141,7 @@ def float_threshold(threshold: float, dtype: torch.dtype) -> float | Tensor:
 def roi_align_applies(features: Tensor, sampling_ratio: int) -> bool:
     """Whether :func:`roi_align` replaces torchvision's kernel for these inputs."""
     return (
-        _enabled
+        enabled()
         and features.device.type == "cpu"
         and sampling_ratio > 0
         and features.dtype in (torch.float32, torch.float64)
@@ -306,7 +307,7 @@ def roi_align_grad(
 def mask_predictor_applies(x: Tensor, deconv: nn.Module, logits: nn.Module) -> bool:
     """Whether :func:`mask_predictor_logits` may stand in for ``logits(relu(deconv(x)))``."""
     return (
-        _enabled
+        enabled()
         and x.device.type == "cpu"
         and type(deconv) is nn.ConvTranspose2d
         and type(logits) is nn.Conv2d

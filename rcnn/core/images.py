@@ -15,6 +15,7 @@ Shape shorthand:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,9 +37,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """``(H', W')`` with the shorter side ``min_size`` unless the longer would exceed ``max_size``."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """``(H', W')`` with the shorter side ``min_size`` unless the longer would exceed ``max_size``.
+
+    Sides are rounded half up (``floor(x + 0.5)``) with ``torch.sym_min`` / ``sym_max``, so that an
+    exported graph computes the same sizes for any input size (ONNX export keeps them symbolic).
+    """
+    scale = torch.sym_min(min_size / torch.sym_min(height, width), max_size / torch.sym_max(height, width))
+    return torch.sym_max(1, math.floor(height * scale + 0.5)), torch.sym_max(1, math.floor(width * scale + 0.5))
 
 
 def resize_image(image: Tensor, size: Sequence[int], antialias: bool = False) -> Tensor:
@@ -48,22 +53,21 @@ def resize_image(image: Tensor, size: Sequence[int], antialias: bool = False) ->
     resize without it, as torchvision's detectors do.
     """
     batch = image if image.dim() == 4 else image[None]
-    out = F.interpolate(batch, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False, antialias=antialias)
+    out = F.interpolate(batch, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
     return out if image.dim() == 4 else out[0]
 
 
 def resize_masks(masks: Tensor, size: Sequence[int]) -> Tensor:
     """``masks [N, H, W]`` (any dtype) resized to ``size (H', W')`` by nearest neighbour, same dtype."""
-    resized = F.interpolate(masks[None].float(), size=tuple(int(s) for s in size), mode="nearest")[0]
+    resized = F.interpolate(masks[None].float(), size=tuple(size), mode="nearest")[0]
     return resized.to(masks.dtype)
 
 
 def resize_boxes(boxes: Tensor, from_size: Sequence[int], to_size: Sequence[int]) -> Tensor:
     """Scale ``boxes [N, 4]`` from an image of ``from_size (H, W)`` to one of ``to_size (H', W')``."""
-    ratio_h = to_size[0] / from_size[0]
-    ratio_w = to_size[1] / from_size[1]
-    scale = boxes.new_tensor([ratio_w, ratio_h, ratio_w, ratio_h])  # [4]
-    return boxes * scale
+    xs = boxes[:, 0::2] * (to_size[1] / from_size[1])  # [N, 2]
+    ys = boxes[:, 1::2] * (to_size[0] / from_size[0])
+    return torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), dim=1)
 
 
 def normalize(images: Tensor, mean: Tensor | Sequence[float], std: Tensor | Sequence[float]) -> Tensor:

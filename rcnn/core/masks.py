@@ -91,6 +91,8 @@ def paste_masks(
             f"paste_masks: expected mask_probs [D, m, m] and boxes [D, 4], got "
             f"{list(mask_probs.shape)} and {list(boxes.shape)}"
         )
+    if torch.compiler.is_exporting():
+        return _paste_dense(mask_probs, boxes, image_size, threshold)
     height, width = int(image_size[0]), int(image_size[1])
     dtype = torch.uint8 if threshold is not None else mask_probs.dtype
     out = mask_probs.new_zeros((mask_probs.shape[0], height, width), dtype=dtype)  # [D, H, W]
@@ -111,6 +113,42 @@ def paste_masks(
     return out
 
 
+def _box_weights(lo: Tensor, hi: Tensor, cells: int, size: int) -> Tensor:
+    """``[D, size, cells]``: :func:`_bilinear_weights` of every box at once over a whole image axis
+    (zero for boxes of no extent)."""
+    centres = torch.arange(size, device=lo.device, dtype=lo.dtype) + 0.5  # [n]
+    span = hi - lo  # [D]
+    position = (centres[None, :] - lo[:, None]) / span.clamp(min=1e-12)[:, None] * cells - 0.5  # [D, n]
+    index = torch.arange(cells, device=lo.device, dtype=lo.dtype)  # [cells]
+    weights = (1.0 - (position[..., None] - index).abs()).clamp(min=0.0)  # [D, n, cells]
+    return weights * (span > 0).to(lo.dtype)[:, None, None]
+
+
+def _paste_dense(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float | None) -> Tensor:
+    """:func:`paste_masks` as two batched matrix products over the whole image: the same values
+    without a loop over boxes, for an exported graph (``[D, H, W]`` floats in memory)."""
+    rows, cols = mask_probs.shape[-2:]
+    wy = _box_weights(boxes[:, 1], boxes[:, 3], rows, image_size[0])  # [D, H, rows]
+    wx = _box_weights(boxes[:, 0], boxes[:, 2], cols, image_size[1])  # [D, W, cols]
+    out = wy @ mask_probs @ wx.transpose(1, 2)  # [D, H, W]
+    return (out >= threshold).to(torch.uint8) if threshold is not None else out
+
+
+def _torchvision_weights(start: Tensor, stop: Tensor, cells: int, size: int, dtype: torch.dtype) -> Tensor:
+    """``[D, size, cells]``: the weights of torchvision's pasting along one axis — a mask of
+    ``cells`` resized bilinearly (``align_corners=False``) to the integer span ``start .. stop``
+    (inclusive) and placed there, zero elsewhere."""
+    pixels = torch.arange(size, device=start.device)  # [n]
+    length = (stop - start + 1).clamp(min=1)  # [D]
+    offset = (pixels[None, :] - start[:, None]).to(dtype)  # [D, n]: position in the resized mask
+    source = (offset + 0.5) * (cells / length.to(dtype))[:, None] - 0.5
+    source = source.clamp(min=0.0, max=cells - 1)
+    index = torch.arange(cells, device=start.device, dtype=dtype)
+    weights = (1.0 - (source[..., None] - index).abs()).clamp(min=0.0)  # [D, n, cells]
+    inside = (pixels[None, :] >= start[:, None]) & (pixels[None, :] <= stop[:, None])  # [D, n]
+    return weights * inside[..., None].to(dtype)
+
+
 def paste_masks_torchvision(
     mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float | None = None
 ) -> Tensor:
@@ -128,13 +166,18 @@ def paste_masks_torchvision(
             f"paste_masks_torchvision: expected mask_probs [D, m, m] and boxes [D, 4], got "
             f"{list(mask_probs.shape)} and {list(boxes.shape)}"
         )
-    height, width = int(image_size[0]), int(image_size[1])
     side = mask_probs.shape[-1]
     scale = float(side + 2) / side
     padded = F.pad(mask_probs, (1, 1, 1, 1))  # [D, m+2, m+2]
     half_w, half_h = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale, (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
     cx, cy = (boxes[:, 2] + boxes[:, 0]) * 0.5, (boxes[:, 3] + boxes[:, 1]) * 0.5
     expanded = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=1).to(torch.int64)  # [D, 4]
+    if torch.compiler.is_exporting():  # the same weights as matrices, without a loop over boxes
+        wy = _torchvision_weights(expanded[:, 1], expanded[:, 3], side + 2, image_size[0], padded.dtype)
+        wx = _torchvision_weights(expanded[:, 0], expanded[:, 2], side + 2, image_size[1], padded.dtype)
+        dense = wy @ padded @ wx.transpose(1, 2)  # [D, H, W]
+        return (dense >= threshold).to(torch.uint8) if threshold is not None else dense
+    height, width = int(image_size[0]), int(image_size[1])
     out = mask_probs.new_zeros((mask_probs.shape[0], height, width))  # [D, H, W]
     for d, (x1, y1, x2, y2) in enumerate(expanded.tolist()):
         w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)

@@ -45,6 +45,8 @@ __all__ = [
 def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"nms: boxes must be [B, 4], got {list(boxes.shape)}")
+    if torch.compiler.is_exporting():  # the checks below read the data, which a graph cannot
+        return
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"nms: scores must be [B] = [{boxes.shape[0]}], got {list(scores.shape)}")
     if boxes.numel() and not bool(torch.isfinite(boxes).all()):
@@ -84,6 +86,8 @@ def batched_nms(
     ordered differently from a full run, as NMS orders ties arbitrarily anyway.)
     """
     _check_nms_inputs(boxes, scores)
+    if torch.compiler.is_exporting():
+        return _batched_nms_graph(boxes, scores, groups, float(iou_threshold), max_kept)
     if groups.shape != scores.shape:
         raise ValueError(f"batched_nms: groups must be [B] = [{scores.shape[0]}], got {list(groups.shape)}")
     if boxes.numel() == 0 or (max_kept is not None and max_kept <= 0):
@@ -101,6 +105,17 @@ def batched_nms(
             return top[keep[:max_kept]]
         k *= 4
     return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]
+
+
+def _batched_nms_graph(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_kept: int | None) -> Tensor:
+    """``batched_nms`` as an exported graph computes it: one NMS with each group's boxes moved apart
+    by the largest coordinate (torchvision's "coordinate trick"), no branch on the data. Equal to
+    the eager result up to float rounding of the moved coordinates, i.e. except for IoUs within
+    about 1e-6 of the threshold."""
+    largest = torch.cat((boxes.flatten(), boxes.new_zeros(1))).max()  # defined for no boxes too
+    offsets = groups.to(boxes.dtype) * (largest + 1)  # [B]
+    keep = torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
+    return keep if max_kept is None else keep[:max_kept]
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -145,6 +160,8 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 def _check_features(features: Tensor, rois: Tensor) -> None:
     if features.dim() != 4:
         raise ValueError(f"features must be [N, C, H, W], got {list(features.shape)}")
+    if torch.compiler.is_exporting():  # the checks below read the data, which a graph cannot
+        return
     if rois.numel() and not bool(torch.isfinite(rois).all()):
         raise ValueError("RoIs contain NaN or infinite coordinates")
     if rois.numel() and (int(rois[:, 0].min()) < 0 or int(rois[:, 0].max()) >= features.shape[0]):
@@ -357,7 +374,6 @@ class RoIPooler(nn.Module):
         ) - self.min_level  # [R], index into features
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
-            idx = (levels == level).nonzero().flatten()
-            if idx.numel():
-                out[idx] = self._pool(feature, rois[idx], stride).to(out.dtype)
+            idx = (levels == level).nonzero().flatten()  # may be empty: pooling no RoI is cheap
+            out[idx] = self._pool(feature, rois[idx], stride).to(out.dtype)
         return out

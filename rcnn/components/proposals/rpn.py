@@ -204,7 +204,7 @@ class RegionProposalNetwork(nn.Module):
         picks, levels = [], []
         start = 0
         for level, size in enumerate(level_sizes):
-            k = min(pre_top_n, size)
+            k = torch.sym_min(pre_top_n, size)
             top = objectness[:, start : start + size].topk(k, dim=1).indices + start  # [N, k]
             picks.append(top)
             levels.append(torch.full((k,), level, dtype=torch.int64, device=objectness.device))

@@ -1,0 +1,218 @@
+"""Exporting a trained detector to ONNX, pre- and post-processing included, and running it.
+
+``export_onnx(model, path, class_names)`` (``rcnn export --weights RUN --format onnx --out
+model.onnx``) writes one ONNX graph that takes an image and gives detections at the image's own
+size: resizing, normalisation and padding, the backbone, the RPN with its anchors, NMS and the
+proposal layer, RoI pooling / RoIAlign, the heads, per-class post-processing and, for Mask
+R-CNN, the masks pasted into the image. Height and width are dynamic; an image where nothing is
+detected gives empty outputs of the right shapes.
+
+    input   image   uint8 [H, W, 3] (RGB, as decoded)        or, with input="float",
+                    float32 [3, H, W] in 0..1 (the library's convention)
+            proposals float32 [P, 4] (Fast R-CNN only: its proposals come from outside)
+    outputs boxes   float32 [D, 4] (x1, y1, x2, y2, pixels of the input image)
+            labels  int64 [D] (1..K; the class names are in the model's metadata)
+            scores  float32 [D]
+            masks   uint8 [D, H, W] (Mask R-CNN)
+
+The exporter is PyTorch's recommended one, ``torch.onnx.export(..., dynamo=True)``: it captures
+the model with ``torch.export`` (sizes stay symbolic, so one graph serves every image size)
+where the TorchScript-based exporter, deprecated, traces one input's shapes. The model's own
+``forward`` is what is exported: the code has no branch on data-dependent values and, while
+exporting, uses the plain path (the CPU fast paths, the top-k growth of ``batched_nms`` and
+the per-box mask pasting have no ONNX form; ``rcnn.core`` switches with
+``torch.compiler.is_exporting()``). RoI max pooling is given ONNX's ``MaxRoiPool`` (the stock
+translation of ``torchvision::roi_pool`` does not run).
+
+The run folder's class names travel in the file's metadata (``rcnn.class_names``, JSON), with
+the generation and the input format. R-CNN cannot be exported: it runs the CNN once per warped
+region in chunks whose number depends on the proposals, and scores them with its SVMs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rcnn.io.files import atomic_write
+
+__all__ = ["OnnxDetector", "export_onnx", "onnx_metadata"]
+
+_INPUTS = ("uint8", "float")
+
+
+def _roi_pool_onnx(input, boxes, spatial_scale: float, pooled_height: int, pooled_width: int):  # noqa: A002
+    """``torchvision::roi_pool`` as ONNX's MaxRoiPool (the same quantised bins; equal to the last bit)."""
+    from onnxscript import opset18 as op
+
+    out = op.MaxRoiPool(input, boxes, pooled_shape=[pooled_height, pooled_width], spatial_scale=spatial_scale)
+    return out, op.Cast(out, to=7)  # the op's second output (argmax) is unused at inference
+
+
+class _Graph(nn.Module):
+    """The model between one image (and its proposals) and its detections, as exported."""
+
+    def __init__(self, model: nn.Module, input_format: str) -> None:
+        super().__init__()
+        self.model = model
+        self.input_format = input_format
+        self.needs_proposals = bool(model.needs_proposals)
+        self.predicts_masks = bool(model.predicts_masks)
+
+    def forward(self, image: Tensor, proposals: Tensor | None = None) -> tuple[Tensor, ...]:
+        if self.input_format == "uint8":
+            image = image.permute(2, 0, 1).to(torch.float32) / 255.0  # [H, W, 3] -> [3, H, W]
+        kwargs = {"proposals": [proposals]} if self.needs_proposals else {}
+        (out,) = self.model([image], **kwargs)
+        results = (out["boxes"], out["labels"], out["scores"])
+        if self.predicts_masks:
+            results += (out["masks"][:, 0].to(torch.uint8),)
+        return results
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The rcnn metadata of an exported file: class names, generation, input format, outputs."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if "rcnn.class_names" not in props:
+        raise ValueError(f"{path}: not an ONNX file exported by rcnn (no rcnn metadata)")
+    return {
+        "class_names": json.loads(props["rcnn.class_names"]),
+        "model": props.get("rcnn.model"),
+        "input": props.get("rcnn.input", "uint8"),
+        "needs_proposals": props.get("rcnn.needs_proposals") == "true",
+        "predicts_masks": props.get("rcnn.predicts_masks") == "true",
+    }
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    class_names: Sequence[str],
+    *,
+    input_format: str = "uint8",
+    example_size: tuple[int, int] = (480, 640),
+    opset: int = 18,
+) -> Path:
+    """Export ``model`` (a trained Fast / Faster / Mask R-CNN, in eval mode) to ``path`` (see the module docstring).
+
+    ``example_size`` is the (H, W) of the example image the capture runs on; the graph takes any
+    size from 32 to 8192 on a side.
+    """
+    if input_format not in _INPUTS:
+        raise ValueError(f"input_format must be one of {_INPUTS}, got {input_format!r}")
+    if getattr(model, "trains_in_stages", False):
+        raise ValueError(
+            "R-CNN cannot be exported to ONNX: it runs the CNN once per warped region, in chunks whose number "
+            "depends on the proposals, and scores the regions with its SVMs; export Fast R-CNN (the same "
+            "proposals and classes, one network) instead"
+        )
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes (background included)")
+    from torch.export import Dim
+
+    model.eval()
+    graph = _Graph(model, input_format).eval()
+    height, width = example_size
+    gen = torch.Generator().manual_seed(0)
+    if input_format == "uint8":
+        image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=gen)
+        image_dims = {0: Dim("height", min=32, max=8192), 1: Dim("width", min=32, max=8192)}
+    else:
+        image = torch.rand(3, height, width, generator=gen)
+        image_dims = {1: Dim("height", min=32, max=8192), 2: Dim("width", min=32, max=8192)}
+    args: tuple[Tensor, ...] = (image,)
+    dynamic: tuple[Any, ...] = (image_dims,)
+    names = ["image"]
+    if graph.needs_proposals:
+        xy = torch.rand(64, 2, generator=gen) * torch.tensor([width / 2, height / 2])
+        args += (torch.cat((xy, xy + torch.tensor([width / 3, height / 3])), dim=1),)
+        dynamic += ({0: Dim("proposals", min=0, max=100_000)},)
+        names.append("proposals")
+    outputs = ["boxes", "labels", "scores"] + (["masks"] if graph.predicts_masks else [])
+    path = Path(path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on deprecations inside torch and torchvision
+        program = torch.onnx.export(
+            graph, args, dynamo=True, dynamic_shapes=dynamic, input_names=names, output_names=outputs,
+            opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx},
+            verbose=False,
+        )  # fmt: skip
+    program.model.metadata_props.update(
+        {
+            "rcnn.class_names": json.dumps(list(class_names)),
+            "rcnn.model": type(model).name,
+            "rcnn.input": input_format,
+            "rcnn.needs_proposals": str(graph.needs_proposals).lower(),
+            "rcnn.predicts_masks": str(graph.predicts_masks).lower(),
+        }
+    )
+    atomic_write(path, lambda tmp: program.save(str(tmp)))
+    return path
+
+
+class OnnxDetector:
+    """An exported model run by ONNX Runtime, with the library's model API for inference:
+    ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]`` (images float ``[3, H, W]``
+    in 0..1, as everywhere in the library; they are converted to the file's input format).
+
+    Attributes ``class_names``, ``needs_proposals``, ``predicts_masks``, ``name`` come from the
+    file's metadata, so commands treat it like a loaded model.
+    """
+
+    display_score_thresh = 0.5
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ONNX model not found")
+        meta = onnx_metadata(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged or foreign file: name it
+            raise ValueError(f"{path}: ONNX Runtime cannot load it ({exc})") from None
+        self.path = path
+        self.class_names: list[str] = meta["class_names"]
+        self.input_format: str = meta["input"]
+        self.needs_proposals: bool = meta["needs_proposals"]
+        self.predicts_masks: bool = meta["predicts_masks"]
+        self.name = meta["model"]
+        self.num_classes = len(self.class_names)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images: Sequence[Tensor], proposals: Sequence[Tensor] | None = None) -> list[dict[str, Tensor]]:
+        if self.needs_proposals and proposals is None:
+            raise ValueError(f"{self.path} is a {self.name} model: it needs proposals")
+        results = []
+        for i, image in enumerate(images):
+            if self.input_format == "uint8":
+                array = (image.detach().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            else:
+                array = image.detach().cpu().to(torch.float32).numpy()
+            feeds = {"image": np.ascontiguousarray(array)}
+            if self.needs_proposals:
+                feeds["proposals"] = proposals[i].detach().cpu().to(torch.float32).numpy()
+            values = self.session.run(self.outputs, feeds)
+            out = {name: torch.from_numpy(np.asarray(v)) for name, v in zip(self.outputs, values)}
+            if "masks" in out:
+                out["masks"] = out["masks"][:, None]  # [D, 1, H, W], as the eager model's
+            results.append(out)
+        return results
+
+    def eval(self) -> OnnxDetector:  # the model API's no-ops, for code written for nn.Module
+        return self
