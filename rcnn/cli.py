@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "train",
     "evaluate",
     "predict",
+    "explain",
+    "serve",
     "data",
     "proposals",
     "pretrain",
