@@ -210,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.wait(timeout=60)
     from rcnn.build import load_model
 
-    model = load_model(weights).model
+    loaded = load_model(weights)
     result.update(
-        model=f"{type(model).__name__} (tiny)" if args.weights is None else f"{type(model).__name__} ({Path(weights).name})",
+        model=f"{type(loaded.model).__name__} ({loaded.config.model.backbone} backbone, {loaded.checkpoint.name})",
         server="one inference at a time, 16 waiting", image="128x128 shapes",
         weights=weights if args.weights else f"tiny Faster R-CNN, {args.train_iterations} iterations",
     )  # fmt: skip
