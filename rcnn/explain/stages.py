@@ -358,7 +358,10 @@ def _pool_picture(view: View, heat: Image.Image, roi: Tensor, stride: float, kin
             f"cells, each the mean of {points.shape[2]} bilinear samples (yellow)"
         )
     view.boxes(picture, roi[None], WHITE, width=2, dashed=True)
-    return picture, note
+    # the region enlarged beside the whole picture, so that the bins' cells can be counted
+    crop = picture.crop(tuple(round(v * view.scale) for v in area))
+    zoom = crop.resize((320, max(1, round(320 * crop.size[1] / max(crop.size[0], 1)))), Image.NEAREST)
+    return side_by_side([picture, zoom]), note
 
 
 def _roi_level(roi: Tensor, pooler: Any) -> int:
