@@ -20,10 +20,10 @@ from rcnn.serve.app import decode_upload
 from tiny_runs import tiny_run
 
 with warnings.catch_warnings():  # the pinned httpx is deprecated for starlette's test client, and works
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
     from fastapi.testclient import TestClient
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,12 @@ def _final_stage(image: Tensor, output: dict[str, Tensor], class_names: Sequence
     shown = {k: v[keep] for k, v in output.items()}
     scale = 420 / max(image.shape[1:])
     picture = draw_detections(image, shown, class_names, thresh, scale=scale)
-    what = "detections with their masks pasted at full size (each m x m map resampled into its box, binarised at 0.5)" if masks else "detections"
+    count = int(keep.sum())
+    what = "detection" + ("s" if count != 1 else "")
+    if masks:
+        what += " with their masks pasted at full size (each m x m map resampled into its box, binarised at 0.5)"
     caption = (
-        f"{int(keep.sum())} {what} scoring at least {thresh:g} (of {len(keep)} the model returns); "
+        f"{count} {what} scoring at least {thresh:g} (of {len(keep)} the model returns); "
         f"time: proposals {1000 * times['proposals']:.1f} ms + rest {1000 * times['rest']:.1f} ms"
     )
     return Stage("detections", "Final detections", caption, picture)
