@@ -85,7 +85,8 @@ def test_the_page_in_a_browser(shapes_root, tmp_path_factory, tmp_path):
                 at_default = sum(d["score"] >= 0.5 for d in expected[model.id])
                 assert items.count() == at_default
                 assert "proposals" in panel.locator(".times").inner_text()
-                assert panel.locator("canvas").evaluate("c => [c.width, c.height]") == [128, 128]
+                size = panel.locator("canvas").evaluate("c => [c.dataset.imageWidth, c.dataset.imageHeight, c.width, c.height]")
+                assert size == ["128", "128", 760, 760]  # drawn enlarged, at the image's aspect
                 slider = panel.locator("input.thresh")
                 slider.fill(slider.get_attribute("min"))  # the lowest threshold: every detection, no new request
                 assert items.count() == len(expected[model.id]) > 0
