@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 

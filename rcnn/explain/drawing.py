@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from rcnn.viz import class_colour, to_pil
 
-__all__ = ["View", "heat_map", "label_tile", "side_by_side", "tile_row"]
+__all__ = ["View", "blend", "colour_of", "heat_map", "label_tile", "side_by_side", "text_label", "tile_row", "upscale"]
 
 FONT = ImageFont.load_default()
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (150, 150, 150)
@@ -177,16 +176,6 @@ def upscale(image: Tensor | Image.Image, side: int) -> Image.Image:
     return picture.resize((side, round(side * picture.size[1] / picture.size[0])), Image.NEAREST)
 
 
-def as_rgb(mask: Tensor) -> Tensor:
-    """A ``[h, w]`` map in 0..1 as a grey ``[3, h, w]`` image."""
-    return mask.detach().float().clamp(0, 1)[None].expand(3, -1, -1)
-
-
 def blend(a: Image.Image, b: Image.Image, alpha: float) -> Image.Image:
     """``a`` and ``b`` (same size) blended, ``alpha`` of ``b``."""
     return Image.blend(a, b.resize(a.size), alpha)
-
-
-def to_tensor(picture: Image.Image) -> Tensor:
-    """A PIL picture as ``[3, H, W]`` float 0..1."""
-    return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
