@@ -177,11 +177,18 @@ def _regression_stage(view: View, starts: Tensor, ends: Tensor, labels: Tensor, 
     if len(starts):
         shift = (centre(ends) - centre(starts)).norm(dim=1).mean()
         area = ((ends[:, 2] - ends[:, 0]) * (ends[:, 3] - ends[:, 1])) / ((starts[:, 2] - starts[:, 0]) * (starts[:, 3] - starts[:, 1])).clamp(min=1e-6)
-        numbers = f"{len(starts)} boxes shown, centres moved {float(shift):.1f} px on average, areas x{float(area.mean()):.2f}"
+        numbers = f"the {len(starts)} detections above the threshold (else the best 3) shown, centres moved {float(shift):.1f} px on average, areas x{float(area.mean()):.2f}"
     else:
         numbers = "no detection to show"
     caption = f"{how}: white dashed = the region before, coloured = after, yellow = the centre's move; {numbers}"
     return Stage("regression", title, caption, picture)
+
+
+def _shown_detections(scores: Tensor, thresh: float) -> Tensor:
+    """Indices of the detections a picture shows: those scoring at least ``thresh`` (at most
+    ``SHOWN_REGIONS``), else the best three."""
+    above = (scores >= thresh).nonzero().flatten()[:SHOWN_REGIONS]
+    return (above if len(above) else torch.arange(min(3, len(scores)), device=scores.device)).cpu()
 
 
 def _final_stage(image: Tensor, output: dict[str, Tensor], class_names: Sequence[str], thresh: float, times: dict[str, float], masks: bool) -> Stage:
@@ -252,10 +259,15 @@ def _explain_rcnn(model: RCNN, image: Tensor, class_names: Sequence[str], gt: Gr
 
     best = scores.max(dim=1).values  # [P]
     top = best.argsort(descending=True)[:SHOWN_REGIONS].cpu()
-    # a few regions warped the three ways the seed lists (the model uses s.warp_mode)
+    # a few regions warped the three ways the seed lists (the model uses s.warp_mode): the two best
+    # detections (distinct after NMS) and the most elongated of the 50 best regions, where the modes differ most
     rows = []
     fill = model.image_mean.flatten().to(image.dtype)
-    for r in top[:3].tolist():
+    sides = (regions[:, 2:] - regions[:, :2]).cpu()  # [P, 2]
+    elongation = sides.max(dim=1).values / sides.min(dim=1).values.clamp(min=1e-6)
+    candidates = best.argsort(descending=True)[:50].cpu()
+    chosen = list(dict.fromkeys(found["rows"][:2].tolist() + [int(candidates[elongation[candidates].argmax()])]))
+    for r in chosen[:3]:
         box = regions[r : r + 1]
         crop_view = View(image, target=160)
         located = crop_view.boxes(crop_view.canvas(dim=0.3), box.cpu(), YELLOW, width=2)
@@ -291,7 +303,7 @@ def _explain_rcnn(model: RCNN, image: Tensor, class_names: Sequence[str], gt: Gr
         f"{s.nms_thresh} on the proposal boxes keeps {len(found['rows'])} (at most {s.detections_per_image})"
     )
     stages.append(_nms_stage(view, regions[cand_rows].cpu(), (cand_cls + 1).cpu(), found["boxes"].cpu(), found["labels"].cpu(), nms_caption))
-    shown = slice(0, SHOWN_REGIONS)
+    shown = _shown_detections(output["scores"], thresh)
     regressed = model.box_regressors() is not None and model.use_box_regression
     how = (
         f"Class-specific ridge regressors on {s.regression_features} features predict (tx, ty, tw, th) for each kept box"
@@ -443,9 +455,10 @@ def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequ
     stages.append(Stage("scores", "RoI head: softmax class scores", score_caption,
                         _labelled_regions(view, props, fg, top, class_names),
                         _score_table(top, fg, props, class_names, background)))  # fmt: skip
-    rows = found["rows"][:SHOWN_REGIONS].cpu()
+    shown = _shown_detections(found["scores"], thresh)
+    rows = found["rows"][shown].cpu()
     stages.append(_regression_stage(
-        view, props[rows], found["boxes"][:SHOWN_REGIONS].cpu(), found["labels"][:SHOWN_REGIONS].cpu(), class_names,
+        view, props[rows], found["boxes"][shown].cpu(), found["labels"][shown].cpu(), class_names,
         "Per-class box regression", "Each RoI's deltas for a class, (tx, ty, tw, th) x weights "
         f"{tuple(rs.bbox_reg_weights)}, move the proposal to that class's box (shown for the detections' classes)",
     ))  # fmt: skip

@@ -92,11 +92,9 @@ class ServedModel:
     def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu") -> ServedModel:
         """The model of a run folder (``rcnn.build.load_model``), its id default its ``model.name``."""
         model, config, class_names = load_model(run, device)
-        info = {
-            "backbone": config.model.backbone,
-            "min_size": getattr(config.model, "min_size", None),
-            "max_size": getattr(config.model, "max_size", None),
-        }
+        # the input the network sees: the image rescaled (two-stage detectors) or each region warped (R-CNN)
+        sizes = {k: getattr(config.model, k, None) for k in ("min_size", "max_size", "warp_size")}
+        info = {"backbone": config.model.backbone, "input_size": {k: v for k, v in sizes.items() if v is not None}}
         return cls(id or model.name, model, list(class_names), str(run), info)
 
     def describe(self) -> dict[str, Any]:
@@ -110,7 +108,7 @@ class ServedModel:
             "backbone": self.info.get("backbone"),
             "classes": self.class_names[1:],
             "num_classes": len(self.class_names),
-            "input_size": {"min_size": self.info.get("min_size"), "max_size": self.info.get("max_size")},
+            "input_size": self.info.get("input_size", {}),
             "score_thresh": float(m.display_score_thresh),
             "needs_proposals": bool(m.needs_proposals),
             "has_rpn": bool(m.has_rpn),
@@ -215,6 +213,7 @@ async def upload_bytes(request: Request, limit: int) -> tuple[bytes, str]:
             raise ApiError(422, "missing_field", f"the multipart field 'image' is {what}; send the file as 'image'")
         data = await part.read()
         name = part.filename or "upload"
+        await form.close()
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         data, name = body, "upload"
     else:
