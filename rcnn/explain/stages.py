@@ -342,13 +342,12 @@ def _feature_stage(view: View, feature: Tensor, stride: float, clock: _Clock, sh
     return Stage("features", "The shared feature map", caption, side_by_side(tiles))
 
 
-def _pool_picture(view: View, heat: Image.Image, roi: Tensor, stride: float, kind: str, output_size: tuple[int, int],
-                  sampling_ratio: int, aligned: bool, feature_size: tuple[int, int]) -> tuple[Image.Image, str]:
-    """RoI pooling's bins or RoIAlign's sampling points of one RoI over the feature map."""
-    picture = blend(view.canvas(), heat, 0.55)
-    margin = 2 * stride
+def _draw_pooling(view: View, mean_map: Tensor, roi: Tensor, stride: float, kind: str, output_size: tuple[int, int],
+                  sampling_ratio: int, aligned: bool, feature_size: tuple[int, int], area: tuple[float, ...],
+                  radius: float) -> tuple[Image.Image, str]:  # fmt: skip
+    """RoI pooling's bins or RoIAlign's sampling points of one RoI, drawn over the feature map on ``view``."""
+    picture = blend(view.canvas(), heat_map(mean_map, view.base.size), 0.55)
     x1, y1, x2, y2 = roi.tolist()
-    area = (max(x1 - margin, 0), max(y1 - margin, 0), min(x2 + margin, view.size[0]), min(y2 + margin, view.size[1]))
     view.grid(picture, stride, GREY, area)
     if kind == "pool":
         bins = roi_pool_bins(roi.tolist(), output_size, 1.0 / stride, feature_size)  # [P, Q, 4] cells
@@ -367,16 +366,30 @@ def _pool_picture(view: View, heat: Image.Image, roi: Tensor, stride: float, kin
         edges = [[x1 + j * bin_w, y1 + i * bin_h, x1 + (j + 1) * bin_w, y1 + (i + 1) * bin_h]
                  for i in range(output_size[0]) for j in range(output_size[1])]  # fmt: skip
         view.boxes(picture, edges, CYAN, width=1)
-        view.points(picture, xy, YELLOW, radius=2.0)
+        view.points(picture, xy, YELLOW, radius=radius)
         note = (
             f"RoIAlign: no rounding; {output_size[0]}x{output_size[1]} bins of {bin_h / stride:.2f} x {bin_w / stride:.2f} "
             f"cells, each the mean of {points.shape[2]} bilinear samples (yellow)"
         )
     view.boxes(picture, roi[None], WHITE, width=2, dashed=True)
-    # the region enlarged beside the whole picture, so that the bins' cells can be counted
-    crop = picture.crop(tuple(round(v * view.scale) for v in area))
-    zoom = crop.resize((320, max(1, round(320 * crop.size[1] / max(crop.size[0], 1)))), Image.NEAREST)
-    return side_by_side([picture, zoom]), note
+    return picture, note
+
+
+def _pool_picture(view: View, mean_map: Tensor, roi: Tensor, stride: float, kind: str, output_size: tuple[int, int],
+                  sampling_ratio: int, aligned: bool, feature_size: tuple[int, int]) -> tuple[Image.Image, str]:  # fmt: skip
+    """The whole feature map with the RoI's bins or samples, and the region enlarged beside it (drawn
+    again at the larger scale, so that each cell, bin and sample can be told apart)."""
+    margin = 2 * stride
+    x1, y1, x2, y2 = roi.tolist()
+    area = (max(x1 - margin, 0), max(y1 - margin, 0), min(x2 + margin, view.size[0]), min(y2 + margin, view.size[1]))
+    args = (roi, stride, kind, output_size, sampling_ratio, aligned, feature_size, area)
+    whole, note = _draw_pooling(view, mean_map, *args, radius=1.0)
+    zoom_side = 320.0
+    span = max(area[2] - area[0], area[3] - area[1], 1.0)
+    zoom_view = View(view.base.resize(view.size, Image.NEAREST), target=round(zoom_side * max(view.size) / span))
+    zoomed, _ = _draw_pooling(zoom_view, mean_map, *args, radius=2.5)
+    zoom = zoomed.crop(tuple(round(v * zoom_view.scale) for v in area))
+    return side_by_side([whole, zoom]), note
 
 
 def _roi_level(roi: Tensor, pooler: Any) -> int:
@@ -558,21 +571,21 @@ def _pooling_stage(model: TwoStageDetector, view: View, roi: Tensor, roi_row: in
     level = _roi_level(roi, pooler)
     stride = pooler.strides[level]
     feature = features[level][0].detach().cpu()  # [C, h, w]
-    heat = heat_map(feature.mean(dim=0), view.base.size)
+    mean_map = feature.mean(dim=0)  # [h, w]
     args = (pooler.output_size, pooler.sampling_ratio, pooler.aligned, tuple(feature.shape[-2:]))
     width, height = float(roi[2] - roi[0]), float(roi[3] - roi[1])
     where = f"RoI #{roi_row} ({width:.0f}x{height:.0f} px = {width / stride:.1f}x{height / stride:.1f} cells of stride {stride:g})"
     if model.predicts_masks:
         mask_pooler = getattr(model.roi_heads, "mask_pooler", pooler)
-        pool_pic, pool_note = _pool_picture(view, heat, roi, stride, "pool", *args)
-        align_pic, align_note = _pool_picture(view, heat, roi, stride, "align", *args)
+        pool_pic, pool_note = _pool_picture(view, mean_map, roi, stride, "pool", *args)
+        align_pic, align_note = _pool_picture(view, mean_map, roi, stride, "align", *args)
         caption = (
             f"{where}: {pool_note}, against {align_note}; the box branch uses {pooler.kind}, the mask branch "
             f"{mask_pooler.kind} at {mask_pooler.output_size[0]}x{mask_pooler.output_size[1]}"
         )
         picture = side_by_side([label_tile(pool_pic, "RoIPool: quantised bins"), label_tile(align_pic, "RoIAlign: sampling points")])
         return Stage("pooling", "RoIAlign against RoIPool on one RoI", caption, picture)
-    pic, note = _pool_picture(view, heat, roi, stride, pooler.kind, *args)
+    pic, note = _pool_picture(view, mean_map, roi, stride, pooler.kind, *args)
     title = "RoI pooling on one region" if pooler.kind == "pool" else "RoIAlign on one region"
     caption = f"{where}, dashed white, over the feature map (grey: cells): {note} into the box head's fixed input"
     return Stage("pooling", title, caption, pic)
