@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from rcnn.serve import ServedModel, create_app, sample_images
+from server_thread import ServerThread
 from tiny_runs import tiny_run
 
 CHROMIUM = os.environ.get("RCNN_CHROMIUM", "/usr/bin/chromium")
@@ -28,31 +26,6 @@ pytestmark = [
                        "(Debian: apt-get install chromium; .ci/run installs it)"),  # fmt: skip
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a free loopback port, in a thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def post_image(url: str, data: bytes, model: str) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.serve_load import markdown, read_rss_mb, run_load
 from rcnn.serve import ServedModel, create_app
-from test_serve_browser import ServerThread
+from server_thread import ServerThread
 from tiny_runs import tiny_run
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
