@@ -191,3 +191,19 @@ def test_the_command(runs, shapes_root, tmp_path, capsys):
     assert "give either an IMAGE file or --data" in capsys.readouterr().err
     assert main(["explain", str(tmp_path / "missing.png"), "--weights", str(runs["rcnn"]), "--out", str(tmp_path / "c")]) == 2
     assert "missing.png: image file not found" in capsys.readouterr().err
+
+
+def test_a_feature_pyramid_model_is_explained_level_by_level():
+    from rcnn.models import faster_rcnn
+
+    torch.manual_seed(0)
+    model = faster_rcnn("mobilenet_v3_fpn", 3, min_size=160, max_size=160).eval()
+    image = torch.rand(3, 120, 150)
+    explanation = explain_model(model, image, ["bg", "a", "b"], score_thresh=0.0)
+    with torch.inference_mode():
+        (expected,) = model([image])
+    assert all(torch.equal(explanation.detections[k], v) for k, v in expected.items())
+    objectness = next(s for s in explanation.stages if s.key == "objectness")
+    levels = len(model.rpn.strides)
+    assert levels > 1 and objectness.picture.size[0] == 8 + (1 + levels) * (420 + 8)  # the input and one map per level
+    assert "RoIAlign on one region" in [s.title for s in explanation.stages]
