@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "predict",
     "explain",
     "serve",
+    "convert",
     "data",
     "proposals",
     "pretrain",

@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_from_dict",
     "config_to_yaml",
     "load_config",
     "resolve_config_path",
@@ -62,6 +63,8 @@ class ModelCommon(_Section):
         backbone: a named architecture (``rcnn.components.backbones.BACKBONES``).
         pretrained_backbone: a local classification checkpoint (.pth / .safetensors).
         trainable_stages: train only the last N backbone stages (None: all).
+        backbone_norm: the backbone's BatchNorm: ``frozen`` (statistics and affine fixed, for
+            fine-tuning with small batches) or ``bn``; default frozen with pre-trained weights, else bn.
         num_classes: K + 1; default: taken from the training data.
     """
 
@@ -69,6 +72,7 @@ class ModelCommon(_Section):
     backbone: str = "tiny"
     pretrained_backbone: str | None = None
     trainable_stages: NonNegativeInt | None = None
+    backbone_norm: Literal["frozen", "bn"] | None = None
     num_classes: int | None = Field(default=None, ge=2)
 
     @field_validator("backbone")
@@ -109,7 +113,8 @@ class ShapesSpec(_Section):
 
 
 class DataConfig(_Section):
-    """Where the data is: a COCO root, a COCO .json file or a VOC root (see ``rcnn data check``)."""
+    """Where the data is: any layout ``rcnn data check`` reads (COCO root or .json, VOC root, a
+    LabelImg, YOLO, LabelMe, VIA or CVAT folder, a split folder of ``rcnn data split``)."""
 
     root: str = "data/shapes"
     images: str | None = None  # images folder, when ``root`` is a COCO .json file
@@ -118,8 +123,16 @@ class DataConfig(_Section):
     shapes: ShapesSpec | None = None
     proposals_train: str | None = None  # proposals files (Fast R-CNN, R-CNN)
     proposals_val: str | None = None
+    val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)  # split a set without splits on the fly
+    split_seed: NonNegativeInt = 0  # the seed of that split (stratified by class)
+    skip_broken: bool = False  # list unreadable images / annotations and use the rest (default: refuse the set)
     hflip: Probability = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
     workers: NonNegativeInt = 2  # data loader processes
+
+    def reader_options(self) -> dict[str, Any]:
+        """What :func:`rcnn.data.build.build_dataset` takes from this section besides the root and split."""
+        return {"images_dir": self.images, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                "skip_broken": self.skip_broken}  # fmt: skip
 
 
 class AlternatingConfig(_Section):
@@ -134,6 +147,7 @@ class TrainConfig(_Section):
     """The training loop: optimiser, schedule, checkpoints, evaluation."""
 
     scheme: Literal["joint", "alternating"] = "joint"
+    init_from: str | None = None  # start from another run's weights (its class-specific layers only if the classes match)
     iterations: PositiveInt = 1000
     time_budget_s: PositiveFloat | None = None  # stop early once this much training time has passed
     batch_size: PositiveInt = 2  # images per step (per process under DDP)
@@ -227,7 +241,8 @@ def _format_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _parse(data: dict[str, Any], source: str) -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """A :class:`Config` from a dict of sections; ``ValueError`` naming ``source`` and each field."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -274,7 +289,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             data["model"] = _upgrade_model_section(data["model"])
         data = apply_overrides(data, overrides)
         source += " (with --set overrides)"
-    return _parse(data, source)
+    return config_from_dict(data, source)
 
 
 def config_to_yaml(config: Config) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.common import DetectionDataset
+from rcnn.evaluation.classes import match_classes
 from rcnn.evaluation.coco import evaluate_coco
 from rcnn.evaluation.voc import evaluate_voc
 from rcnn.io.images import load_image
@@ -100,13 +101,22 @@ def evaluate_model(
     masks: bool | None = None,
     limit: int | None = None,
     progress: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
 
+    ``class_names``: the model's classes (background first, as in its run folder); the data set's
+    are matched with them by name (:func:`rcnn.evaluation.classes.match_classes`: a data set with
+    other classes is refused, never paired by position). Without them the model's labels are
+    taken to be the data set's.
+
     Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
-    "seconds_per_image", "images"}``.
+    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data).
     """
+    mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
     outputs, seconds = predict_dataset(model, dataset, proposals=proposals, limit=limit, progress=progress)
+    if mapping is not None and not mapping.identity:
+        outputs = {image_id: mapping.apply(output) for image_id, output in outputs.items()}
     image_ids = list(outputs)
     if masks is None:
         masks = dataset.with_masks and any("masks" in o for o in outputs.values())
@@ -115,6 +125,8 @@ def evaluate_model(
     result["voc"] = evaluate_voc(outputs, dataset, image_ids=image_ids)
     result["seconds_per_image"] = seconds
     result["images"] = len(image_ids)
+    if mapping is not None and mapping.dropped:
+        result["classes_dropped"] = list(mapping.dropped)
     return result
 
 

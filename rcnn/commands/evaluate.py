@@ -20,20 +20,21 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.io.files import write_json
     from rcnn.training.datasets import proposal_source
 
-    model, config, _ = load_model(args.weights)
+    model, config, class_names = load_model(args.weights)
     if args.config is not None or args.overrides:  # data settings from another config / --set
         config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
     data_root = args.data or config.data.root
     split = args.split or config.data.val_split
-    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, images_dir=config.data.images)
+    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **config.data.reader_options())
     proposals_file = args.proposals or config.data.proposals_val
     proposals = proposal_source(proposals_file) if proposals_file else None
-    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True)
+    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True, class_names=class_names)
     print(metrics.pop("summary", ""))
+    if metrics.get("classes_dropped"):
+        print(f"the model's classes absent from the data set (their detections not scored): {metrics['classes_dropped']}")
     print(f"VOC mAP@0.5 (area): {metrics['voc']['mAP']:.4f}   seconds/image: {metrics['seconds_per_image']:.3f}")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, metrics)
         print(f"metrics written to {out}")
     return 0

@@ -15,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.training.run import run_training
 
     config = config_from_args(args)
+    if args.init_from:
+        config.train.init_from = args.init_from
     summary = run_training(config, args.out, resume=args.resume, evaluate=not args.no_eval)
     print(json.dumps(_brief(summary), indent=1))
     return 0
@@ -43,5 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, required=True)
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, TensorBoard logs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    parser.add_argument(
+        "--init-from", metavar="RUN",
+        help="start from another run's weights (e.g. a converted torchvision model); its class-specific "
+        "layers are newly initialised when the classes differ (train.init_from)",
+    )  # fmt: skip
     parser.add_argument("--no-eval", action="store_true", help="skip evaluation on the validation split")
     parser.set_defaults(func=run)

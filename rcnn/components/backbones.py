@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from rcnn.components.box_heads import ClassifierHead, MLPHead, ResNetC5Head
+from rcnn.components.box_heads import ClassifierHead, ConvFCHead, MLPHead, ResNetC5Head
 from rcnn.io.tensors import read_state_dict
 
 __all__ = [
@@ -317,17 +317,27 @@ def _resnet50(norm: str) -> BackboneParts:
     return BackboneParts(backbone, ResNetC5Head(resnet.layer4, 2048, pool_size=14))
 
 
-def _resnet50_fpn(norm: str) -> BackboneParts:
-    """ResNet-50 + FPN: P2-P5 (256 ch, strides 4-32) for RoIs, plus P6 (stride 64) for the RPN."""
+def _resnet50_fpn_backbone(name: str, norm: str, fpn_norm: type[nn.Module] | None) -> Backbone:
     resnet = torchvision.models.resnet50(weights=None, norm_layer=_norm_layer(norm))
     body = _ResNetBody(resnet, 4)
-    fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool())
+    fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
     stages = [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
-    backbone = Backbone(
-        "resnet50_fpn", body, _all_outputs, out_channels=256, strides=(4, 8, 16, 32, 64),
+    return Backbone(
+        name, body, _all_outputs, out_channels=256, strides=(4, 8, 16, 32, 64),
         pool_strides=(4, 8, 16, 32), stages=stages, key_map={"": "body."}, fpn=fpn,
-    )
-    return BackboneParts(backbone, MLPHead(256, 7, 1024))
+    )  # fmt: skip
+
+
+def _resnet50_fpn(norm: str) -> BackboneParts:
+    """ResNet-50 + FPN: P2-P5 (256 ch, strides 4-32) for RoIs, plus P6 (stride 64) for the RPN."""
+    return BackboneParts(_resnet50_fpn_backbone("resnet50_fpn", norm, None), MLPHead(256, 7, 1024))
+
+
+def _resnet50_fpn_v2(norm: str) -> BackboneParts:
+    """ResNet-50 + FPN with BatchNorm in the FPN and a 4-conv + 1-fc box head with BatchNorm:
+    torchvision's "v2" detectors (Li et al., 2021, "Benchmarking detection transfer learning")."""
+    backbone = _resnet50_fpn_backbone("resnet50_fpn_v2", norm, nn.BatchNorm2d)
+    return BackboneParts(backbone, ConvFCHead(256, 7, (256,) * 4, (1024,)))
 
 
 def _mobilenet_v3_fpn(norm: str) -> BackboneParts:
@@ -356,6 +366,7 @@ BACKBONES: dict[str, Callable[[str], BackboneParts]] = {
     "vgg16": _vgg16,
     "resnet50": _resnet50,
     "resnet50_fpn": _resnet50_fpn,
+    "resnet50_fpn_v2": _resnet50_fpn_v2,
     "mobilenet_v3_fpn": _mobilenet_v3_fpn,
 }
 

@@ -11,10 +11,13 @@ Shape shorthand:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
 
-__all__ = ["ClassifierHead", "MLPHead", "ResNetC5Head"]
+__all__ = ["ClassifierHead", "ConvFCHead", "MLPHead", "ResNetC5Head"]
 
 
 class MLPHead(nn.Module):
@@ -60,3 +63,36 @@ class ResNetC5Head(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [R, 1024, 14, 14] -> [R, 2048]
         return self.layer4(x).mean(dim=(2, 3))
+
+
+class ConvFCHead(nn.Module):
+    """3x3 convolutions (each + BatchNorm + ReLU) then fully connected layers: the "4conv1fc" box head
+    of torchvision's v2 detectors (and of Detectron's GN/BN heads).
+
+    ``layers`` keeps torchvision's module indices (convolution ``i`` is ``layers.i.0``, its
+    BatchNorm ``layers.i.1``; then a flatten and each fc layer with its ReLU), so their weights
+    map by a prefix.
+    """
+
+    def __init__(
+        self, in_channels: int, pool_size: int, conv_channels: Sequence[int] = (256,) * 4, fc_features: Sequence[int] = (1024,)
+    ) -> None:
+        super().__init__()
+        if not fc_features:
+            raise ValueError("ConvFCHead needs at least one fully connected layer")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in conv_channels:
+            layers.append(Conv2dNormActivation(channels, width, kernel_size=3, norm_layer=nn.BatchNorm2d))
+            channels = width
+        layers.append(nn.Flatten())
+        features = channels * pool_size * pool_size
+        for width in fc_features:
+            layers += [nn.Linear(features, width), nn.ReLU(inplace=True)]
+            features = width
+        self.layers = nn.Sequential(*layers)
+        self.out_features = features
+        self.pool_size = pool_size
+
+    def forward(self, x: Tensor) -> Tensor:  # [R, C, P, P] -> [R, F]
+        return self.layers(x)

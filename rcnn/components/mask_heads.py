@@ -35,7 +35,7 @@ from rcnn.components.roi_heads import BoxPredictor, RoIHeads, RoIHeadSettings, S
 from rcnn.components.settings import NonNegativeInt, PositiveInt, Settings
 from rcnn.core import fastpaths
 from rcnn.core.losses import mask_loss
-from rcnn.core.masks import MASK_THRESHOLD, mask_targets, paste_masks
+from rcnn.core.masks import MASK_THRESHOLD, mask_targets, paste_masks, paste_masks_torchvision
 from rcnn.core.ops import RoIPooler
 
 __all__ = ["MaskHead", "MaskPredictor", "MaskRoIHeads", "MaskSettings"]
@@ -51,18 +51,24 @@ class MaskSettings(Settings):
         num_convs, channels: the head's 3x3 convolutions (4 of 256 channels); a CPU-sized
             model may use e.g. 2 of 16 (and ``pool_size`` 7: 14 x 14 masks, as the paper's
             ResNet-C4 head).
+        batch_norm: BatchNorm after each convolution (torchvision's v2 mask head).
+        paste: ``"exact"`` (masks resampled in continuous coordinates, :func:`rcnn.core.masks.paste_masks`)
+            or ``"torchvision"`` (torchvision's integer-box pasting, to reproduce its outputs).
     """
 
     pool_size: PositiveInt = 14
     pooler: Literal["align", "pool"] | None = None
     num_convs: NonNegativeInt = 4
     channels: PositiveInt = 256
+    batch_norm: bool = False
+    paste: Literal["exact", "torchvision"] = "exact"
 
 
 def _msra_init(module: nn.Module) -> None:
     # MSRA (He) initialisation, fan_out, as in the reference implementations of the paper
     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(module.bias)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class MaskHead(nn.Module):
@@ -74,13 +80,18 @@ class MaskHead(nn.Module):
     the library always did).
     """
 
-    def __init__(self, in_channels: int, num_convs: int = 4, channels: int = 256, init: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, num_convs: int = 4, channels: int = 256, init: bool = True, batch_norm: bool = False
+    ) -> None:
         super().__init__()
         if num_convs < 0 or channels < 1:
             raise ValueError(f"MaskHead needs num_convs >= 0 and channels >= 1, got {num_convs} and {channels}")
         layers: list[nn.Module] = []
         for i in range(num_convs):
-            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(channels))
+            layers.append(nn.ReLU(inplace=True))
         self.convs = nn.Sequential(*layers)
         self.out_channels = channels if num_convs else in_channels
         if init:
@@ -145,6 +156,7 @@ class MaskRoIHeads(RoIHeads):
         mask_head: the convolutions; mask_predictor: deconvolution and mask logits.
         mask_probabilities: output float mask probabilities instead of binary masks (the
             attribute of the same name may be changed later).
+        paste: how masks are pasted into the image (see :class:`MaskSettings`).
     """
 
     def __init__(
@@ -157,23 +169,29 @@ class MaskRoIHeads(RoIHeads):
         mask_predictor: MaskPredictor,
         settings: RoIHeadSettings | None = None,
         mask_probabilities: bool = False,
+        paste: str = "exact",
     ) -> None:
         super().__init__(box_head, predictor, pooler, settings)
+        if paste not in ("exact", "torchvision"):
+            raise ValueError(f"paste must be 'exact' or 'torchvision', got {paste!r}")
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
         self.mask_probabilities = bool(mask_probabilities)
+        self.paste = paste
 
     @property
     def mask_size(self) -> int:
         """m: the deconvolution doubles the pooled side."""
         return 2 * self.mask_pooler.output_size[0]
 
+    predictor_names = ("predictor", "mask_predictor")
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """New box and mask predictors for ``num_classes`` (K + 1); returns their names."""
         replaced = super().replace_predictor(num_classes)
         self.mask_predictor = MaskPredictor(self.mask_head.out_channels, num_classes, self.mask_predictor.deconv.out_channels)
-        return [*replaced, "mask_predictor"]
+        return replaced
 
     def mask_logits(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """Mask logits ``[R, K, m, m]`` for ``boxes`` (one ``[Ri, 4]`` per image, in feature-input pixels)."""
@@ -224,5 +242,6 @@ class MaskRoIHeads(RoIHeads):
         """Paste each box-frame mask into its original image at its (original-coordinate) box:
         ``masks [D, 1, H, W]``, uint8 0/1 (probability >= 0.5, §3.1) or float probabilities."""
         threshold = None if self.mask_probabilities else MASK_THRESHOLD
+        paste = paste_masks if self.paste == "exact" else paste_masks_torchvision
         for det, size in zip(detections, original_sizes):
-            det["masks"] = paste_masks(det["masks"][:, 0], det["boxes"], size, threshold)[:, None]
+            det["masks"] = paste(det["masks"][:, 0], det["boxes"], size, threshold)[:, None]

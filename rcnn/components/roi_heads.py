@@ -170,11 +170,13 @@ class RoIHeads(nn.Module):
         """K + 1: the predictor's."""
         return self.predictor.num_classes
 
+    predictor_names: tuple[str, ...] = ("predictor",)  # the class-specific layers
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """New, freshly initialised class-specific layers for ``num_classes`` (K + 1); returns their
-        names (for reports). The box head and everything before it stay."""
+        names (:attr:`predictor_names`). The box head and everything before it stay."""
         self.predictor = BoxPredictor(self.box_head.out_features, num_classes, self.settings.predictor_init)
-        return ["predictor"]
+        return list(self.predictor_names)
 
     def sample(self, proposals: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
         """Label proposals by IoU with the gt and sample a balanced mini-batch of RoIs per image."""

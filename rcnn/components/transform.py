@@ -93,6 +93,13 @@ def validate_inputs(
     return [p.to(images[0].dtype) for p in proposals]
 
 
+def _torchvision_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """torchvision's resized size: the floor of each side times the scale, as ``F.interpolate``
+    computes it from a ``scale_factor``."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
 class DetectionTransform(nn.Module):
     """Resize, normalise and batch images (and their targets); map predictions back.
 
@@ -103,6 +110,9 @@ class DetectionTransform(nn.Module):
         image_mean, image_std: per-channel normalisation of the backbone (ImageNet's).
         size_divisible: the padded batch's height and width are multiples of this (32 suits
             every backbone's largest stride but P6's).
+        torchvision: resize as torchvision's detectors do, to reproduce their outputs: the
+            resized side is the floor of side x scale (the library rounds), and the image is
+            normalised before it is resized (the same up to float rounding).
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class DetectionTransform(nn.Module):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         size_divisible: int = 32,
+        torchvision: bool = False,
     ) -> None:
         super().__init__()
         self.min_sizes = (int(min_size),) if isinstance(min_size, (int, float)) else tuple(int(s) for s in min_size)
@@ -121,6 +132,7 @@ class DetectionTransform(nn.Module):
         self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
         self.size_divisible = int(size_divisible)
+        self.torchvision = bool(torchvision)
 
     def _min_size(self) -> int:
         if self.training and len(self.min_sizes) > 1:
@@ -140,7 +152,11 @@ class DetectionTransform(nn.Module):
         new_proposals = list(proposals) if proposals is not None else None
         for i, image in enumerate(images):
             height, width = original_sizes[i]
-            size = resized_shape(height, width, self._min_size(), self.max_size)
+            if self.torchvision:
+                size = _torchvision_shape(height, width, self._min_size(), self.max_size)
+                image = normalize(image, self.image_mean, self.image_std)
+            else:
+                size = resized_shape(height, width, self._min_size(), self.max_size)
             if size != (height, width):
                 image = resize_image(image, size)
                 if new_targets is not None:
@@ -149,7 +165,7 @@ class DetectionTransform(nn.Module):
                         new_targets[i]["masks"] = resize_masks(new_targets[i]["masks"], size)
                 if new_proposals is not None:
                     new_proposals[i] = resize_boxes(new_proposals[i], (height, width), size)
-            resized.append(normalize(image, self.image_mean, self.image_std))
+            resized.append(image if self.torchvision else normalize(image, self.image_mean, self.image_std))
             sizes.append(size)
         batch = self._pad(resized)
         return ImageBatch(batch, sizes, original_sizes), new_targets, new_proposals

@@ -93,14 +93,22 @@ def generate_anchors(
     return anchors.to(torch.float32)
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], torchvision: bool = False) -> Tensor:
     """``[A, 4]`` anchors centred on (0, 0): one per (ratio, size), ratio-major.
 
     ``sizes`` are side lengths (the square root of the anchor area) in input-image pixels;
-    ``aspect_ratios`` are height / width.
+    ``aspect_ratios`` are height / width. ``torchvision=True`` computes them as torchvision's
+    detectors do: in float32, with the corners rounded to whole pixels (a 32-pixel anchor of
+    ratio 1:2 is 46 x 22 instead of 45.25 x 22.63), to reproduce their outputs.
     """
     _check_positive("sizes", sizes)
     _check_positive("aspect_ratios", aspect_ratios)
+    if torchvision:  # torchvision.models.detection.anchor_utils: w = size / sqrt(ratio), then round
+        sizes_t = torch.as_tensor(sizes, dtype=torch.float32)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=torch.float32))
+        ws = ((1 / h_ratios)[:, None] * sizes_t[None, :]).reshape(-1)  # [A]
+        hs = (h_ratios[:, None] * sizes_t[None, :]).reshape(-1)  # [A]
+        return (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()
     sizes_t = torch.as_tensor(sizes, dtype=torch.float64)
     ratios_t = torch.as_tensor(aspect_ratios, dtype=torch.float64)
     ws = (sizes_t[None, :] / torch.sqrt(ratios_t)[:, None]).reshape(-1)  # [A]
@@ -120,6 +128,11 @@ class AnchorGenerator(nn.Module):
         offset: where in its cell an anchor is centred, as a fraction of the stride; 0.5 puts it
             at the cell's centre, which in continuous coordinates is where the legacy code's
             ``(base_size - 1) / 2`` centre lies.
+        torchvision: place anchors as torchvision's detectors do, to reproduce their outputs:
+            cell anchors rounded to whole pixels (:func:`cell_anchors`), at the cells' corners
+            (``offset`` must be 0), and each level's stride taken as the padded image size
+            divided (integer division) by the level's size — 61, not 64, for the 13 cells of an
+            FPN's P6 on an 800-pixel side.
 
     The anchors of level i are ordered ``(y, x, a)`` — location-major, then anchor — which is
     the order of an RPN head's ``[N, A, Hi, Wi]`` output permuted to ``[N, Hi, Wi, A]``.
@@ -130,6 +143,7 @@ class AnchorGenerator(nn.Module):
         sizes: Sequence[Sequence[float]] = ((128.0, 256.0, 512.0),),
         aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),),
         offset: float = 0.5,
+        torchvision: bool = False,
     ) -> None:
         super().__init__()
         sizes = [tuple(float(s) for s in level) for level in sizes]
@@ -141,10 +155,13 @@ class AnchorGenerator(nn.Module):
                 f"AnchorGenerator: {len(sizes)} levels of sizes but {len(ratios)} of aspect_ratios; "
                 "give one tuple of ratios per level, or one tuple for all"
             )
+        if torchvision and offset != 0.0:
+            raise ValueError(f"torchvision's anchors sit at the cells' corners: offset must be 0, got {offset}")
         self.sizes = sizes
         self.aspect_ratios = ratios
         self.offset = float(offset)
-        self.base_anchors = [cell_anchors(s, r) for s, r in zip(sizes, ratios)]  # L x [A, 4]
+        self.torchvision = bool(torchvision)
+        self.base_anchors = [cell_anchors(s, r, torchvision) for s, r in zip(sizes, ratios)]  # L x [A, 4]
         self._cache: dict[tuple, list[Tensor]] = {}
 
     @property
@@ -155,11 +172,12 @@ class AnchorGenerator(nn.Module):
     def grid_anchors(
         self,
         feature_shapes: Sequence[tuple[int, int]],
-        strides: Sequence[float],
+        strides: Sequence[float | tuple[float, float]],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> list[Tensor]:
-        """Per level, the ``[Hi * Wi * A, 4]`` anchors of a ``(Hi, Wi)`` map of the given stride."""
+        """Per level, the ``[Hi * Wi * A, 4]`` anchors of a ``(Hi, Wi)`` map of the given stride
+        (one number, or ``(stride_y, stride_x)``)."""
         if len(feature_shapes) != len(self.base_anchors) or len(strides) != len(self.base_anchors):
             raise ValueError(
                 f"AnchorGenerator has {len(self.base_anchors)} levels but got "
@@ -171,8 +189,9 @@ class AnchorGenerator(nn.Module):
             return cached
         out = []
         for (height, width), stride, base in zip(feature_shapes, strides, self.base_anchors):
-            shift_x = (torch.arange(width, dtype=torch.float32, device=device) + self.offset) * stride
-            shift_y = (torch.arange(height, dtype=torch.float32, device=device) + self.offset) * stride
+            stride_y, stride_x = stride if isinstance(stride, tuple) else (stride, stride)
+            shift_x = (torch.arange(width, dtype=torch.float32, device=device) + self.offset) * stride_x
+            shift_y = (torch.arange(height, dtype=torch.float32, device=device) + self.offset) * stride_y
             yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")  # [Hi, Wi]
             shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)  # [Hi*Wi, 1, 4]
             anchors = (shifts + base.to(device)[None]).reshape(-1, 4)  # [Hi*Wi*A, 4]
@@ -187,5 +206,8 @@ class AnchorGenerator(nn.Module):
 
         The anchors are the same for every image of a padded batch, so one set is returned.
         """
-        shapes = [tuple(f.shape[-2:]) for f in features]
+        shapes = [tuple(int(v) for v in f.shape[-2:]) for f in features]
+        if self.torchvision:  # padded size // level size, per axis (the first level's stride is exact)
+            padded = (shapes[0][0] * int(strides[0]), shapes[0][1] * int(strides[0]))
+            strides = [(padded[0] // h, padded[1] // w) for h, w in shapes]
         return self.grid_anchors(shapes, strides, device=features[0].device, dtype=features[0].dtype)

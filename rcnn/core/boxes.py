@@ -106,9 +106,15 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """``(x1, y1, x2, y2) -> (cx, cy, w, h)``, last dimension 4."""
+    """``(x1, y1, x2, y2) -> (cx, cy, w, h)``, last dimension 4.
+
+    The centre is ``x1 + 0.5 w`` (not ``(x1 + x2) / 2``, which rounds differently in float32), as
+    torchvision's box coder computes it, so that the same weights give the same boxes to the last
+    bit and NMS decisions near its threshold agree.
+    """
     x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+    w, h = x2 - x1, y2 - y1
+    return torch.stack((x1 + 0.5 * w, y1 + 0.5 * h, w, h), dim=-1)
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:

@@ -16,11 +16,12 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rcnn.core.ops import roi_align
 
-__all__ = ["MASK_THRESHOLD", "mask_targets", "paste_masks"]
+__all__ = ["MASK_THRESHOLD", "mask_targets", "paste_masks", "paste_masks_torchvision"]
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN §3.1 "Inference": the m x m float mask is binarised at 0.5
 
@@ -108,3 +109,37 @@ def paste_masks(
         region = wy @ mask_probs[d] @ wx.T  # [h, w]
         out[d, r0:r1, c0:c1] = region >= threshold if threshold is not None else region
     return out
+
+
+def paste_masks_torchvision(
+    mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], threshold: float | None = None
+) -> Tensor:
+    """Paste masks as torchvision's detectors do, to reproduce their outputs: ``[D, m, m]`` at
+    ``boxes [D, 4]`` -> ``[D, H, W]``.
+
+    Its legacy rule: each mask is padded by one zero cell on every side, its box widened by the
+    same factor and cut to integer pixels, the mask resized bilinearly to ``x2 - x1 + 1`` by
+    ``y2 - y1 + 1`` pixels (the ``+ 1`` pixel convention) and copied in. :func:`paste_masks` is
+    the library's own rule (continuous coordinates); the two differ by about a pixel at the edges.
+    With ``threshold`` the result is uint8 ``probability >= threshold``, otherwise probabilities.
+    """
+    if mask_probs.dim() != 3 or boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != mask_probs.shape[0]:
+        raise ValueError(
+            f"paste_masks_torchvision: expected mask_probs [D, m, m] and boxes [D, 4], got "
+            f"{list(mask_probs.shape)} and {list(boxes.shape)}"
+        )
+    height, width = int(image_size[0]), int(image_size[1])
+    side = mask_probs.shape[-1]
+    scale = float(side + 2) / side
+    padded = F.pad(mask_probs, (1, 1, 1, 1))  # [D, m+2, m+2]
+    half_w, half_h = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale, (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    cx, cy = (boxes[:, 2] + boxes[:, 0]) * 0.5, (boxes[:, 3] + boxes[:, 1]) * 0.5
+    expanded = torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=1).to(torch.int64)  # [D, 4]
+    out = mask_probs.new_zeros((mask_probs.shape[0], height, width))  # [D, H, W]
+    for d, (x1, y1, x2, y2) in enumerate(expanded.tolist()):
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        resized = F.interpolate(padded[d][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        c0, c1, r0, r1 = max(x1, 0), min(x2 + 1, width), max(y1, 0), min(y2 + 1, height)
+        if c1 > c0 and r1 > r0:
+            out[d, r0:r1, c0:c1] = resized[r0 - y1 : r1 - y1, c0 - x1 : c1 - x1]
+    return (out >= threshold).to(torch.uint8) if threshold is not None else out

@@ -1,4 +1,5 @@
-"""Data sets: the built-in synthetic shapes, COCO and Pascal VOC readers, transforms.
+"""Data sets: the built-in synthetic shapes, COCO and Pascal VOC readers, the annotation-tool
+layouts (LabelImg, YOLO, LabelMe, VIA, CVAT) read in place, splits, conversion, transforms.
 
 ``build_dataset(path, split)`` detects the format; see docs/data.md.
 """
@@ -6,6 +7,7 @@
 from rcnn.data.build import build_dataset, find_splits, resolve_dataset
 from rcnn.data.coco import CocoDetection
 from rcnn.data.common import DataWarning, DetectionDataset, Problem, load_image
+from rcnn.data.layouts import LayoutDetection
 from rcnn.data.shapes import SHAPES_CLASSES, make_shapes, shapes_paths
 from rcnn.data.transforms import Compose, RandomHorizontalFlip, Resize, collate_fn
 from rcnn.data.voc import VOC_CLASSES, VOCDetection
@@ -17,6 +19,7 @@ __all__ = [
     "Compose",
     "DataWarning",
     "DetectionDataset",
+    "LayoutDetection",
     "Problem",
     "RandomHorizontalFlip",
     "Resize",

@@ -1,10 +1,12 @@
-"""``rcnn data check``: validate a COCO or VOC data set and summarise it.
+"""``rcnn data check``: validate a data set (any format ``build_dataset`` reads) and summarise it.
 
 The summary gives what choosing a model's settings needs: images and their sizes, instances
 per class, a histogram of box sizes (``sqrt(w * h)``, to choose anchor sizes), box aspect
 ratios (to choose anchor ratios), images without objects, and every problem found, each
 naming its file and annotation. Unlike the readers, the check does not stop at the first
-error, and it decodes every image (``decode_images=False`` reads headers only).
+error, and it decodes every image (``decode_images=False`` reads headers only). With
+``skip_broken`` the problems that a reader with ``skip_broken=True`` would skip are shown as the
+warnings it would give, and the summary is of the images it would keep.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from rcnn.data.build import DatasetSource, find_splits, resolve_dataset
+from rcnn.data.build import DatasetSource, coco_keys, dataset_splits, layout_index, resolve_dataset
 from rcnn.data.coco import read_coco
-from rcnn.data.common import ImageRecord, Problem, image_size
+from rcnn.data.common import ImageRecord, Problem, check_images, skip_broken_images
+from rcnn.data.layouts import RawSet
+from rcnn.data.splits import split_positions
 from rcnn.data.voc import read_voc
 
 __all__ = ["SplitReport", "check_dataset", "format_report"]
@@ -36,6 +40,7 @@ class SplitReport:
     """The findings for one split of a data set."""
 
     source: DatasetSource
+    description: str = ""  # the format and files; default ``source.describe()``
     class_names: list[str] = field(default_factory=list)
     records: list[ImageRecord] = field(default_factory=list)
     image_names: list[str] = field(default_factory=list)
@@ -51,48 +56,59 @@ class SplitReport:
         return sum(p.severity == "warning" for p in self.problems)
 
 
-def _default_splits(path: Path) -> list[str]:
-    splits = find_splits(path)
-    if "trainval" in splits:  # VOC: train and val are inside trainval
-        splits = [s for s in splits if s not in ("train", "val")]
-    return splits
+def check_split(
+    source: DatasetSource, decode_images: bool = True, *, skip_broken: bool = False, raw: RawSet | None = None
+) -> SplitReport:
+    """Read one split without stopping at errors, then check its images.
 
-
-def _check_images(report: SplitReport, decode: bool) -> None:
-    for record in report.records:
-        try:
-            height, width = image_size(record.path, decode=decode)
-        except (FileNotFoundError, ValueError) as exc:
-            report.problems.append(Problem("error", str(record.path), str(exc).removeprefix(f"{record.path}: ")))
-            continue
-        if (height, width) != (record.height, record.width):
-            report.problems.append(
-                Problem("error", str(record.path), f"the image is {width}x{height} (WxH) but its annotations "
-                        f"say {record.width}x{record.height}")
-            )
-
-
-def check_split(source: DatasetSource, decode_images: bool = True) -> SplitReport:
-    """Read one split without stopping at errors, then check its images."""
-    report = SplitReport(source)
+    ``raw``: the layout already parsed (one parse serves every split of a check).
+    """
+    report = SplitReport(source, description=source.describe())
     try:
         if source.format == "coco":
             index = read_coco(source.images_dir, source.ann_file, check_masks=True)
-            report.image_names = [str(r.path.relative_to(source.images_dir)) for r in index.records]
-            report.with_segmentation = sum(
-                s is not None for r in index.records for s in (r.segmentations or [])
-            )
-        else:
+            records, problems = index.records, list(index.problems)
+            names = [str(r.path.relative_to(source.images_dir)) for r in records]
+            if source.val_fraction is not None:
+                classes = [{index.class_names[label - 1] for label in r.labels.tolist()} for r in records]
+                keep = split_positions(coco_keys(records, source.images_dir), classes, source.split,
+                                       source.val_fraction, source.split_seed)
+                mine = {str(records[i].path) for i in keep}
+                others = {str(r.path) for r in records} - mine
+
+                def shown_here(problem: Problem) -> bool:
+                    if problem.image is None or problem.image in mine:
+                        return True
+                    # An image that could not be read at all is in no split: shown with train.
+                    return problem.image not in others and source.split != "val"
+
+                problems = [p for p in problems if shown_here(p)]
+                records, names = [records[i] for i in keep], [names[i] for i in keep]
+        elif source.format == "voc":
             index = read_voc(source.root, source.split, source.options.get("class_names"))
-            report.image_names = index.image_names
+            records, problems, names = index.records, list(index.problems), index.image_names
+        else:
+            index = layout_index(source, raw)
+            records, problems, names = index.records, list(index.problems), index.image_names
+            report.description = index.raw.description + (
+                f", split on the fly: val_fraction {source.val_fraction}, seed {source.split_seed}"
+                if source.val_fraction is not None else ""
+            )
     except (FileNotFoundError, ValueError) as exc:  # the file as a whole is unreadable
         file = str(source.ann_file or source.root)
         report.problems.append(Problem("error", file, str(exc).removeprefix(f"{file}: ")))
         return report
+    problems += check_images(records, decode=decode_images)
+    if skip_broken:
+        kept, problems = skip_broken_images(records, problems)
+        kept_ids = {id(r) for r in kept}
+        names = [n for n, r in zip(names, records) if id(r) in kept_ids]
+        records = kept
     report.class_names = index.class_names
-    report.records = index.records
-    report.problems = list(index.problems)
-    _check_images(report, decode_images)
+    report.records = records
+    report.image_names = names
+    report.problems = problems
+    report.with_segmentation = sum(s is not None for r in records for s in (r.segmentations or []))
     return report
 
 
@@ -102,23 +118,25 @@ def check_dataset(
     *,
     images_dir: str | os.PathLike | None = None,
     decode_images: bool = True,
+    val_fraction: float | None = None,
+    split_seed: int = 0,
+    skip_broken: bool = False,
 ) -> list[SplitReport]:
-    """Check ``split`` (default: every split found) of a data set; one report per split."""
-    if isinstance(path_or_spec, Mapping) or Path(path_or_spec).is_file():
-        stem = "" if isinstance(path_or_spec, Mapping) else Path(path_or_spec).stem.removeprefix("instances_")
-        splits = [split or stem]
-    elif split:
-        splits = [split]
-    else:
-        if not Path(path_or_spec).exists():
-            raise FileNotFoundError(f"{path_or_spec}: data set path not found")
-        splits = _default_splits(Path(path_or_spec))
-        if not splits:
-            raise ValueError(
-                f"{path_or_spec}: no splits found: neither a COCO root (annotations/instances_*.json) "
-                "nor a VOC root (Annotations/, JPEGImages/, ImageSets/Main/*.txt)"
-            )
-    return [check_split(resolve_dataset(path_or_spec, s, images_dir), decode_images) for s in splits]
+    """Check ``split`` (default: every split found) of a data set; one report per split.
+
+    With ``val_fraction`` the splits are ``train`` and ``val`` drawn on the fly (as
+    ``build_dataset`` draws them); a layout without splits is checked as the one split ``all``.
+    """
+    splits, raw = dataset_splits(path_or_spec, split, images_dir=images_dir, val_fraction=val_fraction)
+    return [
+        check_split(
+            resolve_dataset(path_or_spec, s, images_dir, val_fraction=val_fraction, split_seed=split_seed),
+            decode_images,
+            skip_broken=skip_broken,
+            raw=raw,
+        )
+        for s in splits
+    ]
 
 
 def _histogram(values: np.ndarray) -> list[str]:
@@ -134,7 +152,7 @@ def _histogram(values: np.ndarray) -> list[str]:
 
 def _split_lines(report: SplitReport) -> list[str]:
     source = report.source
-    lines = [f"split {source.split or '(file)'}: {source.describe()}"]
+    lines = [f"split {source.split or '(file)'}: {report.description or source.describe()}"]
     if not report.class_names:
         lines.append("  could not be read")
     else:
@@ -147,9 +165,10 @@ def _split_lines(report: SplitReport) -> list[str]:
         size_text = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
         more = f", {len(sizes) - 3} other sizes" if len(sizes) > 3 else ""
         lines.append(f"  images:                 {len(records)}" + (f"  (WxH: {size_text}{more})" if records else ""))
-        flags = f"crowd {int(crowd.sum())}" + (f", difficult {int(difficult.sum())}" if source.format == "voc" else "")
+        has_difficult = source.format in ("voc", "labelimg")
+        flags = f"crowd {int(crowd.sum())}" + (f", difficult {int(difficult.sum())}" if has_difficult else "")
         lines.append(f"  instances:              {len(labels)}  ({flags})")
-        if source.format == "coco":
+        if source.format not in ("voc", "labelimg"):
             lines.append(f"  with segmentation:      {report.with_segmentation} of {len(labels)}")
         empty = [name for name, r in zip(report.image_names, records) if len(r.labels) == 0]
         shown = f"  ({', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})" if empty else ""
@@ -183,6 +202,11 @@ def format_report(reports: list[SplitReport]) -> str:
     for report in reports:
         lines += _split_lines(report)
         lines.append("")
+    if len(reports) > 1:
+        images = sum(len(r.records) for r in reports)
+        instances = sum(len(rec.labels) for r in reports for rec in r.records)
+        classes = max((len(r.class_names) for r in reports), default=0)
+        lines.append(f"all splits: {images} images, {instances} instances, {classes} class(es)")
     errors = sum(r.errors for r in reports)
     warnings = sum(r.warnings for r in reports)
     verdict = "OK" if errors == 0 else "FAILED"

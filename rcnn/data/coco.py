@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,18 @@ from rcnn.data.common import (
     Problem,
     Transform,
     check_box,
-    report_problems,
+    settle_problems,
 )
 
-__all__ = ["CocoDetection", "CocoIndex", "read_coco", "segmentation_to_mask"]
+__all__ = [
+    "CocoDetection",
+    "CocoIndex",
+    "check_segmentation",
+    "decode_masks",
+    "polygon_area",
+    "read_coco",
+    "segmentation_to_mask",
+]
 
 
 @dataclass
@@ -87,7 +95,14 @@ def _read_categories(ann_file: Path, categories: list[Any]) -> tuple[list[str], 
     return [by_id[c] for c in cat_ids], {label: cat for label, cat in enumerate(cat_ids, start=1)}
 
 
-def _check_segmentation(
+def _tag(problems: list[Problem], start: int, image: str | None) -> None:
+    """Mark the problems appended since ``start`` as concerning ``image`` (for ``skip_broken``)."""
+    if image is not None:
+        for k in range(start, len(problems)):
+            problems[k] = replace(problems[k], image=image)
+
+
+def check_segmentation(
     seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem]
 ) -> tuple[str, Any]:
     """Validate a COCO segmentation: ``("ok", seg)``, ``("degenerate", None)`` or ``("error", None)``.
@@ -144,6 +159,24 @@ def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
+def polygon_area(polygons: list[list[float]], height: int, width: int) -> float:
+    """COCO's ``area`` of a polygon segmentation (parts ``[x1, y1, x2, y2, ...]``): its pixel count
+    when rasterised, as COCO's own annotations give it."""
+    return float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))))
+
+
+def decode_masks(record: ImageRecord, keep: np.ndarray) -> np.ndarray:
+    """``[N', H, W]`` uint8 masks of the kept objects (``keep [N]``) of a record with segmentations."""
+    masks = [
+        segmentation_to_mask(seg, record.height, record.width)
+        for seg, k in zip(record.segmentations or [], keep)
+        if k
+    ]
+    if not masks:
+        return np.zeros((0, record.height, record.width), dtype=np.uint8)
+    return np.stack(masks).astype(np.uint8, copy=False)  # [N, H, W]
+
+
 def read_coco(
     images_dir: str | os.PathLike,
     ann_file: str | os.PathLike,
@@ -172,83 +205,91 @@ def read_coco(
     for i, img in enumerate(data["images"]):
         where = f"images[{i}]"
         if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
-            problems.append(Problem("error", file, f"{img!r} needs an integer 'id' and a string 'file_name'", where))
+            message = f"{img!r} needs an integer 'id' and a string 'file_name'"
+            problems.append(Problem("error", file, message, where, image=f"{file} {where}"))
             continue
         where = f"image id {img['id']} ({img['file_name']})"
         if img["id"] in images:
             problems.append(Problem("error", file, "image id appears twice in 'images'", where))
             continue
+        path = images_dir / img["file_name"]
         height, width = img.get("height"), img.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             message = f"needs positive integer 'height' and 'width', got {height!r} x {width!r}"
-            problems.append(Problem("error", file, message, where))
+            problems.append(Problem("error", file, message, where, image=str(path)))
             continue
-        path = images_dir / img["file_name"]
         if not path.is_file():
-            problems.append(Problem("error", file, f"image file not found: {path}", where, missing_file=True))
+            problems.append(
+                Problem("error", file, f"image file not found: {path}", where, missing_file=True, image=str(path))
+            )
             continue
         images[img["id"]] = {"path": path, "hw": (height, width), "anns": []}
     known_ids = {img.get("id") for img in data["images"] if isinstance(img, dict)}
 
     seen_ann_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            problems.append(Problem("error", file, f"{str(ann)[:80]} needs an integer 'id'", f"annotations[{i}]"))
-            continue
-        where = f"annotation id {ann['id']}"
-        if ann["id"] in seen_ann_ids:
-            problems.append(Problem("error", file, "annotation id appears twice", where))
-            continue
-        seen_ann_ids.add(ann["id"])
-        image_id = ann.get("image_id")
-        if image_id not in known_ids:
-            problems.append(Problem("error", file, f"image_id {image_id!r} is not in 'images'", where))
-            continue
-        if image_id not in images:  # the image itself has a problem, reported above
-            continue
-        if ann.get("category_id") not in cat_id_to_label:
-            message = f"unknown category_id {ann.get('category_id')!r} (known: {sorted(cat_id_to_label)})"
-            problems.append(Problem("error", file, message, where))
-            continue
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox
-        ):
-            problems.append(Problem("error", file, f"bbox {bbox!r} must be 4 numbers [x, y, width, height]", where))
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if all(math.isfinite(v) for v in bbox) and (w < 0 or h < 0):
-            message = f"bbox {bbox} has a negative width or height; COCO boxes are [x, y, width, height]"
-            problems.append(Problem("error", file, message, where))
-            continue
-        iscrowd = ann.get("iscrowd", 0)
-        if iscrowd not in (0, 1):
-            problems.append(Problem("error", file, f"iscrowd must be 0 or 1, got {iscrowd!r}", where))
-            continue
-        hw = images[image_id]["hw"]
-        box = check_box((x, y, x + w, y + h), hw, file, where, problems)
-        if box is None:
-            continue
-        seg = ann.get("segmentation")
-        if check_masks:
-            if seg is None or seg == []:
-                if require_masks:
-                    problems.append(Problem("error", file, "has no 'segmentation', needed to load masks", where))
-                    continue
-            else:
-                status, seg = _check_segmentation(seg, hw, file, where, problems)
-                if status == "error":
-                    continue
-                if status == "degenerate":
+        start, image = len(problems), None
+        try:
+            if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+                problems.append(Problem("error", file, f"{str(ann)[:80]} needs an integer 'id'", f"annotations[{i}]"))
+                continue
+            where = f"annotation id {ann['id']}"
+            if ann["id"] in seen_ann_ids:
+                problems.append(Problem("error", file, "annotation id appears twice", where))
+                continue
+            seen_ann_ids.add(ann["id"])
+            image_id = ann.get("image_id")
+            if image_id not in known_ids:
+                problems.append(Problem("error", file, f"image_id {image_id!r} is not in 'images'", where))
+                continue
+            if image_id not in images:  # the image itself has a problem, reported above
+                continue
+            image = str(images[image_id]["path"])
+            if ann.get("category_id") not in cat_id_to_label:
+                message = f"unknown category_id {ann.get('category_id')!r} (known: {sorted(cat_id_to_label)})"
+                problems.append(Problem("error", file, message, where))
+                continue
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox
+            ):
+                problems.append(Problem("error", file, f"bbox {bbox!r} must be 4 numbers [x, y, width, height]", where))
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if all(math.isfinite(v) for v in bbox) and (w < 0 or h < 0):
+                message = f"bbox {bbox} has a negative width or height; COCO boxes are [x, y, width, height]"
+                problems.append(Problem("error", file, message, where))
+                continue
+            iscrowd = ann.get("iscrowd", 0)
+            if iscrowd not in (0, 1):
+                problems.append(Problem("error", file, f"iscrowd must be 0 or 1, got {iscrowd!r}", where))
+                continue
+            hw = images[image_id]["hw"]
+            box = check_box((x, y, x + w, y + h), hw, file, where, problems)
+            if box is None:
+                continue
+            seg = ann.get("segmentation")
+            if check_masks:
+                if seg is None or seg == []:
                     if require_masks:
-                        problems.append(Problem("warning", file, "no valid polygon left, annotation dropped", where))
+                        problems.append(Problem("error", file, "has no 'segmentation', needed to load masks", where))
                         continue
-                    problems.append(Problem("warning", file, "no valid polygon (dropped when masks are loaded)", where))
-        area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
-            area = (box[2] - box[0]) * (box[3] - box[1])
-        label = cat_id_to_label[ann["category_id"]]
-        images[image_id]["anns"].append((ann["id"], box, label, bool(iscrowd), float(area), seg))
+                else:
+                    status, seg = check_segmentation(seg, hw, file, where, problems)
+                    if status == "error":
+                        continue
+                    if status == "degenerate":
+                        if require_masks:
+                            problems.append(Problem("warning", file, "no valid polygon left, annotation dropped", where))
+                            continue
+                        problems.append(Problem("warning", file, "no valid polygon (dropped when masks are loaded)", where))
+            area = ann.get("area")
+            if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+                area = (box[2] - box[0]) * (box[3] - box[1])
+            label = cat_id_to_label[ann["category_id"]]
+            images[image_id]["anns"].append((ann["id"], box, label, bool(iscrowd), float(area), seg))
+        finally:
+            _tag(problems, start, image)
 
     records = []
     for image_id, img in images.items():
@@ -283,6 +324,9 @@ class CocoDetection(DetectionDataset):
         train: leave crowd objects (``iscrowd = 1``) out of the targets; with
             ``train=False`` they are kept and flagged in ``target["iscrowd"]``.
         transforms: callable ``(image, target) -> (image, target)`` (see ``rcnn.data.transforms``).
+        skip_broken: decode every image now and leave out the images that cannot be used (missing,
+            truncated or corrupt, an unusable annotation), one ``DataWarning`` each, instead of
+            refusing the data set.
 
     Problems in the file raise one ``ValueError`` (or ``FileNotFoundError`` when only files
     are missing) listing them; clipped and dropped boxes give one ``DataWarning`` per file.
@@ -297,14 +341,17 @@ class CocoDetection(DetectionDataset):
         with_masks: bool = False,
         train: bool = False,
         transforms: Transform | None = None,
+        skip_broken: bool = False,
     ) -> None:
         index = read_coco(images_dir, ann_file, check_masks=with_masks, require_masks=with_masks)
-        report_problems(
+        records = settle_problems(
+            index.records,
             index.problems,
+            skip_broken=skip_broken,
             hint=f"\n(`rcnn data check {ann_file} --images {images_dir}` lists every problem)",
         )
         super().__init__(
-            index.records,
+            records,
             index.class_names,
             label_to_cat_id=index.label_to_cat_id,
             train=train,
@@ -315,11 +362,4 @@ class CocoDetection(DetectionDataset):
         self.ann_file = Path(ann_file)
 
     def _decode_masks(self, record: ImageRecord, keep: np.ndarray) -> np.ndarray:
-        masks = [
-            segmentation_to_mask(seg, record.height, record.width)
-            for seg, k in zip(record.segmentations or [], keep)
-            if k
-        ]
-        if not masks:
-            return np.zeros((0, record.height, record.width), dtype=np.uint8)
-        return np.stack(masks).astype(np.uint8, copy=False)  # [N, H, W]
+        return decode_masks(record, keep)  # [N, H, W]

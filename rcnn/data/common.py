@@ -10,9 +10,14 @@ Validation policy (both readers, see docs/data.md):
 - a zero-area box (after clipping): dropped, reported in the file's warning;
 - grayscale, RGBA, palette, CMYK and 16-bit images: converted to RGB when loaded.
 
+With ``skip_broken`` (:func:`settle_problems`), every image is decoded once when the data set is
+built, and an error that concerns one image only (its annotation file is unreadable, the image is
+missing, truncated or corrupt, one of its boxes is unusable: :attr:`Problem.image` is set) leaves
+that image out instead of refusing the data set; each skipped image is one warning.
+
 Warnings go through the ``warnings`` module with category :class:`DataWarning`, one warning
-per annotation file (naming every changed annotation). ``rcnn data check`` prints the same
-list of :class:`Problem` s without raising.
+per annotation file (naming every changed annotation) and one per skipped image. ``rcnn data
+check`` prints the same list of :class:`Problem` s without raising.
 
 Shape shorthand:
     N: number of annotated objects in an image
@@ -21,11 +26,13 @@ Shape shorthand:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rcnn.io.images import image_size, load_image
+from rcnn.io.images import EXIF_ORIENTATIONS, exif_orientation, image_size, load_image
 
 __all__ = [
     "BACKGROUND",
@@ -44,9 +51,13 @@ __all__ = [
     "ImageRecord",
     "Problem",
     "check_box",
+    "check_images",
     "image_size",
     "load_image",
     "report_problems",
+    "settle_problems",
+    "size_mismatch",
+    "skip_broken_images",
 ]
 
 BACKGROUND = "__background__"
@@ -74,7 +85,11 @@ class Problem:
     message: str
     where: str | None = None  # e.g. "annotation id 17", "object 3"
     missing_file: bool = False  # the error is a file that does not exist
-
+    # The one image this problem concerns (its path, or its annotation file where no image is
+    # known yet): leaving that image out removes the problem (``skip_broken``). None: the problem
+    # concerns the data set as a whole.
+    image: str | None = None
+    skipped: bool = False  # a warning: the image was left out because of this (``skip_broken``)
 
     def describe(self) -> str:
         """``file: where: message``."""
@@ -105,6 +120,9 @@ def report_problems(problems: Sequence[Problem], hint: str = "") -> None:
         raise ValueError(message)
     by_file: dict[str, list[Problem]] = {}
     for problem in problems:
+        if problem.skipped:  # a whole image left out: a line of its own, not one change among many
+            warnings.warn(problem.describe(), DataWarning, stacklevel=3)
+            continue
         by_file.setdefault(problem.file, []).append(problem)
     for file, found in by_file.items():
         details = "; ".join(f"{p.where}: {p.message}" if p.where else p.message for p in found)
@@ -178,6 +196,31 @@ def check_box(
     return clipped
 
 
+def size_mismatch(path: str | os.PathLike, image_hw: tuple[int, int], annotated_hw: tuple[int, int]) -> str:
+    """The message for an image whose size (as loaded) differs from its annotation's.
+
+    When the difference is exactly a transpose and the file carries an EXIF orientation that
+    swaps the sides (5 to 8), the message says so: the annotation was made on the stored pixels
+    by a tool that does not apply the orientation, while the library applies it (rcnn.io.images).
+    """
+    (height, width), (ann_height, ann_width) = image_hw, annotated_hw
+    message = f"the image is {width}x{height} (WxH) but its annotations say {ann_width}x{ann_height}"
+    orientation = 1
+    if (height, width) == (ann_width, ann_height):
+        try:
+            orientation = exif_orientation(path)
+        except (FileNotFoundError, ValueError):
+            pass
+    if orientation >= 5:
+        return (
+            f"{message}: the JPEG's EXIF orientation ({orientation}: {EXIF_ORIENTATIONS[orientation]}) turns "
+            f"the {height}x{width} pixels into {width}x{height}; rcnn applies EXIF orientation as annotation "
+            "tools do, so these annotations were made on the unturned pixels: re-export them from a tool "
+            "that shows the image turned, or save the image with its pixels turned and without the tag"
+        )
+    return f"{message}; fix the annotation file"
+
+
 @dataclass
 class ImageRecord:
     """The validated annotations of one image (boxes already clipped, unusable ones removed)."""
@@ -203,6 +246,76 @@ class ImageRecord:
             "iscrowd": np.zeros(n, dtype=bool),
             "difficult": np.zeros(n, dtype=bool),
         }
+
+
+def check_images(records: Sequence[ImageRecord], decode: bool = True) -> list[Problem]:
+    """Open (``decode``: decode every pixel of) each record's image and compare its size.
+
+    One error per unreadable image or size mismatch, with :attr:`Problem.image` set. Images are
+    read in a few threads (the decoders release the interpreter lock) and nothing is kept.
+    """
+
+    def one(record: ImageRecord) -> Problem | None:
+        file = str(record.path)
+        try:
+            hw = image_size(record.path, decode=decode)
+        except FileNotFoundError as exc:
+            return Problem("error", file, str(exc).removeprefix(f"{file}: "), missing_file=True, image=file)
+        except ValueError as exc:
+            return Problem("error", file, str(exc).removeprefix(f"{file}: "), image=file)
+        if hw != (record.height, record.width):
+            return Problem("error", file, size_mismatch(record.path, hw, (record.height, record.width)), image=file)
+        return None
+
+    if len(records) < 8:
+        found = [one(r) for r in records]
+    else:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            found = list(pool.map(one, records))  # in record order: the report is deterministic
+    return [p for p in found if p is not None]
+
+
+def skip_broken_images(
+    records: Sequence[ImageRecord], problems: Sequence[Problem]
+) -> tuple[list[ImageRecord], list[Problem]]:
+    """Leave out every image that an error concerns; the errors become ``skipped`` warnings.
+
+    Errors that concern no single image (:attr:`Problem.image` is ``None``) stay errors. An image
+    with several problems gives one warning, with the reason of its first error.
+    """
+    broken = {p.image for p in problems if p.severity == "error" and p.image is not None}
+    kept: list[Problem] = []
+    warned: set[str] = set()
+    for problem in problems:
+        if problem.image not in broken:  # None never is
+            kept.append(problem)
+        elif problem.severity == "error" and problem.image not in warned:
+            warned.add(problem.image)
+            kept.append(replace(problem, severity="warning", message=f"skipped: {problem.message}", skipped=True))
+        # its other problems (further errors, clipped boxes) go with the image
+    return [r for r in records if str(r.path) not in broken], kept
+
+
+def settle_problems(
+    records: list[ImageRecord], problems: list[Problem], *, skip_broken: bool = False, hint: str = ""
+) -> list[ImageRecord]:
+    """What a reader does with what it found: raise on errors (:func:`report_problems`), or with
+    ``skip_broken`` decode every image once, leave out the broken ones and warn about each.
+
+    Returns the records to keep.
+    """
+    if skip_broken:
+        records, problems = skip_broken_images(records, [*problems, *check_images(records, decode=True)])
+    else:
+        errors = [p for p in problems if p.severity == "error"]
+        if errors and all(p.image is not None for p in errors):
+            count = len({p.image for p in errors})
+            hint += (
+                f"\n(each error concerns one image; skip_broken=True, `--set data.skip_broken=true` or "
+                f"`--skip-broken` leaves the {count} image(s) out)"
+            )
+    report_problems(problems, hint=hint)
+    return records
 
 
 class DetectionDataset(Dataset):
@@ -285,10 +398,8 @@ class DetectionDataset(Dataset):
         record = self.records[index]
         image = load_image(record.path)  # [3, H, W]
         if tuple(image.shape[1:]) != (record.height, record.width):
-            raise ValueError(
-                f"{record.path}: the image is {image.shape[2]}x{image.shape[1]} (WxH) but its "
-                f"annotations say {record.width}x{record.height}; fix the annotation file"
-            )
+            hw = (int(image.shape[1]), int(image.shape[2]))
+            raise ValueError(f"{record.path}: {size_mismatch(record.path, hw, (record.height, record.width))}")
         keep = self._target_keep(record)  # [N]
         target: dict[str, Any] = {
             "boxes": torch.from_numpy(record.boxes[keep]),  # [N, 4]
@@ -303,6 +414,20 @@ class DetectionDataset(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+    def subset(self, indices: Sequence[int]) -> DetectionDataset:
+        """A data set of the same kind holding the items at ``indices`` (in that order).
+
+        The records are shared, not copied; image ids are kept.
+        """
+        sub = copy.copy(self)
+        sub.__dict__.pop("coco", None)  # the cached ground truth is the whole set's
+        sub.records = [self.records[i] for i in indices]
+        if isinstance(getattr(self, "image_names", None), list):  # VOC and the folder layouts
+            sub.image_names = [self.image_names[i] for i in indices]
+        sub.image_ids = [r.image_id for r in sub.records]
+        sub._index_of = {image_id: i for i, image_id in enumerate(sub.image_ids)}
+        return sub
 
     def _coco_categories(self) -> list[dict[str, Any]]:
         return [

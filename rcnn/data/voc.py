@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,10 @@ from rcnn.data.common import (
     Problem,
     Transform,
     check_box,
-    report_problems,
+    settle_problems,
 )
 
-__all__ = ["VOC_CLASSES", "VOCDetection", "VOCIndex", "read_voc", "voc_splits"]
+__all__ = ["VOC_CLASSES", "VOCDetection", "VOCIndex", "VOCObject", "parse_voc_xml", "read_voc", "voc_splits"]
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -50,7 +50,9 @@ class VOCIndex:
 
 
 @dataclass
-class _RawObject:
+class VOCObject:
+    """One ``<object>`` of a VOC XML file, its box already in the library's convention."""
+
     name: str
     difficult: bool
     box: tuple[float, float, float, float]
@@ -76,8 +78,12 @@ def _text(node: ET.Element, path: str) -> str | None:
     return None if found is None or found.text is None else found.text.strip()
 
 
-def _parse_xml(xml_path: Path, problems: list[Problem]) -> tuple[tuple[int, int], str | None, list[_RawObject]] | None:
-    """``((height, width), <filename>, objects)`` of one annotation file, or ``None`` on an error."""
+def parse_voc_xml(
+    xml_path: Path, problems: list[Problem]
+) -> tuple[tuple[int, int], str | None, list[VOCObject]] | None:
+    """``((height, width), <filename>, objects)`` of one VOC / LabelImg XML file, or ``None`` when
+    the file is unusable (missing, not XML, no ``<size>``); problems are appended to ``problems``.
+    """
     file = str(xml_path)
     if not xml_path.is_file():
         problems.append(Problem("error", file, "annotation file not found", missing_file=True))
@@ -115,7 +121,7 @@ def _parse_xml(xml_path: Path, problems: list[Problem]) -> tuple[tuple[int, int]
         except (TypeError, ValueError):
             problems.append(Problem("error", file, f"<bndbox> xmin/ymin/xmax/ymax must be numbers, got {values}", where))
             continue
-        objects.append(_RawObject(name, difficult == "1", (xmin - 1, ymin - 1, xmax, ymax), where))
+        objects.append(VOCObject(name, difficult == "1", (xmin - 1, ymin - 1, xmax, ymax), where))
     return (height, width), _text(root, "filename"), objects
 
 
@@ -157,19 +163,21 @@ def read_voc(
     parsed = []
     for name in names:
         xml_path = root / "Annotations" / f"{name}.xml"
-        result = _parse_xml(xml_path, problems)
-        if result is None:
-            continue
-        hw, filename, objects = result
-        candidates = ([filename] if filename else []) + [name + ext for ext in _IMAGE_EXTENSIONS]
-        image_path = next((root / "JPEGImages" / c for c in candidates if (root / "JPEGImages" / c).is_file()), None)
-        if image_path is None:
-            problems.append(
-                Problem("error", str(xml_path), f"image file not found: {root / 'JPEGImages' / (name + '.jpg')}",
-                        missing_file=True)
-            )
-            continue
-        parsed.append((name, xml_path, image_path, hw, objects))
+        found: list[Problem] = []  # this image's problems, tagged with it for skip_broken
+        result = parse_voc_xml(xml_path, found)
+        image_path = None
+        if result is not None:
+            hw, filename, objects = result
+            candidates = ([filename] if filename else []) + [name + ext for ext in _IMAGE_EXTENSIONS]
+            image_path = next((root / "JPEGImages" / c for c in candidates if (root / "JPEGImages" / c).is_file()), None)
+            if image_path is None:
+                found.append(
+                    Problem("error", str(xml_path), f"image file not found: {root / 'JPEGImages' / (name + '.jpg')}",
+                            missing_file=True)
+                )
+        problems += [replace(p, image=str(image_path or xml_path)) for p in found]
+        if image_path is not None:
+            parsed.append((name, xml_path, image_path, hw, objects))
 
     if class_names is None:
         classes_file = root / "classes.txt"
@@ -185,6 +193,7 @@ def read_voc(
     image_names: list[str] = []
     for name, xml_path, image_path, hw, objects in parsed:
         file = str(xml_path)
+        start = len(problems)
         boxes, labels, difficult = [], [], []
         for obj in objects:
             if obj.name not in label_of:
@@ -199,6 +208,7 @@ def read_voc(
             boxes.append(box)
             labels.append(label_of[obj.name])
             difficult.append(obj.difficult)
+        problems[start:] = [replace(p, image=str(image_path)) for p in problems[start:]]
         arrays = ImageRecord.empty_arrays(len(boxes))
         if boxes:
             arrays["boxes"] = np.asarray(boxes, dtype=np.float32)
@@ -223,6 +233,8 @@ class VOCDetection(DetectionDataset):
             (flagged in ``target["difficult"]``). Default: kept for evaluation, left out for
             training (``not train``), as in Fast R-CNN's VOC training. Evaluation always sees
             them through :meth:`annotation`.
+        skip_broken: decode every image now and leave out the unusable ones (one ``DataWarning``
+            each) instead of refusing the data set.
     """
 
     def __init__(
@@ -234,13 +246,20 @@ class VOCDetection(DetectionDataset):
         train: bool = False,
         transforms: Transform | None = None,
         keep_difficult: bool | None = None,
+        skip_broken: bool = False,
     ) -> None:
         index = read_voc(root, split, class_names)
-        report_problems(index.problems, hint=f"\n(`rcnn data check {root} --split {split}` lists every problem)")
-        super().__init__(index.records, index.class_names, train=train, transforms=transforms)
+        records = settle_problems(
+            index.records,
+            index.problems,
+            skip_broken=skip_broken,
+            hint=f"\n(`rcnn data check {root} --split {split}` lists every problem)",
+        )
+        kept = {id(r) for r in records}
+        super().__init__(records, index.class_names, train=train, transforms=transforms)
         self.root = Path(root)
         self.split = split
-        self.image_names = index.image_names
+        self.image_names = [n for n, r in zip(index.image_names, index.records) if id(r) in kept]
         self.keep_difficult = (not train) if keep_difficult is None else keep_difficult
 
     def _target_keep(self, record: ImageRecord) -> np.ndarray:

@@ -5,7 +5,8 @@ A checkpoint is a directory ``step_000500/`` inside the run directory holding
 - ``model.safetensors``: the model's weights;
 - ``optimizer.safetensors``: the optimiser's tensors (momentum buffers ...), when training;
 - ``state.json``: iteration, base learning rate, RNG states, the optimiser's non-tensor state;
-- ``config.yaml`` and ``classes.json``: what is needed to rebuild the model for inference.
+- ``config.yaml`` and ``classes.json``: what is needed to rebuild the model for inference;
+  ``categories.json``: the category id of each label, where the data had its own (COCO).
 
 Files are written to a temporary directory that is renamed into place when complete, and the
 run's ``last`` link is then switched to it with an atomic rename, so a kill at any moment leaves
@@ -31,7 +32,9 @@ __all__ = [
     "LEGACY_KEYS",
     "find_checkpoint",
     "load_checkpoint",
+    "has_optimizer_state",
     "load_weights",
+    "read_checkpoint_weights",
     "restore_rng",
     "rng_state",
     "save_checkpoint",
@@ -100,9 +103,14 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     config_yaml: str | None = None,
     class_names: list[str] | None = None,
+    categories: list[dict[str, Any]] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it."""
+    """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it.
+
+    ``class_names`` (index = label, 0 the background) go to ``classes.json``; ``categories`` (one
+    ``{"id", "name"}`` per label, the data set's own category ids, e.g. COCO's) to ``categories.json``.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{iteration:07d}"
@@ -123,6 +131,8 @@ def save_checkpoint(
         write_text(tmp / "config.yaml", config_yaml)
     if class_names is not None:
         write_json(tmp / "classes.json", class_names)
+    if categories is not None:
+        write_json(tmp / "categories.json", categories)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     link_tmp = run_dir / ".last.tmp"
@@ -199,6 +209,21 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.
     model.load_state_dict(weights)
 
 
+def read_checkpoint_weights(path: str | os.PathLike, own: set[str] | None = None) -> dict[str, Tensor]:
+    """The weights of a checkpoint (older checkpoints' keys renamed to ``own``'s, see ``LEGACY_KEYS``)."""
+    ckpt = find_checkpoint(path)
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as exc:
+        raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
+    return _rename_legacy(weights, own) if own is not None else weights
+
+
+def has_optimizer_state(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds the optimiser's state (a converted model's does not)."""
+    return (find_checkpoint(path) / "optimizer.safetensors").is_file()
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -208,11 +233,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load weights (and optionally the optimiser and RNG states) from a checkpoint; return its state."""
     ckpt = find_checkpoint(path)
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except Exception as exc:
-        raise ValueError(f"{ckpt / 'model.safetensors'}: cannot read weights ({exc})") from None
-    load_weights(model, weights, ckpt)
+    load_weights(model, read_checkpoint_weights(ckpt), ckpt)
     state = read_json(ckpt / "state.json")
     if optimizer is not None or restore_rng_state:
         tensors = load_file(str(ckpt / "optimizer.safetensors"))

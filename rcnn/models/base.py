@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from rcnn.components.backbones import BackboneParts, as_feature_list, build_backbone, feature_strides, fold_batchnorm
@@ -91,25 +91,33 @@ class DetectorCapabilities:
         *,
         pretrained_backbone: str | os.PathLike | None = None,
         trainable_stages: int | None = None,
+        backbone_norm: str | None = None,
         **options: Any,
     ):
         """The detector on a named architecture (its backbone and box head, optionally with local
-        pre-trained weights) or on a given backbone module, with the constructor's ``options``."""
-        parts = resolve_parts(backbone, pretrained_backbone, trainable_stages)
+        pre-trained weights; ``backbone_norm`` ``"frozen"`` or ``"bn"``, see
+        :func:`rcnn.components.backbones.build_backbone`) or on a given backbone module, with the
+        constructor's ``options``."""
+        parts = resolve_parts(backbone, pretrained_backbone, trainable_stages, backbone_norm)
         if parts.box_head is not None:
             options.setdefault("box_head", parts.box_head)
         return cls(parts.backbone, num_classes, **options)
 
 
 def resolve_parts(
-    backbone: str | nn.Module, pretrained: str | os.PathLike | None = None, trainable_stages: int | None = None
+    backbone: str | nn.Module,
+    pretrained: str | os.PathLike | None = None,
+    trainable_stages: int | None = None,
+    norm: str | None = None,
 ) -> BackboneParts:
     """:func:`rcnn.components.backbones.build_backbone` of a name, or ``(module, None)`` for a module."""
     if isinstance(backbone, nn.Module):
-        if pretrained is not None or trainable_stages is not None:
-            raise ValueError("pretrained_backbone / trainable_stages apply to a backbone name, not a backbone module")
+        if pretrained is not None or trainable_stages is not None or norm is not None:
+            raise ValueError(
+                "pretrained_backbone / trainable_stages / backbone_norm apply to a backbone name, not a backbone module"
+            )
         return BackboneParts(backbone, None)  # type: ignore[arg-type]
-    return build_backbone(backbone, pretrained, trainable_stages)
+    return build_backbone(backbone, pretrained, trainable_stages, norm)
 
 
 class InferenceOptimizable:
@@ -141,6 +149,10 @@ class DetectorOptions(Settings):
         sampling_ratio: RoIAlign's samples per bin side (2; 0 adapts to the bin size).
         aligned: RoIAlign's half-pixel alignment (True; torchvision's detectors use False).
         roi: RoI-head settings that differ from :func:`rcnn.components.roi_heads.default_roi_settings`.
+        torchvision_compat: compute as torchvision's detectors do, to reproduce their outputs from
+            their weights (converted checkpoints): images resized by torchvision's rule, the legacy
+            RoIAlign (``aligned`` false), and for the later generations torchvision's anchors and
+            mask pasting. Implies ``aligned: false``; an explicit ``aligned: true`` is refused.
     """
 
     min_size: PositiveInt | list[PositiveInt] = 600
@@ -149,6 +161,25 @@ class DetectorOptions(Settings):
     sampling_ratio: NonNegativeInt = 2
     aligned: bool = True
     roi: RoIHeadSettings.overrides() = RoIHeadSettings.overrides()()  # type: ignore[valid-type]
+    torchvision_compat: bool = False
+
+    @model_validator(mode="after")
+    def _torchvision_geometry(self) -> DetectorOptions:
+        """torchvision_compat fixes the options whose values torchvision's computation implies."""
+        if not self.torchvision_compat:
+            return self
+        implied = self.torchvision_implied()
+        clashes = [k for k, v in implied.items() if k in self.model_fields_set and getattr(self, k) != v]
+        if clashes:
+            raise ValueError(
+                f"torchvision_compat implies {', '.join(f'{k}={implied[k]!r}' for k in clashes)}; "
+                f"remove {', '.join(clashes)} or torchvision_compat"
+            )
+        return self.model_copy(update=implied)
+
+    def torchvision_implied(self) -> dict[str, Any]:
+        """The option values torchvision_compat implies."""
+        return {"aligned": False}
 
     @field_validator("pooler")
     @classmethod
@@ -206,6 +237,11 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
     def num_classes(self) -> int:
         """K + 1, the box predictor's."""
         return self.roi_heads.num_classes
+
+    @property
+    def predictor_names(self) -> list[str]:
+        """The class-specific parts (what :meth:`replace_predictor` replaces), as state-dict prefixes."""
+        return [f"roi_heads.{name}" for name in self.roi_heads.predictor_names]
 
     def replace_predictor(self, num_classes: int) -> list[str]:
         """Fresh class-specific layers (box, and mask for Mask R-CNN) for ``num_classes`` (K + 1),

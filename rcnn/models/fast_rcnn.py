@@ -163,9 +163,9 @@ class FastRCNN(TwoStageDetector):
         else:
             refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned", "mask"), "RoI heads")
         if transform is None:
-            transform = DetectionTransform(opts.min_size, opts.max_size)
+            transform = DetectionTransform(opts.min_size, opts.max_size, torchvision=opts.torchvision_compat)
         else:
-            refuse_unused(opts, ("min_size", "max_size"), "transform")
+            refuse_unused(opts, ("min_size", "max_size", "torchvision_compat"), "transform")
         super().__init__(backbone, roi_heads, transform, rpn=rpn_module, levels=(strides, pool_strides))
 
     def branch_parts(self, backbone: nn.Module, num_classes: int | None, opts: Any, pool_strides: Sequence[int]) -> Any:

@@ -45,6 +45,10 @@ class FasterRCNNOptions(FastRCNNOptions):
     anchor_offset: float = Field(default=0.5, ge=0.0, le=1.0)
     rpn: RPNSettings.overrides() = RPNSettings.overrides()()  # type: ignore[valid-type]
 
+    def torchvision_implied(self) -> dict[str, Any]:
+        """torchvision's anchors sit on the cells' corners."""
+        return {**super().torchvision_implied(), "anchor_offset": 0.0}
+
 
 class FasterRCNN(FastRCNN):
     """Faster R-CNN: :class:`FastRCNN` fed by a Region Proposal Network; trained jointly or alternately.
@@ -72,14 +76,16 @@ class FasterRCNN(FastRCNN):
             refuse_unused(opts, ("rpn", "anchor_sizes", "aspect_ratios", "anchor_offset"), "RPN")
             return rpn  # type: ignore[return-value]
         sizes = opts.anchor_sizes or default_anchor_sizes(backbone, len(strides))
-        anchors = AnchorGenerator(sizes, (tuple(opts.aspect_ratios),), offset=opts.anchor_offset)
+        anchors = AnchorGenerator(
+            sizes, (tuple(opts.aspect_ratios),), offset=opts.anchor_offset, torchvision=opts.torchvision_compat
+        )
         if len(anchors.sizes) != len(strides):
             raise ValueError(
                 f"anchor_sizes gives {len(anchors.sizes)} levels but the backbone has {len(strides)} feature "
                 f"levels (strides {tuple(strides)})"
             )
         settings = default_rpn_settings(len(strides)).merged(opts.rpn, "rpn")
-        head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location[0])
+        head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location[0], conv_depth=settings.conv_depth)
         return RegionProposalNetwork(anchors, head, strides, settings)
 
 

@@ -84,21 +84,26 @@ class MaskRCNN(FasterRCNN):
 
     def branch_parts(
         self, backbone: nn.Module, num_classes: int | None, opts: Any, pool_strides: Sequence[int]
-    ) -> tuple[RoIPooler, MaskHead, MaskPredictor]:
-        """The mask branch's pooler, head and predictor (created, then initialised, head first)."""
+    ) -> tuple[RoIPooler, MaskHead, MaskPredictor, str]:
+        """The mask branch's pooler, head and predictor (created, then initialised, head first), and
+        how its masks are pasted."""
         if num_classes is None:
             raise ValueError("num_classes (K + 1, background included) is needed to build the mask branch")
-        m = MaskSettings().merged(opts.mask, "mask")
+        defaults = MaskSettings(paste="torchvision") if opts.torchvision_compat else MaskSettings()
+        m = defaults.merged(opts.mask, "mask")
         pooler = RoIPooler(m.pool_size, pool_strides, m.pooler or opts.pooler or "align", opts.sampling_ratio, opts.aligned)
-        head = MaskHead(backbone.out_channels, m.num_convs, m.channels, init=False)
+        head = MaskHead(backbone.out_channels, m.num_convs, m.channels, init=False, batch_norm=m.batch_norm)
         predictor = MaskPredictor(head.out_channels, num_classes, m.channels, init=False)
         head.reset_parameters()
         predictor.reset_parameters()
-        return pooler, head, predictor
+        return pooler, head, predictor, m.paste
 
     def assemble_roi_heads(self, box: BoxBranch, branches: Any, opts: Any) -> RoIHeads:
         """:class:`MaskRoIHeads`: the box branch and the mask parts."""
-        return MaskRoIHeads(*box[:3], *branches, settings=box.settings, mask_probabilities=opts.mask_probabilities)
+        *parts, paste = branches
+        return MaskRoIHeads(
+            *box[:3], *parts, settings=box.settings, mask_probabilities=opts.mask_probabilities, paste=paste
+        )
 
     @property
     def mask_probabilities(self) -> bool:

@@ -200,12 +200,15 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         """K + 1, from the fine-tuning classifier."""
         return self.cls_score.out_features
 
+    predictor_names = ["cls_score", "svm_weights", "svm_biases", "svm_feature_scale", "bbox_weights", "bbox_biases",
+                       "bbox_feature_scale", "trained_parts"]  # fmt: skip
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """A new (K+1)-way layer for ``num_classes``, and empty SVMs and regressors (to train again)."""
         device = self.cls_score.weight.device
         self._new_classifier(num_classes, self.cls_score.in_features, self.bbox_weights.shape[1])
         self.to(device)
-        return ["cls_score", "svm_weights", "svm_biases", "bbox_weights", "bbox_biases"]
+        return list(self.predictor_names)
 
     # -- the parts trained outside the network ----------------------------------------------
     def set_svms(self, svms: ClassSVMs) -> None:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
-from rcnn.io.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from rcnn.io.checkpoints import find_checkpoint, has_optimizer_state, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
 
@@ -222,7 +222,12 @@ def train(
     lr = cfg.lr * cfg.batch_size * world / (cfg.lr_batch_size or cfg.batch_size)
     optimizer = build_optimizer(model, cfg, lr)
     start = 0
-    if resume and (run_dir / "last").exists():
+    if resume and (run_dir / "last").exists() and not has_optimizer_state(run_dir / "last"):
+        # weights without a training state (a converted model): they are where training starts
+        start = int(load_checkpoint(run_dir / "last", model)["iteration"])
+        log(f"{find_checkpoint(run_dir / 'last')} holds weights but no optimiser state: training starts from "
+            f"those weights at iteration {start} with a new optimiser")  # fmt: skip
+    elif resume and (run_dir / "last").exists():
         state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, restore_rng_state=True)
         start = int(state["iteration"])
         if world > 1:  # each process continues its own random stream

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcnn.build import build_model, model_class
+from rcnn.build import build_model, initialize_from, model_class
 from rcnn.components.proposals.io import load_proposals
 from rcnn.components.proposals.selective_search import ensure_dataset_proposals
 from rcnn.config import Config, config_to_yaml
@@ -25,6 +25,7 @@ from rcnn.data.build import build_dataset
 from rcnn.data.common import DetectionDataset
 from rcnn.data.shapes import make_shapes
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
+from rcnn.evaluation.classes import match_classes
 from rcnn.inference import evaluate_model
 from rcnn.training.alternating import train_alternating
 from rcnn.training.datasets import TrainingSet, proposal_source
@@ -69,10 +70,11 @@ def prepare_data(config: Config, *, need_train: bool = True, need_val: bool = Tr
         logger.info("generating the shapes data set in %s", root)
         make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed, image_size=data.shapes.image_size)
     with_masks = model_class(config.model.name).predicts_masks
-    train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, images_dir=data.images) if need_train else None
+    options = data.reader_options()
+    train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, **options) if need_train else None
     val = None
     if need_val and data.val_split:
-        val = build_dataset(data.root, data.val_split, with_masks=with_masks, train=False, images_dir=data.images)
+        val = build_dataset(data.root, data.val_split, with_masks=with_masks, train=False, **options)
     return Data(train, val)  # type: ignore[arg-type]
 
 
@@ -93,12 +95,19 @@ def run_training(
     out_dir = Path(out_dir)
     torch.manual_seed(config.train.seed)
     data = prepare_data(config)
-    model = build_model(config.model, data.train.num_classes)
     if config.model.num_classes and config.model.num_classes != data.train.num_classes:
-        raise ValueError(
-            f"model.num_classes = {config.model.num_classes} but the training data has "
-            f"{data.train.num_classes - 1} classes + background"
-        )
+        if not config.train.init_from:
+            raise ValueError(
+                f"model.num_classes = {config.model.num_classes} but the training data has "
+                f"{data.train.num_classes - 1} classes + background"
+            )
+        # fine-tuning a run (e.g. a converted 91-class model) on another class set: the data's classes
+        config = config.model_copy(update={"model": config.model.model_copy(update={"num_classes": None})})
+    if data.val is not None:  # the val split is scored by the training split's classes, by name
+        match_classes(data.train.class_names, data.val.class_names, f"the val split ({config.data.val_split})")
+    model = build_model(config.model, data.train.num_classes)
+    if config.train.init_from:
+        log(str(initialize_from(model, config.train.init_from, data.train.class_names)))
     ensure_proposal_files(config, data, log=log, progress=progress)
     train_proposals = proposal_source(config.data.proposals_train) if config.data.proposals_train else None
     val_proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
@@ -115,7 +124,7 @@ def run_training(
         val_set = data.val
 
         def evaluator(m: nn.Module) -> dict[str, Any]:
-            return evaluate_model(m, val_set, proposals=val_proposals)
+            return evaluate_model(m, val_set, proposals=val_proposals, class_names=data.train.class_names)
 
     common = dict(
         evaluator=evaluator,

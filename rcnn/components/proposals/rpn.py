@@ -35,15 +35,22 @@ __all__ = ["RPNHead", "RPNOutputs", "RPNSettings", "RegionProposalNetwork", "def
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 convs to A objectness logits and 4A deltas; shared by all levels."""
+    """3x3 conv + ReLU, then 1x1 convs to A objectness logits and 4A deltas; shared by all levels.
 
-    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None) -> None:
+    ``conv_depth`` > 1 stacks further 3x3 conv + ReLU layers (``more_convs``), as torchvision's
+    v2 detectors do (two).
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None, conv_depth: int = 1) -> None:
         super().__init__()
+        if conv_depth < 1:
+            raise ValueError(f"the RPN head needs at least one 3x3 convolution, got conv_depth={conv_depth}")
         conv_channels = conv_channels or in_channels  # 512-d for VGG16 in the paper
         self.conv = nn.Conv2d(in_channels, conv_channels, 3, padding=1)
+        self.more_convs = nn.ModuleList(nn.Conv2d(conv_channels, conv_channels, 3, padding=1) for _ in range(conv_depth - 1))
         self.cls_logits = nn.Conv2d(conv_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(conv_channels, 4 * num_anchors, 1)
-        for layer in (self.conv, self.cls_logits, self.bbox_pred):  # zero-mean Gaussian, std 0.01 (§3.1.3)
+        for layer in (self.conv, *self.more_convs, self.cls_logits, self.bbox_pred):  # Gaussian, std 0.01 (§3.1.3)
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
@@ -52,6 +59,8 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             h = torch.relu(self.conv(x))
+            for conv in self.more_convs:
+                h = torch.relu(conv(h))
             logits.append(self.cls_logits(h))
             deltas.append(self.bbox_pred(h))
         return logits, deltas
@@ -108,6 +117,7 @@ class RPNSettings(Settings):
     loss_normalization: Literal["paper", "batch"] = "paper"
     box_weight: NonNegativeFloat = 10.0
     beta: PositiveFloat = 1.0
+    conv_depth: PositiveInt = 1
 
     @model_validator(mode="after")
     def _ordered_thresholds(self) -> RPNSettings:
