@@ -16,12 +16,13 @@ import time
 from benchmarks.common import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
-EXTRA = ("mask_rcnn", "rcnn_ablation")
+EXTRA = ("mask_rcnn", "rcnn_ablation", "serve_load")
 TITLES = {
     "lineage": "The lineage: four generations, one data set, one budget",
     "faster_rcnn": "Faster R-CNN against torchvision",
     "mask_rcnn": "Mask R-CNN against torchvision; RoIAlign against RoIPool",
     "rcnn_ablation": "R-CNN and Fast R-CNN ablations",
+    "serve_load": "The server under load",
 }
 
 HEADER = """# Benchmarks
@@ -49,7 +50,7 @@ without masks repeated from two more seeds, two trainings of 1500 steps) and the
 def render() -> str:
     """docs/benchmarks.md from the result files present."""
     sections = [HEADER]
-    for name in ("lineage", "faster_rcnn", "mask_rcnn", "rcnn_ablation"):
+    for name in ("lineage", "faster_rcnn", "mask_rcnn", "rcnn_ablation", "serve_load"):
         result = read_result(name)
         if result is None:
             continue

@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "train",
     "evaluate",
     "predict",
+    "explain",
+    "serve",
     "convert",
     "data",
     "proposals",

@@ -252,6 +252,23 @@ class RoIHeads(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Softmax, per-class decoding, clipping, then :func:`rcnn.core.postprocess.per_class_detections`."""
         s = self.settings
+        detections = []
+        for boxes, scores in self.class_boxes(class_logits, box_deltas, proposals, image_sizes):
+            found = per_class_detections(boxes, scores, s.score_thresh, s.nms_thresh, s.detections_per_image, min_size=1e-2)
+            found.pop("rows")
+            detections.append(found)
+        return detections
+
+    def class_boxes(
+        self,
+        class_logits: Tensor,
+        box_deltas: Tensor,
+        proposals: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per image, before the per-class post-processing: each proposal's box for every class
+        (its deltas applied, clipped to the image) ``[P, K, 4]`` and the softmax probabilities
+        ``[P, K]`` of the K foreground classes. ``class_logits [R, K+1]``, ``box_deltas [R, 4K]``."""
         num_fg = self.num_classes - 1
         if box_deltas.shape[1] != 4 * num_fg:
             raise ValueError(
@@ -261,11 +278,7 @@ class RoIHeads(nn.Module):
         probs = torch.softmax(class_logits, dim=-1)[:, 1:]  # [R, K]
         counts = [p.shape[0] for p in proposals]  # sizes, symbolic when exported
         all_boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(-1, num_fg, 4)  # [R, K, 4]
-        detections = []
-        for boxes, scores, size in zip(all_boxes.split(counts), probs.split(counts), image_sizes):
-            found = per_class_detections(
-                clip_boxes(boxes, size), scores, s.score_thresh, s.nms_thresh, s.detections_per_image, min_size=1e-2
-            )
-            found.pop("rows")
-            detections.append(found)
-        return detections
+        return [
+            (clip_boxes(boxes, size), scores)
+            for boxes, scores, size in zip(all_boxes.split(counts), probs.split(counts), image_sizes)
+        ]

@@ -35,8 +35,10 @@ __all__ = [
     "nms",
     "nms_reference",
     "roi_align",
+    "roi_align_points",
     "roi_align_reference",
     "roi_pool",
+    "roi_pool_bins",
     "roi_pool_reference",
     "to_rois",
 ]
@@ -211,28 +213,48 @@ def roi_align(
     return torchvision.ops.roi_align(features, rois, *args)
 
 
-def roi_pool_reference(features: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float) -> Tensor:
-    """Slow reference RoI max pooling with the kernel's exact rounding rules; for tests."""
+def roi_pool_bins(
+    roi: Sequence[float], output_size: int | Sequence[int], spatial_scale: float, feature_size: Sequence[int]
+) -> Tensor:
+    """The feature cells each output bin of RoI pooling max-pools, with the kernel's exact rounding.
+
+    ``roi`` is ``(x1, y1, x2, y2)`` in input pixels, ``feature_size`` the map's ``(H, W)``. Returns
+    int64 ``[P, Q, 4]``: per bin the half-open cell ranges ``(h_start, h_end, w_start, w_end)``
+    (an empty range pools nothing and gives 0). The corners are rounded to cells first: the
+    quantisation that RoIAlign removes.
+    """
     out_h, out_w = _pair(output_size)
-    num_rois, channels = rois.shape[0], features.shape[1]
-    height, width = features.shape[-2:]
-    out = features.new_zeros((num_rois, channels, out_h, out_w))
+    height, width = int(feature_size[0]), int(feature_size[1])
 
     def round_half_away(v: float) -> int:  # C++ std::round
         return int(math.floor(v + 0.5)) if v >= 0 else -int(math.floor(-v + 0.5))
 
+    x1, y1, x2, y2 = (round_half_away(float(v) * spatial_scale) for v in roi)
+    roi_w = max(x2 - x1 + 1, 1)  # the kernel's legacy "+1" width, kept to match it
+    roi_h = max(y2 - y1 + 1, 1)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    bins = torch.zeros((out_h, out_w, 4), dtype=torch.int64)
+    for ph in range(out_h):
+        hs = min(max(math.floor(ph * bin_h) + y1, 0), height)
+        he = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
+        for pw in range(out_w):
+            ws = min(max(math.floor(pw * bin_w) + x1, 0), width)
+            we = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
+            bins[ph, pw] = torch.tensor((hs, he, ws, we))
+    return bins
+
+
+def roi_pool_reference(features: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float) -> Tensor:
+    """Slow reference RoI max pooling with the kernel's exact rounding rules (:func:`roi_pool_bins`); for tests."""
+    out_h, out_w = _pair(output_size)
+    num_rois, channels = rois.shape[0], features.shape[1]
+    out = features.new_zeros((num_rois, channels, out_h, out_w))
     for r in range(num_rois):
         b = int(rois[r, 0])
-        x1, y1, x2, y2 = (round_half_away(float(v) * spatial_scale) for v in rois[r, 1:])
-        roi_w = max(x2 - x1 + 1, 1)  # the kernel's legacy "+1" width, kept to match it
-        roi_h = max(y2 - y1 + 1, 1)
-        bin_w, bin_h = roi_w / out_w, roi_h / out_h
+        bins = roi_pool_bins(rois[r, 1:].tolist(), (out_h, out_w), spatial_scale, features.shape[-2:])
         for ph in range(out_h):
-            hs = min(max(math.floor(ph * bin_h) + y1, 0), height)
-            he = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
             for pw in range(out_w):
-                ws = min(max(math.floor(pw * bin_w) + x1, 0), width)
-                we = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
+                hs, he, ws, we = bins[ph, pw].tolist()
                 if he > hs and we > ws:
                     out[r, :, ph, pw] = features[b, :, hs:he, ws:we].amax(dim=(-2, -1))
     return out
@@ -265,6 +287,35 @@ def _bilinear(feature: Tensor, y: float, x: float) -> Tensor:
     )
 
 
+def roi_align_points(
+    roi: Sequence[float],
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> Tensor:
+    """Where RoIAlign samples: ``[P, Q, S, 2]`` points ``(y, x)`` in feature-map coordinates (the
+    centre of cell ``(i, j)`` is ``(i, j)``), ``S`` = samples per bin; each bin averages the
+    bilinear values at its points. No rounding anywhere. ``roi`` is ``(x1, y1, x2, y2)`` in input pixels."""
+    out_h, out_w = _pair(output_size)
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (float(v) * spatial_scale - offset for v in roi)
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:  # legacy: force malformed RoIs to be at least 1x1
+        roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+    bin_w, bin_h = roi_w / out_w, roi_h / out_h
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+    points = torch.zeros((out_h, out_w, grid_h * grid_w, 2), dtype=torch.float64)
+    for ph in range(out_h):
+        for pw in range(out_w):
+            for iy in range(grid_h):
+                y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                for ix in range(grid_w):
+                    points[ph, pw, iy * grid_w + ix] = torch.tensor((y, x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w))
+    return points
+
+
 def roi_align_reference(
     features: Tensor,
     rois: Tensor,
@@ -273,29 +324,20 @@ def roi_align_reference(
     sampling_ratio: int = 2,
     aligned: bool = True,
 ) -> Tensor:
-    """Slow reference RoIAlign: bilinear samples averaged per bin, as the paper describes; for tests."""
+    """Slow reference RoIAlign: bilinear samples (:func:`roi_align_points`) averaged per bin, as the
+    paper describes; for tests."""
     out_h, out_w = _pair(output_size)
     num_rois, channels = rois.shape[0], features.shape[1]
     out = features.new_zeros((num_rois, channels, out_h, out_w))
-    offset = 0.5 if aligned else 0.0
     for r in range(num_rois):
         b = int(rois[r, 0])
-        x1, y1, x2, y2 = (float(v) * spatial_scale - offset for v in rois[r, 1:])
-        roi_w, roi_h = x2 - x1, y2 - y1
-        if not aligned:  # legacy: force malformed RoIs to be at least 1x1
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_w, bin_h = roi_w / out_w, roi_h / out_h
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
-        count = max(grid_h * grid_w, 1)
+        points = roi_align_points(rois[r, 1:].tolist(), (out_h, out_w), spatial_scale, sampling_ratio, aligned)
+        count = max(points.shape[2], 1)
         for ph in range(out_h):
             for pw in range(out_w):
                 acc = features.new_zeros(channels)
-                for iy in range(grid_h):
-                    y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                    for ix in range(grid_w):
-                        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        acc += _bilinear(features[b], y, x)
+                for y, x in points[ph, pw].tolist():
+                    acc += _bilinear(features[b], y, x)
                 out[r, :, ph, pw] = acc / count
     return out
 

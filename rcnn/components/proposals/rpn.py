@@ -18,7 +18,7 @@ Shape shorthand:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import model_validator
@@ -31,7 +31,7 @@ from rcnn.core.losses import rpn_loss
 from rcnn.core.matching import BalancedSampler, Matcher, label_proposals
 from rcnn.core.ops import batched_nms
 
-__all__ = ["RPNHead", "RPNSettings", "RegionProposalNetwork", "default_rpn_settings"]
+__all__ = ["RPNHead", "RPNOutputs", "RPNSettings", "RegionProposalNetwork", "default_rpn_settings"]
 
 
 class RPNHead(nn.Module):
@@ -72,6 +72,16 @@ def _flatten_level(logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
     logits = logits.permute(0, 2, 3, 1).reshape(n, -1)
     deltas = deltas.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     return logits, deltas
+
+
+class RPNOutputs(NamedTuple):
+    """The RPN head's outputs on all levels, with the anchors they refer to."""
+
+    logits: list[Tensor]  # per level [N, A, Hi, Wi] objectness logits
+    objectness: Tensor  # [N, T] logits, flattened in the anchors' (level, y, x, a) order
+    box_deltas: Tensor  # [N, T, 4]
+    anchors: Tensor  # [T, 4]
+    level_sizes: list[int]  # Hi * Wi * A per level
 
 
 class RPNSettings(Settings):
@@ -173,13 +183,8 @@ class RegionProposalNetwork(nn.Module):
         Losses are computed in training mode when ``targets`` are given; without targets a
         training-mode RPN still uses the training-time proposal counts (for alternating training).
         """
-        logits, deltas = self.head(features)
-        anchors = self.anchor_generator(features, self.strides)  # levels x [Hi*Wi*A, 4]
-        flat = [_flatten_level(lg, dl) for lg, dl in zip(logits, deltas)]
-        level_sizes = [f[0].shape[1] for f in flat]
-        objectness = torch.cat([f[0] for f in flat], dim=1)  # [N, T]
-        box_deltas = torch.cat([f[1] for f in flat], dim=1)  # [N, T, 4]
-        all_anchors = torch.cat(anchors, dim=0)  # [T, 4]
+        out = self.head_outputs(features)
+        objectness, box_deltas, all_anchors, level_sizes = out.objectness, out.box_deltas, out.anchors, out.level_sizes
 
         proposals = self.propose(objectness.detach(), box_deltas.detach(), all_anchors, level_sizes, image_sizes)
         losses: dict[str, Tensor] = {}
@@ -187,6 +192,19 @@ class RegionProposalNetwork(nn.Module):
             num_locations = len(image_sizes) * sum(f.shape[-2] * f.shape[-1] for f in features)
             losses = self.loss(objectness, box_deltas, all_anchors, image_sizes, targets, num_locations)
         return proposals, losses
+
+    def head_outputs(self, features: Sequence[Tensor]) -> RPNOutputs:
+        """The head on every level and the anchors, flattened in the anchors' order (see :class:`RPNOutputs`)."""
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator(features, self.strides)  # levels x [Hi*Wi*A, 4]
+        flat = [_flatten_level(lg, dl) for lg, dl in zip(logits, deltas)]
+        return RPNOutputs(
+            logits=logits,
+            objectness=torch.cat([f[0] for f in flat], dim=1),  # [N, T]
+            box_deltas=torch.cat([f[1] for f in flat], dim=1),  # [N, T, 4]
+            anchors=torch.cat(anchors, dim=0),  # [T, 4]
+            level_sizes=[f[0].shape[1] for f in flat],
+        )
 
     def propose(
         self,
@@ -198,8 +216,29 @@ class RegionProposalNetwork(nn.Module):
     ) -> list[Tensor]:
         """The proposal layer: per level top-k, decode, clip, drop small, NMS per level, top-k per image."""
         s = self.settings
-        pre_top_n = s.pre_nms_top_n_train if self.training else s.pre_nms_top_n_test
         post_top_n = s.post_nms_top_n_train if self.training else s.post_nms_top_n_test
+        proposals = []
+        for boxes, scores, lv in self.candidates(objectness, box_deltas, anchors, level_sizes, image_sizes):
+            keep = batched_nms(boxes, scores, lv, s.nms_thresh, max_kept=post_top_n)
+            proposals.append(boxes[keep])
+        return proposals
+
+    def candidates(
+        self,
+        objectness: Tensor,
+        box_deltas: Tensor,
+        anchors: Tensor,
+        level_sizes: Sequence[int],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The proposal layer before its NMS: per image ``(boxes [C, 4], scores [C], levels [C])``.
+
+        Per level the top-scoring anchors (``pre_nms_top_n``), decoded, clipped, without the small
+        and (``score_thresh``) low-scoring ones; scores are objectness probabilities. ``objectness``
+        ``[N, T]``, ``box_deltas [N, T, 4]``, ``anchors [T, 4]`` as in :meth:`forward`.
+        """
+        s = self.settings
+        pre_top_n = s.pre_nms_top_n_train if self.training else s.pre_nms_top_n_test
         # per level, the indices of the top-scoring anchors (on all images at once)
         picks, levels = [], []
         start = 0
@@ -211,7 +250,7 @@ class RegionProposalNetwork(nn.Module):
             start += size
         picks_t = torch.cat(picks, dim=1)  # [N, sum k]
         level_t = torch.cat(levels)  # [sum k]
-        proposals = []
+        found = []
         for i, size in enumerate(image_sizes):
             idx = picks_t[i]
             scores = objectness[i, idx].sigmoid()
@@ -220,10 +259,8 @@ class RegionProposalNetwork(nn.Module):
             keep = remove_small_boxes(boxes, s.min_size)
             if s.score_thresh > 0:
                 keep = keep[scores[keep] >= s.score_thresh]
-            boxes, scores, lv = boxes[keep], scores[keep], level_t[keep]
-            keep = batched_nms(boxes, scores, lv, s.nms_thresh, max_kept=post_top_n)
-            proposals.append(boxes[keep])
-        return proposals
+            found.append((boxes[keep], scores[keep], level_t[keep]))
+        return found
 
     def anchor_labels(
         self, anchors: Tensor, image_size: tuple[int, int], gt_boxes: Tensor

@@ -1,0 +1,67 @@
+"""``rcnn explain``: a trained detector on one image, stage by stage, as one HTML page.
+
+    rcnn explain image.png --weights runs/frcnn --out explain_out [--gt annotations.json] [--score-thresh S]
+    rcnn explain --weights runs/frcnn --data data/shapes --split val --index 3 --out explain_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rcnn.build import load_model
+    from rcnn.explain import dataset_ground_truth, explain, load_ground_truth
+    from rcnn.io.images import load_image
+
+    if (args.image is None) == (args.data is None):
+        raise ValueError("give either an IMAGE file or --data ROOT [--split S] --index N (an image of a data set)")
+    if args.data is not None and args.gt is not None:
+        raise ValueError("--gt is for an IMAGE file; an image of --data brings its own annotation")
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    model, _, class_names = load_model(args.weights, device)
+    gt = None
+    if args.data is not None:
+        from rcnn.data.build import build_dataset
+
+        dataset = build_dataset(args.data, args.split)
+        path, gt = dataset_ground_truth(dataset, args.index, class_names)
+    else:
+        path = args.image
+        if args.gt is not None:
+            gt = load_ground_truth(args.gt, class_names, image_name=str(path))
+    image = load_image(path)
+    page = explain(model, image, class_names, args.out, gt=gt, score_thresh=args.score_thresh, title=Path(path).name)
+    print(f"{path}: {page}")
+    print(json.dumps({"page": str(page), "gt_objects": None if gt is None else len(gt.boxes)}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="show a model's stages on one image (proposals, features, pooling, scores, NMS, masks) as an HTML page",
+        description="Run a trained detector on one image stage by stage and write OUT/explain.html (self-contained: "
+        "every picture embedded, opens offline) and its pictures OUT/NN_<stage>.png. With ground truth (--gt, or an "
+        "image of --data) it also says at which stage each missed object was lost and what each false positive is.",
+    )
+    parser.add_argument("image", nargs="?", help="image file (or use --data/--split/--index)")
+    parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--gt", help="ground truth of IMAGE: a COCO json (the image picked by its file name), a VOC xml, or a JSON "
+        '{"boxes": [[x1, y1, x2, y2], ...], "labels": [class name or label, ...]}',
+    )  # fmt: skip
+    parser.add_argument("--data", help="a data set (COCO or VOC root, or COCO json) to take the image and its annotation from")
+    parser.add_argument("--split", default="val", help="split of --data (default val)")
+    parser.add_argument("--index", type=int, default=0, help="image index in --data's split (default 0)")
+    parser.add_argument(
+        "--score-thresh", type=float,
+        help="detections scoring at least this count as found (default 0.5; 0 for R-CNN, whose scores are SVM values)",
+    )  # fmt: skip
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.set_defaults(func=run)

@@ -1,0 +1,65 @@
+"""``rcnn serve``: detections and explanations over HTTP, with a web page.
+
+    rcnn serve --weights runs/frcnn                      # http://127.0.0.1:8000/
+    rcnn serve --weights rcnn=runs/a fast=runs/b faster=runs/c mask=runs/d --port 8080
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def served_models(specs: list[str], device: str) -> list:
+    """``RUN`` or ``ID=RUN`` -> loaded models; ids default to the model's name, made unique."""
+    from rcnn.serve import ServedModel
+
+    models, taken = [], set()
+    for spec in specs:
+        given, _, run = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        served = ServedModel.load(run, given or None, device)
+        if not given:
+            base, n = served.id, 2
+            while served.id in taken:
+                served.id, n = f"{base}_{n}", n + 1
+        if served.id in taken:
+            raise ValueError(f"--weights: the id {served.id!r} is given twice")
+        taken.add(served.id)
+        models.append(served)
+    return models
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from rcnn.serve import ServeSettings, create_app
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.workers, queue_size=args.queue,
+        request_timeout_s=args.timeout,
+    )  # fmt: skip
+    app = create_app(served_models(args.weights, device), settings)
+    print(f"rcnn serve: http://{args.host}:{args.port}/ ({', '.join(app.state.models)})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve detections and explanations over HTTP, with a web page",
+        description="Serve one or several trained detectors: POST /predict (an image -> JSON detections, masks as COCO "
+        "RLE, the time split), POST /explain (the stage-by-stage page), GET /model, GET /health, and a web page at / "
+        "that shows the same upload through each model side by side. Binds to localhost unless --host says otherwise.",
+    )
+    parser.add_argument("--weights", nargs="+", required=True, metavar="[ID=]RUN", help="run folders (or checkpoints) to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request accepted (default 20 MB)")
+    parser.add_argument("--workers", type=int, default=1, help="inferences running at once (default 1)")
+    parser.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request before a 504 (default 60)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.set_defaults(func=run)
