@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "explain",
     "serve",
     "convert",
+    "export",
     "data",
     "proposals",
     "pretrain",

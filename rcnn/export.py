@@ -82,7 +82,10 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The rcnn metadata of an exported file: class names, generation, input format, outputs."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and the like: name the file
+        raise ValueError(f"{path}: not an ONNX file ({type(exc).__name__}: {exc})") from None
     props = {p.key: p.value for p in model.metadata_props}
     if "rcnn.class_names" not in props:
         raise ValueError(f"{path}: not an ONNX file exported by rcnn (no rcnn metadata)")
@@ -171,6 +174,7 @@ class OnnxDetector:
     """
 
     display_score_thresh = 0.5
+    training = False
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -215,4 +219,9 @@ class OnnxDetector:
         return results
 
     def eval(self) -> OnnxDetector:  # the model API's no-ops, for code written for nn.Module
+        return self
+
+    def train(self, mode: bool = True) -> OnnxDetector:
+        if mode:
+            raise ValueError(f"{self.path}: an exported model runs inference only")
         return self

@@ -38,8 +38,9 @@ ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in orig
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters."""
-    return next(model.parameters()).device
+    """The device of the model's parameters (the CPU for a model run outside PyTorch, e.g. ONNX Runtime)."""
+    parameters = getattr(model, "parameters", None)
+    return next(parameters()).device if parameters is not None else torch.device("cpu")
 
 
 def _run(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> list[dict[str, Tensor]]:
