@@ -57,6 +57,14 @@ def _roi_pool_onnx(input, boxes, spatial_scale: float, pooled_height: int, poole
     return out, op.Cast(out, to=7)  # the op's second output (argmax) is unused at inference
 
 
+def _nms_first_onnx(boxes, scores, iou_threshold: float, max_kept: int):
+    """``rcnn::nms_first`` as ONNX's NonMaxSuppression bounded at ``max_kept`` (one batch, one class)."""
+    from onnxscript import opset18 as op
+
+    selected = op.NonMaxSuppression(op.Unsqueeze(boxes, [0]), op.Unsqueeze(scores, [0, 1]), max_kept, iou_threshold)
+    return op.Reshape(op.Slice(selected, axes=[1], starts=[2], ends=[3]), [-1])  # [M, 3] -> box indices [M]
+
+
 class _Graph(nn.Module):
     """The model between one image (and its proposals) and its detections, as exported."""
 
@@ -148,7 +156,8 @@ def export_onnx(
         warnings.simplefilter("ignore")  # the exporter's notes on deprecations inside torch and torchvision
         program = torch.onnx.export(
             graph, args, dynamo=True, dynamic_shapes=dynamic, input_names=names, output_names=outputs,
-            opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx},
+            opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx,
+                                      torch.ops.rcnn.nms_first.default: _nms_first_onnx},
             verbose=False,
         )  # fmt: skip
     program.model.metadata_props.update(
