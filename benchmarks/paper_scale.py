@@ -217,6 +217,7 @@ def time_test(
               f"{counts[0]} and {counts[1]} regions), Fast {row['fast_rcnn_cpu_s']:.2f}, SVD {row['fast_rcnn_svd_cpu_s']:.2f}, "
               f"Faster {row['faster_rcnn_cpu_s']:.2f} (RPN {row['rpn_cpu_s']:.3f}), selective search "
               f"{row['selective_search_cpu_s']:.2f}", flush=True)  # fmt: skip
+    flops = count_flops(models, images[0], counts[0], device)
     med = {key: statistics.median(r[key] for r in per_image) for key, v in per_image[0].items() if isinstance(v, float)}
     n1, n2 = counts
     t1, t2 = (statistics.median(r["rcnn_subsets_cpu_s"][j] for r in per_image) for j in (0, 1))
@@ -226,7 +227,36 @@ def time_test(
         "rcnn_subsets": {"regions": list(counts), "cpu_s": [t1, t2], "ratio": t2 / t1, "regions_ratio": n2 / n1,
                          "cpu_ms_per_region": 1000 * (t2 - t1) / (n2 - n1)},
         "svd": models["fast_rcnn_svd"].svd_reports,
+        "gflops": flops,
     }  # fmt: skip
+
+
+def count_flops(models: dict[str, nn.Module], item: dict[str, Any], subset: int, device: torch.device) -> dict[str, float]:
+    """Arithmetic per image (GFLOPs, a multiply-add counted as 2; ``torch.utils.flop_counter``) of
+    each network on ``item``: R-CNN's counted on ``subset`` regions and scaled to all (exactly
+    linear: the same pass per region), the RPN's alone beside Faster R-CNN's in all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image, boxes = item["image"].to(device), item["proposals"].to(device)
+    runs = {"rcnn": (models["rcnn"], {"proposals": [boxes[:subset]]}),
+            "fast_rcnn": (models["fast_rcnn"], {"proposals": [boxes]}),
+            "fast_rcnn_svd": (models["fast_rcnn_svd"], {"proposals": [boxes]}),
+            "faster_rcnn": (models["faster_rcnn"], {})}  # fmt: skip
+    out = {}
+    for name, (model, kwargs) in runs.items():
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            model([image], **kwargs)
+        out[name] = counter.get_total_flops() / 1e9
+        for key, ops in counter.get_flop_counts().items():
+            if key.count(".") == 1 and key.endswith((".backbone", ".roi_heads")):  # the conv layers, the per-RoI head
+                out[f"{name}_{key.split('.')[1]}"] = sum(ops.values()) / 1e9
+        if name == "faster_rcnn":
+            per_module = counter.get_flop_counts()
+            out["rpn"] = sum(sum(v.values()) for key, v in per_module.items() if key.split(".")[-1] == "rpn") / 1e9
+    for key in [k for k in out if k.startswith("rcnn")]:
+        out[key] *= boxes.shape[0] / subset
+    return out
 
 
 # -- training time ------------------------------------------------------------------------------
@@ -385,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-side", default="400,1000", help="use images whose longer side lies in A..B px (VOC size)")
     parser.add_argument("--images", type=int, help="images timed at test (default 2 quick, 5 full)")
     parser.add_argument("--rounds", type=int, help="timing rounds per image (default 2 quick, 3 full)")
+    parser.add_argument("--max-proposals", type=int, default=2000, help="selective search boxes kept per image (2000)")
     parser.add_argument("--min-size", type=int, default=600, help="Fast/Faster R-CNN's shorter side (600)")
     parser.add_argument("--max-size", type=int, default=1000, help="... and longest side (1000)")
     parser.add_argument("--svd-ranks", default="1024,256", help="truncated SVD ranks of fc6, fc7 (1024,256)")
@@ -418,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                                        {"alexnet": None, "vgg16": 16 if args.quick else 32}, False)  # fmt: skip
 
     images = load_images(args.data, args.split, max(args.images, args.cache_images), args.long_side)
-    search = SelectiveSearch(mode="fast", max_proposals=2000, base_k=50, inc_k=50, max_side=500)
+    search = SelectiveSearch(mode="fast", max_proposals=args.max_proposals, base_k=50, inc_k=50, max_side=500)
     for item in images:
         item["proposals"] = search(pixels(item["image"]))
     print(f"{len(images)} images; selective search gave {[int(i['proposals'].shape[0]) for i in images]} proposals", flush=True)
@@ -539,7 +570,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(longer side {s['long_side'][0]} to {s['long_side'][1]} px, VOC's size: {', '.join(i['name'] + ' ' + 'x'.join(map(str, i['size'][::-1])) for i in result['images'][:n_test])}), "
         f"rescaled to a shorter side of {s['min_size']} (longer at most {s['max_size']}) for Fast and Faster R-CNN, "
         f"R-CNN's regions warped to 227x227 with 16 px of context; selective search in fast mode gave "
-        f"{min(props)} to {max(props)} proposals per image (capped at 2000, as the papers' ~2000). Random weights, "
+        f"{min(props)} to {max(props)} proposals per image (capped at {s['selective_search']['max_proposals']}; the papers: ~2000). Random weights, "
         "21 classes, fc6/fc7 of 4096. Test times are medians over the images of the best of "
         f"{s['rounds']} interleaved rounds, in CPU seconds (wall seconds in the JSON); the networks' times "
         "exclude the proposals, as the papers' do.",
@@ -569,9 +600,17 @@ def markdown(result: dict[str, Any]) -> str:
             ["Fast R-CNN + selective search", _ms(m["fast_rcnn_cpu_s"] + m["selective_search_cpu_s"]), "",
              f"{1000 * (paper['fast_rcnn_s'] + paper['selective_search_s']):,.0f}" if "selective_search_s" in paper else "-", ""],
         ]  # fmt: skip
+        gf = test.get("gflops")
+        if gf:
+            flops = {"R-CNN (network)": gf["rcnn"], "Fast R-CNN (network)": gf["fast_rcnn"],
+                     f"Fast R-CNN, truncated SVD {s['svd_ranks'][0]}/{s['svd_ranks'][1]}": gf["fast_rcnn_svd"],
+                     "Faster R-CNN (RPN included)": gf["faster_rcnn"], "RPN (proposals)": gf["rpn"]}  # fmt: skip
+            for row in rows:
+                row.insert(2, f"{flops[row[0]]:,.0f}" if row[0] in flops else "")
+        headers = ["", "ours, ms", *(["GFLOPs"] if gf else []), "ours, speed-up", "paper, ms", "paper, speed-up"]
         parts += [f"**{backbone}, test time** (ms per image; ours on {result.get('machine', {}).get('cores', '?')} CPU cores, the papers' on a K40 GPU, "
                   "selective search on a CPU):", "",
-                  table(["", "ours, ms", "ours, speed-up", "paper, ms", "paper, speed-up"], rows), ""]  # fmt: skip
+                  table(headers, rows), ""]  # fmt: skip
         parts.append(
             f"R-CNN timed on {sub['regions'][0]} and {sub['regions'][1]} regions of each image and extrapolated linearly "
             f"to its {min(r['regions'] for r in test['per_image'])}-{max(r['regions'] for r in test['per_image'])} regions: "
@@ -582,6 +621,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"selective search (paper 1.51 s / 10 ms = 151x); whole pipelines, Faster R-CNN over Fast R-CNN with selective "
             f"search: {sp['faster_over_fast_pipeline']:.1f}x (paper 1.83 s / 0.198 s = 9.2x)."
         )  # fmt: skip
+        if gf:
+            parts[-1] += (
+                f" In arithmetic (GFLOPs of one image, `torch.utils.flop_counter`), R-CNN does {gf['rcnn'] / gf['fast_rcnn']:.0f}x "
+                f"Fast R-CNN's work; Fast R-CNN's {gf['fast_rcnn']:,.0f} GFLOPs are {gf['fast_rcnn_backbone']:,.0f} in the conv "
+                f"layers over the whole image and {gf['fast_rcnn_roi_heads']:,.0f} in fc6/fc7 over the "
+                f"{test['per_image'][0]['regions']} RoIs ({gf['fast_rcnn_svd_roi_heads']:,.0f} after truncated SVD)."
+            )  # fmt: skip
         parts.append("")
     for backbone, train in result["training"].items():
         p = train["per_image"]["cpu_s"]
