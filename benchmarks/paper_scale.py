@@ -149,7 +149,7 @@ def pixels(image: Tensor) -> np.ndarray:
 
 
 # -- models -------------------------------------------------------------------------------------
-def test_models(backbone: str, min_size: int, max_size: int, svd_ranks: tuple[int, int]) -> dict[str, nn.Module]:
+def paper_models(backbone: str, min_size: int, max_size: int, svd_ranks: tuple[int, int]) -> dict[str, nn.Module]:
     """R-CNN, Fast R-CNN (with and without truncated SVD) and Faster R-CNN at the papers' settings."""
     torch.manual_seed(0)
     scale = {"min_size": min_size, "max_size": max_size}
@@ -175,7 +175,7 @@ def time_test(
     backbone: str, images: list[dict[str, Any]], search: SelectiveSearch, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
     """Test time per image of every generation (see the module doc), median over ``images``."""
-    models = {name: model.to(device) for name, model in test_models(backbone, args.min_size, args.max_size, args.svd_ranks).items()}
+    models = {name: model.to(device) for name, model in paper_models(backbone, args.min_size, args.max_size, args.svd_ranks).items()}
     clock = ModuleClock(models["faster_rcnn"].rpn, device)
     # the RPN's 3x3 conv and sibling 1x1 convs, apart from its proposal selection (top-k, decoding, NMS)
     head_clock = ModuleClock(models["faster_rcnn"].rpn.head, device, "rpn_head")
@@ -664,7 +664,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"({sv['classes']} class, {sv['negatives']} hard negatives) and scaled to VOC's 20 classes (one SVM each)"
                      + (f", measured with {train['svms_from']} features (fc7 is 4096-d in both)" if "svms_from" in train else "")
                      if sv else "")
-                  + ".", ""]  # fmt: skip
+                  + "." + _extrapolation_check(result, backbone, f), ""]  # fmt: skip
     parts += _differences(result)
     parts += ["", "![test time per image at the papers' scale](img/paper_scale_lineage.png)"]
     if result["settings"]["device"] == "cpu":
@@ -673,6 +673,17 @@ def markdown(result: dict[str, Any]) -> str:
     took = f"{result['run_s'] / 60:.0f} minutes" if result["run_s"] >= 120 else f"{result['run_s']:.0f} s"
     parts += ["", f"This run took {took} ({'--quick' if s['quick'] else 'the full setting'})."]
     return "\n".join(parts)
+
+
+def _extrapolation_check(result: dict[str, Any], backbone: str, features: dict[str, Any]) -> str:
+    """R-CNN's test time extrapolated from two region subsets, against the full pass of feature caching."""
+    test = result["test"].get(backbone)
+    if features["scaled"] or test is None:
+        return ""
+    return (f" Caching every region is one full R-CNN pass per image: {features['cpu_s_per_image']:.1f} CPU s for "
+            f"{features['regions_full'] / features['images']:.0f} regions (and the ground-truth boxes), against the "
+            f"{test['median']['rcnn_cpu_s']:.1f} s extrapolated at test time from {test['rcnn_subsets']['regions'][0]} "
+            f"and {test['rcnn_subsets']['regions'][1]} regions.")
 
 
 def _differences(result: dict[str, Any]) -> list[str]:
@@ -711,7 +722,7 @@ def _differences(result: dict[str, Any]) -> list[str]:
         if "rpn_head_cpu_s" in m and gf:
             note += (
                 f" Profiled: the RPN's 3x3 and 1x1 convolutions take {100 * m['rpn_head_cpu_s'] / m['rpn_cpu_s']:.0f}% of its "
-                f"{_ms(m['rpn_cpu_s'])} CPU ms ({gf['rpn']:.0f} GFLOPs on the {s_feature(backbone)} feature map), the "
+                f"{_ms(m['rpn_cpu_s'])} CPU ms ({gf['rpn']:.0f} GFLOPs on the {_rpn_input(backbone)} feature map), the "
                 "proposal selection (top 6000, decoding, NMS to 300) the rest: the RPN is arithmetic, which a GPU does "
                 "in a few ms and two CPU cores in a tenth of a second or more, while selective search is a CPU "
                 "algorithm on both machines, so the ratio shrinks by about the GPU's advantage in arithmetic."
@@ -733,7 +744,7 @@ def _differences(result: dict[str, Any]) -> list[str]:
     return ["Where ours differ from the papers, and why:", ""] + [f"- {n}" for n in notes]
 
 
-def s_feature(backbone: str) -> str:
+def _rpn_input(backbone: str) -> str:
     """How the RPN's input is described: the stride-16 conv5 map of a 600-pixel image."""
     return {"vgg16": "conv5_3", "alexnet": "conv5"}.get(backbone, "last") + " (stride 16, about 38 x 50)"
 
