@@ -117,8 +117,8 @@ def _disagreements(result: dict) -> list[str]:
         )
         paper = (read_result("paper_scale") or {}).get("speedups", {}).get("vgg16", {}).get("cpu")
         if paper:
-            notes[-1] += (" At the papers' scale (next section: VOC-size photographs, ~2000 proposals, VGG16) Fast R-CNN's "
-                          "network is {:.0f}x faster than R-CNN's here too.").format(paper["fast_over_rcnn"])
+            notes[-1] += (" At the papers' scale (next section: VOC-size photographs, ~2000 proposals, VGG16) the same "
+                          "comparison of the networks gives {:.0f}x.").format(paper["fast_over_rcnn"])
     if "selective_search_over_rpn" in speedups:
         notes.append(
             "Selective search costs {:.0f} ms per image here, not ~1.5 s, because the images are 128x128, not "

@@ -516,6 +516,10 @@ def _per_backbone(text: str | None, what: str, backbones: list[str], default: di
 
 
 # -- the report ---------------------------------------------------------------------------------
+def _span(lo: int, hi: int) -> str:
+    return f"{lo}" if lo == hi else f"{lo} to {hi}"
+
+
 def _ms(seconds: float) -> str:
     ms = 1000 * seconds
     return f"{ms:,.0f}" if ms >= 10 else f"{ms:.1f}"
@@ -577,7 +581,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(longer side {s['long_side'][0]} to {s['long_side'][1]} px, VOC's size: {', '.join(i['name'] + ' ' + 'x'.join(map(str, i['size'][::-1])) for i in result['images'][:n_test])}), "
         f"rescaled to a shorter side of {s['min_size']} (longer at most {s['max_size']}) for Fast and Faster R-CNN, "
         f"R-CNN's regions warped to 227x227 with 16 px of context; selective search in fast mode gave "
-        f"{min(props)} to {max(props)} proposals per image (capped at {s['selective_search']['max_proposals']}; the papers: ~2000). Random weights, "
+        f"{_span(min(props), max(props))} proposals per image (capped at {s['selective_search']['max_proposals']}; the papers: ~2000). Random weights, "
         "21 classes, fc6/fc7 of 4096. Test times are medians over the images of the best of "
         f"{s['rounds']} interleaved rounds, in CPU seconds (wall seconds in the JSON); the networks' times "
         "exclude the proposals, as the papers' do.",
@@ -620,7 +624,7 @@ def markdown(result: dict[str, Any]) -> str:
                   table(headers, rows), ""]  # fmt: skip
         parts.append(
             f"R-CNN timed on {sub['regions'][0]} and {sub['regions'][1]} regions of each image and extrapolated linearly "
-            f"to its {min(r['regions'] for r in test['per_image'])}-{max(r['regions'] for r in test['per_image'])} regions: "
+            f"to its {_span(min(r['regions'] for r in test['per_image']), max(r['regions'] for r in test['per_image']))} regions: "
             f"{sub['regions_ratio']:.0f}x the regions took {sub['ratio']:.2f}x the time ({sub['cpu_ms_per_region']:.0f} CPU ms "
             f"per region). Speed-ups of Fast R-CNN over R-CNN: {sp['fast_over_rcnn']:.0f}x (paper {ratio(p_fast)}), "
             f"{sp['fast_svd_over_rcnn']:.0f}x with truncated SVD (paper {ratio(p_svd)}); SVD cuts Fast R-CNN's time by "

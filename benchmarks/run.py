@@ -2,7 +2,7 @@
 
     python -m benchmarks.run                 # quick settings: Faster R-CNN vs torchvision, the lineage (~30 min)
     python -m benchmarks.run --full          # full settings of the same, and the lineage at the papers' scale
-                                             # (about 2 hours on 2 CPU cores)
+                                             # (about 2.5 hours on 2 CPU cores)
     python -m benchmarks.run --all [--full]  # also Mask R-CNN vs torchvision and the R-CNN ablations
     python -m benchmarks.run --report-only   # only rebuild docs/benchmarks.md from benchmarks/results/*.json
 """
@@ -46,7 +46,11 @@ the Faster R-CNN comparison (`python -m benchmarks.faster_rcnn`), not timed end 
 600 s trainings take 30 minutes, its timings and memory probes come on top. `--all` adds the Mask
 R-CNN comparison (about 95 minutes at 600 s: timings, four 600 s trainings, the two with and
 without masks repeated from two more seeds, two trainings of 1500 steps) and the R-CNN ablations
-(about 40).
+(about 40). `--full` also runs the lineage at the papers' scale (`python -m benchmarks.paper_scale`:
+5 images, 3 rounds); its `--quick` setting (2 images, 2 rounds) took 16 minutes (943 s) on 2 shared
+cores; the full setting was stopped after 31 minutes on a machine shared with other work (load
+average 4), with the AlexNet half done in 19 minutes and one of VGG16's five test images in 10:
+about 70 minutes in all on such a machine, projected from those parts.
 """
 
 
