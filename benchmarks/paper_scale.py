@@ -723,18 +723,22 @@ def _differences(result: dict[str, Any]) -> list[str]:
             f"{sp['selective_search_over_rpn']:.0f}x here in CPU seconds, {wall['selective_search_over_rpn']:.0f}x in "
             "wall seconds (selective search runs on one core, the RPN on all of them)."
         )
-        if "rpn_head_cpu_s" in m and gf:
+        if gf:
+            share = (f"take {100 * m['rpn_head_cpu_s'] / m['rpn_cpu_s']:.0f}% of its {_ms(m['rpn_cpu_s'])} CPU ms, the "
+                     "proposal selection (top 6000, decoding, NMS to 300) the rest"
+                     if "rpn_head_cpu_s" in m else f"are its work ({_ms(m['rpn_cpu_s'])} CPU ms)")  # fmt: skip
             note += (
-                f" Profiled: the RPN's 3x3 and 1x1 convolutions take {100 * m['rpn_head_cpu_s'] / m['rpn_cpu_s']:.0f}% of its "
-                f"{_ms(m['rpn_cpu_s'])} CPU ms ({gf['rpn']:.0f} GFLOPs on the {_rpn_input(backbone)} feature map), the "
-                "proposal selection (top 6000, decoding, NMS to 300) the rest: the RPN is arithmetic, which a GPU does "
-                "in a few ms and two CPU cores in a tenth of a second or more, while selective search is a CPU "
-                "algorithm on both machines, so the ratio shrinks by about the GPU's advantage in arithmetic."
+                f" {'Profiled' if 'rpn_head_cpu_s' in m else 'Counted'}: the RPN's 3x3 and 1x1 convolutions, {gf['rpn']:.0f} GFLOPs on the {_rpn_input(backbone)} "
+                f"feature map, {share}: the RPN is arithmetic, which a GPU does in a few ms and two CPU cores in a "
+                "tenth of a second or more, while selective search is a CPU algorithm on both machines, so the ratio "
+                "shrinks by about the GPU's advantage in arithmetic."
             )  # fmt: skip
         notes.append(note)
     notes.append(
-        "Our absolute times are CPU times on a shared 2-core machine (other processes ran beside it: 1-minute load "
-        f"average {', '.join(f'{v:.1f}' for v in result.get('load_average', []))} before and after), not a K40 GPU: "
+        "Our absolute times are CPU times on a 2-core machine shared with other work"
+        + (f" (1-minute load average {result['load_average'][0]:.1f} before the run, {result['load_average'][1]:.1f} after)"
+           if result.get("load_average") else "")
+        + ", not a K40 GPU: "
         "the networks are tens to hundreds of times slower than the papers', selective search (a CPU algorithm in "
         "both) about as fast."
     )
