@@ -94,7 +94,7 @@ def pretrain_backbone(train_set: Any, val_set: Any, budget_s: float | None, out:
     )  # fmt: skip
     summary = pretrain("mobilenet_v3_fpn", crops, len(crops.class_names), cfg, out, val_set=val_crops, progress=False, log=lambda s: None)
     return {"iterations": summary["iterations"], "train_s": summary["train_seconds"], "crops": len(crops),
-            "val_accuracy": summary["metrics"].get("accuracy"), "weights": summary["weights"]}  # fmt: skip
+            "val_accuracy": summary["metrics"].get("top1"), "weights": summary["weights"]}  # fmt: skip
 
 
 def train_and_evaluate(model: nn.Module, data: Any, budget_s: float | None, run_dir: Path, iterations: int | None = None) -> dict[str, Any]:
@@ -194,10 +194,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]  # fmt: skip
     if "pretrain" in acc:
         p = acc["pretrain"]
+        top1 = "accuracy not recorded" if p.get("val_accuracy") is None else f"{p['val_accuracy']:.3f} accuracy"
         parts += ["", f"The pre-trained backbone: `rcnn pretrain`'s code (`CropDataset(..., background=True)`, "
                   f"`pretrain`) trained MobileNetV3-Large for {p['train_s']:.0f} s ({p['iterations']} steps of 32) "
                   f"on {p['crops']} 128-px crops of the training photographs (raccoons and as many background "
-                  f"regions), {p['val_accuracy']:.3f} accuracy on the val photographs' crops; its time is not "
+                  f"regions), {top1} on the val photographs' crops; its time is not "
                   "counted in the detector's budget. From the command line:", "",
                   "```sh", "rcnn pretrain --backbone mobilenet_v3_fpn --data splits/raccoon --background --size 128 "
                   "--batch-size 32 --out runs/raccoon_backbone", "```"]  # fmt: skip
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--picture", default="docs/img/raccoon_predictions.png",
                         help="where to draw predictions on val photographs ('' for none)")  # fmt: skip
+    parser.add_argument("--first", type=int, help="only the first N photographs of each split (a smoke run)")
     parser.add_argument("--notes", default="", help="a line of context for the report (e.g. the machine's load)")
     args = parser.parse_args(argv)
     data = Path(args.data)
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrain_budget = args.pretrain_budget or (60.0 if args.quick else 300.0)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rcnn_bench_raccoon_") as work:
-        accuracy, models, val = run(data, Path(work), budget, pretrain_budget)
+        split = (TRAIN_IMAGES[: args.first], VAL_IMAGES[: args.first]) if args.first else (TRAIN_IMAGES, VAL_IMAGES)
+        accuracy, models, val = run(data, Path(work), budget, pretrain_budget, split=split)
     result: dict[str, Any] = {"accuracy": accuracy}
     if args.picture:
         picture(models, val, ROOT / args.picture)
