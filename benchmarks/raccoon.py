@@ -192,6 +192,12 @@ def markdown(result: dict[str, Any]) -> str:
         "budget, horizontal flips; COCO AP on val by the library's evaluator (pycocotools):", "",
         table(["detector", "steps", "train s", "AP", "AP@0.5", "ms/image"], rows),
     ]  # fmt: skip
+    parts += ["", "The split is two split files and an `rcnn_dataset.json` naming the photographs in place "
+              "(what the benchmark writes into a temporary folder; `rcnn data split` would draw a random one):", "",
+              "```sh", "mkdir -p splits/raccoon", "seq 1 160 | sed 's/^/raccoon-/' > splits/raccoon/train.txt",
+              "seq 161 200 | sed 's/^/raccoon-/' > splits/raccoon/val.txt",
+              """printf '{"format": "labelimg", "root": "%s"}\\n' "$(realpath ../shared/data/raccoon)" """
+              "> splits/raccoon/rcnn_dataset.json", "```"]  # fmt: skip
     if "pretrain" in acc:
         p = acc["pretrain"]
         top1 = "accuracy not recorded" if p.get("val_accuracy") is None else f"{p['val_accuracy']:.3f} accuracy"
@@ -206,10 +212,10 @@ def markdown(result: dict[str, Any]) -> str:
               "torchvision checkpoint was on the measuring machine (`~/.cache/torch/hub` absent, nothing "
               "downloaded). Run it yourself: convert the checkpoint, then fine-tune it on the same split with the "
               "same settings ([convert.md](convert.md)):", "", "```sh", CONVERT_COMMAND,
-              "rcnn train --config faster_rcnn_tiny_shapes --init-from runs/coco_mobilenet --out runs/raccoon_coco "
-              "--set data.root=splits/raccoon --set data.shapes=null --set model.backbone=mobilenet_v3_fpn "
-              "--set model.anchor_sizes=null --set model.min_size=320 --set model.max_size=640 "
-              "--set train.batch_size=4 --set train.lr=0.02 --set train.schedule=cosine", "```"]  # fmt: skip
+              "rcnn train --config runs/coco_mobilenet/last/config.yaml --init-from runs/coco_mobilenet "
+              "--out runs/raccoon_coco --set data.root=splits/raccoon --set model.min_size=320 "
+              "--set model.max_size=640 --set train.batch_size=4 --set train.lr=0.02 --set train.schedule=cosine "
+              "--set train.time_budget_s=600", "```"]  # fmt: skip
     if result.get("picture"):
         parts += ["", f"![predictions of the three detectors on val photographs]({result['picture']})"]
     if result.get("notes"):
