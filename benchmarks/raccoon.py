@@ -218,6 +218,9 @@ def markdown(result: dict[str, Any]) -> str:
               "--set train.time_budget_s=600", "```"]  # fmt: skip
     if result.get("picture"):
         parts += ["", f"![predictions of the three detectors on val photographs]({result['picture']})"]
+    if result.get("wall_s"):
+        parts += ["", f"The whole run (data, pre-training, three trainings, evaluations, picture) took "
+                  f"{result['wall_s'] / 60:.0f} minutes of wall clock."]  # fmt: skip
     if result.get("notes"):
         parts += ["", result["notes"]]
     return "\n".join(parts)
