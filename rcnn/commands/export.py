@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--format {args.format}: only onnx is supported")
     loaded = load_model(args.weights, for_inference=False)  # unfolded BatchNorm: ONNX Runtime fuses it itself
     path = export_onnx(loaded.model, args.out, loaded.class_names, input_format=args.input,
-                       example_size=tuple(args.example_size))  # fmt: skip
+                       example_size=tuple(args.example_size), categories=loaded.categories, config=loaded.config)  # fmt: skip
     print(json.dumps({"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
                       "classes": len(loaded.class_names) - 1}))  # fmt: skip
     return 0

@@ -9,17 +9,19 @@ import argparse
 import json
 from pathlib import Path
 
+from rcnn.commands.common import add_backend_arguments
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rcnn.build import load_model
+    from rcnn.commands.common import detector_from_args
     from rcnn.inference import predict_images
     from rcnn.io.files import write_json
     from rcnn.viz import draw_detections
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, config, class_names = load_model(args.weights, device)
+    model, config, class_names = detector_from_args(args, device)
     proposals = None
     if model.needs_proposals:
         from rcnn.components.proposals.selective_search import selective_search_file
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "coordinates (x1, y1, x2, y2).",
     )
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
+    add_backend_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--score-thresh", type=float,
