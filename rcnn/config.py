@@ -263,7 +263,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _controls_fit_the_model(self) -> Config:
         name = self.model.name
-        self.train.check_controls("rcnn" if name == "rcnn" else "alternating" if self.train.scheme == "alternating" else "loop")
+        staged = MODELS[name].trains_in_stages
+        self.train.check_controls("rcnn" if staged else "alternating" if self.train.scheme == "alternating" else "loop")
         if self.train.keep_best and self.train.keep_best.startswith("segm_") and not MODELS[name].predicts_masks:
             raise ValueError(f"train.keep_best: {self.train.keep_best} is a mask metric but {name} predicts no masks")
         return self

@@ -419,7 +419,7 @@ class RunProgress:
             self.bar = tqdm(total=total, initial=start, unit="it", **common)
         else:
             self.bar = tqdm(total=100.0, initial=self.fraction(start, 0.0) * 100, bar_format=(
-                "{desc}: {percentage:3.0f}%|{bar}| {postfix}"), **common)  # fmt: skip
+                "{desc}: {percentage:3.0f}%|{bar}| [{elapsed} wall{postfix}]"), **common)  # fmt: skip
 
     def fraction(self, iteration: int, elapsed: float) -> float:
         """Fraction of the run done: iterations or budget, whichever is further."""
