@@ -19,3 +19,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def load_detector(weights: str, device: str | None = None):  # noqa: ANN201 - rcnn.build.LoadedModel
+    """The trained model that ``predict`` and ``evaluate`` run, with its class names and config:
+    the one place where a command turns ``--weights`` into a model object (called like the eager
+    model: ``model(images) -> [{"boxes", "labels", "scores"}]``)."""
+    from rcnn.build import load_model
+
+    return load_model(weights, device or "cpu")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcnn.commands.common import add_config_arguments
+from rcnn.commands.common import add_config_arguments, load_detector
 
 
 def run(args: argparse.Namespace) -> int:
-    from rcnn.build import load_model
     from rcnn.config import load_config
     from rcnn.data.build import build_dataset
     from rcnn.inference import evaluate_model
@@ -20,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.io.files import write_json
     from rcnn.training.datasets import proposal_source
 
-    model, config, class_names = load_model(args.weights)
+    model, config, class_names = load_detector(args.weights)
     if args.config is not None or args.overrides:  # data settings from another config / --set
         config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
     data_root = args.data or config.data.root
