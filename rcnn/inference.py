@@ -113,6 +113,7 @@ def evaluate_model(
     limit: int | None = None,
     progress: bool = False,
     class_names: Sequence[str] | None = None,
+    keep_outputs: bool = False,
 ) -> dict[str, Any]:
     """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
 
@@ -122,7 +123,8 @@ def evaluate_model(
     taken to be the data set's.
 
     Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
-    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data).
+    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
+    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
     """
     mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
     outputs, seconds = predict_dataset(model, dataset, proposals=proposals, limit=limit, progress=progress)
@@ -138,6 +140,8 @@ def evaluate_model(
     result["images"] = len(image_ids)
     if mapping is not None and mapping.dropped:
         result["classes_dropped"] = list(mapping.dropped)
+    if keep_outputs:
+        result["outputs"] = outputs
     return result
 
 
