@@ -78,10 +78,11 @@ def _suppress_ios(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: floa
 
 
 def merge_detections(
-    boxes: Tensor, scores: Tensor, labels: Tensor, *, merge: str = "nms", threshold: float = 0.5, max_detections: int = 100
+    boxes: Tensor, scores: Tensor, labels: Tensor, *, merge: str = "nms", threshold: float = 0.5,
+    max_detections: int | None = None,
 ) -> Tensor:
     """Indices ``[K]`` (by decreasing score, at most ``max_detections``) of the detections kept when
-    ``boxes [D, 4]`` gathered from several tiles are merged (module docstring)."""
+    ``boxes [D, 4]`` gathered from several tiles are merged (module docstring); all without a cap."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
     if merge == "nms":
@@ -109,13 +110,15 @@ def predict_tiled(
     merge: str = "nms",
     merge_threshold: float = 0.5,
     batch_size: int = 4,
-    max_detections: int = 100,
+    max_detections: int | None = None,
 ) -> dict[str, Tensor]:
     """Detections of ``model`` on ``image [3, H, W]`` (uint8 0..255 or float 0..1; kept as it is,
     each tile converted to float on its own) from overlapping ``tile``-pixel tiles.
 
     ``whole``: the same image, downscaled (e.g. decoded reduced), run once more as a whole; its
     boxes are scaled to ``H x W`` and join the merge. Tiles are run ``batch_size`` at a time.
+    ``max_detections`` caps the merged detections (default: no cap beyond each tile's own, as a
+    large image may hold far more objects than one model input).
     Returns ``boxes [D, 4]`` in ``image``'s pixels, ``labels``, ``scores`` and, for a model that
     predicts masks, ``masks [D, 1, H, W]`` uint8 (binary).
     """
@@ -123,6 +126,7 @@ def predict_tiled(
     device = image.device
     windows = tile_windows(height, width, tile, overlap)
     boxes, scores, labels, masks, places = [], [], [], [], []
+    has_masks = False
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
         outputs = _run(model, [image[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
@@ -132,6 +136,7 @@ def predict_tiled(
             scores.append(out["scores"])
             labels.append(out["labels"])
             if "masks" in out:
+                has_masks = True
                 masks += list(out["masks"])
                 places += [(y0, x0)] * len(out["scores"])
     if whole is not None:
@@ -150,7 +155,7 @@ def predict_tiled(
         all_boxes, all_scores, all_labels, merge=merge, threshold=merge_threshold, max_detections=max_detections
     )
     result = {"boxes": all_boxes[keep], "labels": all_labels[keep], "scores": all_scores[keep]}
-    if masks:
+    if has_masks:
         pasted = torch.zeros((len(keep), 1, height, width), dtype=torch.uint8, device=device)
         for row, index in enumerate(keep.tolist()):
             mask, place = masks[index], places[index]  # [1, h, w] probabilities
