@@ -48,9 +48,14 @@ ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in orig
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (the CPU for a model run outside PyTorch, e.g. ONNX Runtime)."""
-    parameters = getattr(model, "parameters", None)
-    return next(parameters()).device if parameters is not None else torch.device("cpu")
+    """The device of the model's parameters, or of its buffers when it has none (the CPU for a model
+    run outside PyTorch, e.g. ONNX Runtime)."""
+    for tensors in (getattr(model, "parameters", None), getattr(model, "buffers", None)):
+        if tensors is not None:
+            first = next(iter(tensors()), None)
+            if first is not None:
+                return first.device
+    return torch.device("cpu")
 
 
 def _run(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> list[dict[str, Tensor]]:

@@ -99,8 +99,8 @@ _REDUCE_AS = {"1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB",
 def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ValueError(
-            f"{path}: {width}x{height} image ({width * height / 1e6:.0f} MP) exceeds the limit of "
-            f"{max_pixels / 1e6:.0f} MP; raise it (max_pixels, rcnn predict --max-pixels) if the file is genuine"
+            f"{path}: {width}x{height} image ({width * height:,} pixels) exceeds the limit of {max_pixels:,} "
+            "pixels; raise it (max_pixels, rcnn predict --max-pixels) if the file is genuine"
         )
 
 
