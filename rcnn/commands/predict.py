@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.merge not in MERGES:
         raise ValueError(f"--merge must be one of {', '.join(MERGES)}")
     out = Path(args.out)
-    sources = expand_sources(args.inputs, exclude=out)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     loaded = load_detector(args.weights, device)
+    sources = expand_sources(args.inputs, exclude=out)
     model, class_names = loaded.model, loaded.class_names
     tiling = Tiling(args.tile, args.overlap, args.tile_whole, args.merge) if args.tile is not None else None
     fit = None if tiling is not None or args.full_resolution else model_input_size(model)
