@@ -200,7 +200,7 @@ def test_cli_train_evaluate_predict(shapes_root, tmp_path, capsys):
     images = sorted((Path(shapes_root) / "images" / "val").glob("*.png"))[:2]
     assert main(["predict", "--weights", str(run), *map(str, images), "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.0"]) == 0  # fmt: skip
-    assert (tmp_path / "pred" / f"{images[0].stem}.png").is_file() and (tmp_path / "pred" / f"{images[0].stem}.json").is_file()
+    assert (tmp_path / "pred" / f"{images[0].name}.png").is_file() and (tmp_path / "pred" / f"{images[0].name}.json").is_file()
     model, config, names = load_model(run)
     assert names == ["__background__", "circle", "square", "triangle", "star", "hexagon"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(run)]) == 2
