@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.init_from:
         config.train.init_from = args.init_from
-    summary = run_training(config, args.out, resume=args.resume, evaluate=not args.no_eval)
+    summary = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, evaluate=not args.no_eval)
     print(json.dumps(_brief(summary), indent=1))
     return 0
 
@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, required=True)
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, TensorBoard logs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="OUT holds an earlier run: delete it and start over (without this, or --resume, "
+                        "training into such a folder is refused)")  # fmt: skip
     parser.add_argument(
         "--init-from", metavar="RUN",
         help="start from another run's weights (e.g. a converted torchvision model); its class-specific "

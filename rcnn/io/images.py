@@ -88,6 +88,8 @@ def _open_image(path: Path, decode: bool) -> tuple[Image.Image, int]:
     only the header is read: the returned (closed) image has a valid ``size`` and ``mode`` but no
     pixels. Errors name the file.
     """
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:

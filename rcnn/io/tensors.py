@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ def read_tensor_file(path: str | os.PathLike, file_format: str, what: str) -> tu
     return tensors, metadata
 
 
+def _refusal(exc: Exception) -> str:
+    """What the weights-only unpickler refused ("Unsupported global: GLOBAL posix.system ..."),
+    without torch's advice to load the file with code execution allowed."""
+    text = str(exc)
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    if not lines or "weights_only" in lines[0]:
+        return "a pickle that is not a state dict"
+    return lines[0].split(" was not an allowed global")[0]
+
+
 def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, Tensor]:
     """The state dict in ``path``: a ``.safetensors`` file or a ``torch.save`` file (``.pth``, ``.pt``).
 
@@ -67,15 +79,26 @@ def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
     wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped. Errors name the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a {what}; copy it again")
     try:
         if path.suffix == ".safetensors":
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # refused by the weights-only unpickler
+        raise ValueError(
+            f"{path}: not loaded: the file holds pickled objects other than tensors ({_refusal(exc)}), and "
+            f"a {what} is read as tensors only, never by running its code; save the state dict of tensors "
+            "(or a .safetensors file) where the model was made"
+        ) from None
     except Exception as exc:  # corrupt or foreign file: say which and why
-        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read weights from {path}: {reason}") from None
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
