@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     summary = pretrain(args.backbone, train_set, len(train_set.class_names), cfg, args.out, val_set=val_set, resume=args.resume,
                        overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+    print(dumps_json({k: v for k, v in summary.items() if k != "losses"}))
     print(f"use it with: --set model.backbone={args.backbone} --set model.pretrained_backbone={summary['weights']}")
     return 0
 

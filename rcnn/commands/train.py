@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rcnn.commands.common import add_config_arguments, config_from_args
+from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from:
         config.train.init_from = args.init_from
     summary = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, evaluate=not args.no_eval)
-    print(json.dumps(_brief(summary), indent=1))
+    print(dumps_json(_brief(summary)))
     return 0
 
 
@@ -28,11 +28,15 @@ def _brief(summary: dict) -> dict:
     brief = {k: v for k, v in summary.items() if k != "metrics"}
     for kind in ("bbox", "segm"):
         if kind in metrics:
-            brief[f"{kind}_AP"] = round(metrics[kind]["AP"], 4)
-            brief[f"{kind}_AP50"] = round(metrics[kind]["AP50"], 4)
+            brief[f"{kind}_AP"] = _rounded(metrics[kind]["AP"])
+            brief[f"{kind}_AP50"] = _rounded(metrics[kind]["AP50"])
     if "voc" in metrics:
-        brief["voc_mAP"] = round(metrics["voc"]["mAP"], 4)
+        brief["voc_mAP"] = _rounded(metrics["voc"]["mAP"])
     return brief
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -110,6 +110,12 @@ def _run_training(
 ) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
     data = prepare_data(config)
+    objects = sum(int((~r.iscrowd).sum()) for r in data.train.records)
+    if objects == 0:  # images without objects are valid negatives, but a set of nothing else teaches nothing
+        raise ValueError(
+            f"{config.data.root}: the training split ({config.data.train_split}, {len(data.train)} images) has no "
+            f"object to learn from; check its annotations (rcnn data check {config.data.root})"
+        )
     if config.model.num_classes and config.model.num_classes != data.train.num_classes:
         if not config.train.init_from:
             raise ValueError(
