@@ -262,7 +262,10 @@ def load_checkpoint(
     load_weights(model, read_checkpoint_weights(ckpt), ckpt)
     state = read_json(ckpt / "state.json")
     if optimizer is not None or restore_rng_state:
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        try:
+            tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{ckpt / 'optimizer.safetensors'}: cannot read the training state ({exc})") from None
         if optimizer is not None:
             optim_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
             optimizer.load_state_dict(_join_optimizer_state(optim_tensors, state["optimizer"]))

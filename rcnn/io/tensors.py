@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,12 @@ def read_tensor_file(path: str | os.PathLike, file_format: str, what: str) -> tu
 
 
 def _refusal(exc: Exception) -> str:
-    """What the weights-only unpickler refused ("Unsupported global: GLOBAL posix.system ..."),
-    without torch's advice to load the file with code execution allowed."""
-    text = str(exc)
-    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    if not lines or "weights_only" in lines[0]:
-        return "a pickle that is not a state dict"
-    return lines[0].split(" was not an allowed global")[0]
+    """What the weights-only unpickler refused ("unsupported GLOBAL posix.system ..."), without
+    torch's advice to load the file with code execution allowed (never to be given for a file of
+    unknown origin)."""
+    parts = [p.strip() for p in str(exc).replace("WeightsUnpickler error:", "\n\n").split("\n\n")]
+    kept = [p for p in parts if p and not any(w in p for w in ("weights_only", "Check the documentation", "file an issue"))]
+    return " ".join(" ".join(kept).split()) or "a pickle that is not a state dict"
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, Tensor]:
@@ -89,10 +88,15 @@ def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
         if path.suffix == ".safetensors":
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol: the error below says it all
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # refused by the weights-only unpickler
+        detail = _refusal(exc)
+        if "GLOBAL" not in detail and "global" not in detail:  # no code asked for: not a torch.save file
+            raise ValueError(f"cannot read weights from {path}: not a torch.save or safetensors file ({detail})") from None
         raise ValueError(
-            f"{path}: not loaded: the file holds pickled objects other than tensors ({_refusal(exc)}), and "
+            f"{path}: not loaded: the file holds pickled objects other than tensors ({detail}), and "
             f"a {what} is read as tensors only, never by running its code; save the state dict of tensors "
             "(or a .safetensors file) where the model was made"
         ) from None
