@@ -161,8 +161,8 @@ def _write_error(exc: Exception, file: Path, run_dir: Path) -> OSError:
     """An ``OSError`` naming the checkpoint file that could not be written, with the system's
     reason (safetensors reports it inside its own error) and the checkpoint that is still there."""
     code = getattr(exc, "errno", None)
-    if code is None:  # SafetensorError: "... IoError(Os { code: 28, kind: StorageFull, message: ... })"
-        found = re.search(r"code: (\d+)", str(exc))
+    if code is None:  # SafetensorError: "... I/O error: No space left on device (os error 28)"
+        found = re.search(r"(?:os error |code: )(\d+)", str(exc))
         code = int(found.group(1)) if found else None
     reason = os.strerror(code) if code else str(exc)
     last = run_dir / "last"
