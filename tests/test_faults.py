@@ -34,7 +34,6 @@ from rcnn.config import load_config
 from rcnn.data.coco import CocoDetection
 from rcnn.io.runs import claim_run_folder
 from rcnn.training.loop import train
-from rcnn.training.run import run_training
 from tiny_runs import SMALL, TWO_STAGE, tiny_run
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,6 @@
 """The training loop: exact resume after a kill, non-finite losses, schedules, checkpoints,
 alternating training, configs."""
 
-import math
 import os
 from pathlib import Path
 
