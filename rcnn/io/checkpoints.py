@@ -107,11 +107,14 @@ def save_checkpoint(
     class_names: list[str] | None = None,
     categories: list[dict[str, Any]] | None = None,
     keep: int = 2,
+    extra_files: dict[str, dict[str, Tensor]] | None = None,
 ) -> Path:
     """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it.
 
     ``class_names`` (index = label, 0 the background) go to ``classes.json``; ``categories`` (one
     ``{"id", "name"}`` per label, the data set's own category ids, e.g. COCO's) to ``categories.json``.
+    ``extra_files``: further safetensors files of the checkpoint, ``{file name: tensors}`` (the
+    training weights beside averaged ones, see ``rcnn.training.control``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,9 @@ def save_checkpoint(
         tmp.mkdir()
         current = tmp / "model.safetensors"
         save_file(_model_state(model), str(current))
+        for file_name, tensors in (extra_files or {}).items():
+            current = tmp / file_name
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(current))
         state: dict[str, Any] = {"iteration": iteration, **(extra_state or {})}
         if optimizer is not None:
             tensors, meta = _split_optimizer_state(optimizer.state_dict())

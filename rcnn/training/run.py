@@ -161,7 +161,8 @@ def _run_training(
     elif config.train.scheme == "alternating":
         result = train_alternating(model, training_set, config.train, out_dir, **common)
     else:
-        result = train(model, training_set, config.train, out_dir, **common)
+        val_items = TrainingSet(data.val, None, val_proposals) if evaluate and data.val is not None else None
+        result = train(model, training_set, config.train, out_dir, val_set=val_items, **common)
     return {
         "model": config.model.name,
         "backbone": config.model.backbone,
@@ -171,4 +172,5 @@ def _run_training(
         "skipped_steps": result.skipped_steps,
         "metrics": result.metrics,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        **({"best": result.best, "stopped_early": result.stopped_early} if result.best else {}),
     }
