@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torchvision
 
-from benchmarks.common import command_line, table, time_rounds, write_result
+from benchmarks.common import command_line, read_result, table, time_rounds, write_result
 from benchmarks.faster_rcnn import build_pair, calibrate_batchnorm, copy_weights
 from rcnn.export import OnnxDetector, export_onnx
 from rcnn.models import mask_rcnn
@@ -133,13 +133,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 5
     chosen = [CASES[int(i)] for i in args.only.split(",")] if args.only else CASES
-    rows = []
+    previous = read_result("backends") if args.only else None  # --only: the other cases' rows stay
+    rows = [r for r in (previous or {}).get("rows", [])]
+    command = command_line("benchmarks.backends", argv)
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, arch, size in chosen:
-            rows.append(case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8))
-            print(rows[-1], flush=True)
-    result = {"rows": rows, "threads": args.threads, "rounds": rounds, "notes": args.notes}
-    write_result("backends", result, command_line("benchmarks.backends", argv))
+            row = case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8)
+            row["command"] = command
+            print(row, flush=True)
+            rows = [r for r in rows if (r["model"], r["arch"], r["size"]) != (kind, arch, list(size))] + [row]
+            rows.sort(key=lambda r: [c[:3] for c in CASES].index((r["model"], r["arch"], tuple(r["size"]))))
+            result = {"rows": rows, "threads": args.threads, "rounds": rounds, "notes": args.notes}
+            write_result("backends", result, command)  # after each case: a long run keeps what it measured
     print(markdown(result))
     return result
 

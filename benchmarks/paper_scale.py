@@ -648,7 +648,7 @@ def markdown(result: dict[str, Any]) -> str:
         rows = [
             ["R-CNN fine-tuning step, 128 regions", f"{train['rcnn_finetune_step']['cpu_s']:.1f}", f"{p['rcnn_finetune']:.1f}"],
             ["R-CNN feature caching, every region", "", f"{p['rcnn_features']:.1f}"],
-            [f"R-CNN SVMs (hard negatives), 20 classes", "", f"{p['rcnn_svms']:.2f}"],
+            ["R-CNN SVMs (hard negatives), 20 classes", "", f"{p['rcnn_svms']:.2f}"],
             ["R-CNN box regressors", "", f"{p['rcnn_box_regression']:.3f}" if "box_regression" in train else "not timed"],
             ["**R-CNN, all stages**", "", f"**{p['rcnn']:.1f}**"],
             ["Fast R-CNN multi-task step, 2 images x 64 RoIs", f"{train['fast_rcnn_step']['cpu_s']:.1f}", f"**{p['fast_rcnn']:.1f}**"],

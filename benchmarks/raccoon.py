@@ -92,7 +92,8 @@ def pretrain_backbone(train_set: Any, val_set: Any, budget_s: float | None, out:
         iterations=iterations or 10**7, time_budget_s=budget_s if iterations is None else None, batch_size=min(32, len(crops)),
         lr=0.02, schedule="cosine", warmup_iterations=20, checkpoint_every=10**9, log_every=10**9, weight_decay=1e-4,
     )  # fmt: skip
-    summary = pretrain("mobilenet_v3_fpn", crops, len(crops.class_names), cfg, out, val_set=val_crops, progress=False, log=lambda s: None)
+    summary = pretrain("mobilenet_v3_fpn", crops, len(crops.class_names), cfg, out, val_set=val_crops, overwrite=True,
+                       progress=False, log=lambda s: None)  # fmt: skip
     return {"iterations": summary["iterations"], "train_s": summary["train_seconds"], "crops": len(crops),
             "val_accuracy": summary["metrics"].get("top1"), "weights": summary["weights"]}  # fmt: skip
 

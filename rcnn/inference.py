@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from queue import Empty, Queue
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,15 +25,22 @@ from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.classes import match_classes
 from rcnn.evaluation.coco import evaluate_coco
 from rcnn.evaluation.voc import evaluate_voc
-from rcnn.io.images import load_image
+from rcnn.tiling import as_float, predict_tiled
+from rcnn.io.images import MAX_PIXELS, DecodedImage, read_image
+
+T = TypeVar("T")
 
 __all__ = [
+    "Prediction",
+    "Tiling",
     "detect_timed",
     "evaluate_model",
     "model_device",
+    "model_input_size",
     "peak_memory_mb",
     "predict_dataset",
     "predict_images",
+    "predict_stream",
     "reset_peak_memory",
 ]
 
@@ -38,9 +48,14 @@ ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in orig
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (the CPU for a model run outside PyTorch, e.g. ONNX Runtime)."""
-    parameters = getattr(model, "parameters", None)
-    return next(parameters()).device if parameters is not None else torch.device("cpu")
+    """The device of the model's parameters, or of its buffers when it has none (the CPU for a model
+    run outside PyTorch, e.g. ONNX Runtime)."""
+    for tensors in (getattr(model, "parameters", None), getattr(model, "buffers", None)):
+        if tensors is not None:
+            first = next(iter(tensors()), None)
+            if first is not None:
+                return first.device
+    return torch.device("cpu")
 
 
 def _run(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> list[dict[str, Tensor]]:
@@ -103,6 +118,7 @@ def evaluate_model(
     limit: int | None = None,
     progress: bool = False,
     class_names: Sequence[str] | None = None,
+    keep_outputs: bool = False,
 ) -> dict[str, Any]:
     """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
 
@@ -112,7 +128,8 @@ def evaluate_model(
     taken to be the data set's.
 
     Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
-    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data).
+    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
+    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
     """
     mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
     outputs, seconds = predict_dataset(model, dataset, proposals=proposals, limit=limit, progress=progress)
@@ -128,29 +145,179 @@ def evaluate_model(
     result["images"] = len(image_ids)
     if mapping is not None and mapping.dropped:
         result["classes_dropped"] = list(mapping.dropped)
+    if keep_outputs:
+        result["outputs"] = outputs
     return result
 
 
+@dataclass
+class Prediction:
+    """The detections of one image (or video frame) of :func:`predict_stream`.
+
+    ``image`` is the picture as decoded for the model (``[3, h, w]``: smaller than the original
+    ``H x W`` when the file was decoded reduced); ``output`` holds ``boxes`` in the original's
+    pixels (``x1, y1, x2, y2``), ``labels``, ``scores`` and, for Mask R-CNN, ``masks`` at the size
+    of ``image``. ``key`` is what the caller passed with the image.
+    """
+
+    key: Any
+    image: Tensor  # [3, h, w]
+    original_size: tuple[int, int]  # (H, W)
+    output: dict[str, Tensor]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """``(h / H, w / W)``."""
+        return self.image.shape[1] / self.original_size[0], self.image.shape[2] / self.original_size[1]
+
+    def boxes_in_image(self) -> Tensor:
+        """``boxes [D, 4]`` in the pixels of ``image`` (for drawing on it)."""
+        sy, sx = self.scale
+        return self.output["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=self.output["boxes"].dtype)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiled prediction settings (:func:`rcnn.tiling.predict_tiled`)."""
+
+    tile: int
+    overlap: float = 0.2
+    whole: bool = False  # also run the whole image, downscaled, and merge its detections
+    merge: str = "nms"
+    merge_threshold: float = 0.5
+
+
+def model_input_size(model: Any) -> tuple[int, int] | None:
+    """``(min_size, max_size)`` of a model's resize rule; ``None`` for a model without one
+    (R-CNN, which warps each region; an exported model)."""
+    transform = getattr(model, "transform", None)
+    if transform is None or not hasattr(transform, "max_size"):
+        return None
+    return transform.min_sizes[-1], transform.max_size
+
+
+def _prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
+    """``items`` produced in a background thread, up to ``ahead`` in advance (image decoding, which
+    releases the GIL, overlaps the model's work); the producer's exceptions are raised here."""
+    if ahead <= 0:
+        yield from items
+        return
+    queue: Queue = Queue(maxsize=ahead)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                queue.put((item, None))
+        except BaseException as exc:  # handed to the consumer
+            queue.put((None, exc))
+        queue.put((done, None))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.05)
+        thread.join()
+
+
+def _pixels(image: Tensor) -> np.ndarray:
+    """``[H, W, 3]`` uint8 of an image tensor ``[3, H, W]`` (uint8, or float in 0..1)."""
+    if image.dtype != torch.uint8:
+        image = (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
 @torch.inference_mode()
+def predict_stream(
+    model: Any,
+    items: Iterable[tuple[Any, DecodedImage]],
+    *,
+    batch_size: int = 1,
+    tiling: Tiling | None = None,
+    whole_images: Callable[[Any], Tensor] | None = None,
+    prefetch: int = 2,
+) -> Iterator[Prediction]:
+    """Run ``model`` over ``(key, decoded image)`` pairs, ``batch_size`` images per call, and yield a
+    :class:`Prediction` per image, in order.
+
+    Models that need proposals get selective search's, computed on the decoded image. With
+    ``tiling`` each image is cut into tiles (run ``batch_size`` tiles per call) and
+    ``whole_images(key)``, when given, supplies the downscaled whole image for ``tiling.whole``.
+    Decoding runs ahead of the model in a background thread (``prefetch`` items; 0: none).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model.eval()
+    device = model_device(model)
+    needs_proposals = bool(getattr(model, "needs_proposals", False))
+    search = SelectiveSearch() if needs_proposals else None
+    if tiling is not None and needs_proposals:
+        raise ValueError("tiled prediction runs models with an RPN (Faster / Mask R-CNN); this model needs proposals")
+    if tiling is not None:
+        for key, decoded in _prefetched(items, prefetch):
+            whole = None
+            if tiling.whole:
+                whole = whole_images(key) if whole_images is not None else as_float(decoded.image)
+                whole = whole.to(device)
+            output = predict_tiled(
+                model, decoded.image.to(device), tiling.tile, tiling.overlap, whole=whole, merge=tiling.merge,
+                merge_threshold=tiling.merge_threshold, batch_size=batch_size,
+            )  # fmt: skip
+            yield _prediction(key, decoded, output)
+        return
+    batch: list[tuple[Any, DecodedImage]] = []
+    stream = iter(_prefetched(items, prefetch))
+    while True:
+        item = next(stream, None)
+        if item is not None:
+            batch.append(item)
+            if len(batch) < batch_size:
+                continue
+        if not batch:
+            return
+        images = [as_float(decoded.image).to(device) for _, decoded in batch]
+        proposals = [search(_pixels(im)).to(device) for im in images] if search is not None else None
+        outputs = _run(model, images, proposals)
+        for (key, decoded), output in zip(batch, outputs):
+            yield _prediction(key, decoded, output)
+        batch = []
+        if item is None:
+            return
+
+
+def _prediction(key: Any, decoded: DecodedImage, output: dict[str, Tensor]) -> Prediction:
+    output = {k: v.cpu() for k, v in output.items()}
+    sy, sx = decoded.scale
+    if (sy, sx) != (1.0, 1.0):
+        output["boxes"] = output["boxes"] / torch.tensor([sx, sy, sx, sy], dtype=output["boxes"].dtype)
+    return Prediction(key, decoded.image, decoded.original_size, output)
+
+
 def predict_images(
     model: nn.Module,
     paths: Sequence[str | os.PathLike],
     *,
-    proposals: Mapping[str, Tensor] | None = None,
+    batch_size: int = 1,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> list[tuple[Path, Tensor, dict[str, Tensor]]]:
-    """``(path, image [3, H, W], output)`` for each image file; unreadable files raise naming the file."""
-    model.eval()
-    device = model_device(model)
-    results = []
-    for path in paths:
-        path = Path(path)
-        image = load_image(path)
-        props = None
-        if proposals is not None:
-            props = [proposals[str(path)].to(device)]
-        (output,) = _run(model, [image.to(device)], props)
-        results.append((path, image, {k: v.cpu() for k, v in output.items()}))
-    return results
+    """``(path, image [3, H, W], output)`` for each image file, read whole; unreadable files raise
+    naming the file. (:func:`predict_stream` is the general form.)"""
+    items = ((Path(p), read_image(p, max_pixels=max_pixels)) for p in paths)
+    return [(p.key, p.image, p.output) for p in predict_stream(model, items, batch_size=batch_size, prefetch=0)]
 
 
 def _synchronize(device: torch.device) -> None:

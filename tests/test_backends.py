@@ -147,3 +147,28 @@ def test_serve_runs_an_onnx_model_and_says_it_cannot_explain_it(run, both):
         refused = client.post("/explain?model=onnx", files={"image": ("x.png", png, "image/png")})
         assert refused.status_code == 400 and refused.json()["error"] == "not_explainable"
         assert client.post("/explain?model=faster_rcnn", files={"image": ("x.png", png, "image/png")}).status_code == 200
+
+
+def test_int8_export_calibrates_and_runs(run, shapes_root, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8", "--calibrate", str(shapes_root),
+                 "--calibrate-images", "4"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["precision"] == "int8" and (tmp_path / "int8-fp32.onnx").is_file()
+    meta = onnx_metadata(out)
+    assert meta["precision"] == "int8" and meta["class_names"] == load_detector(run).class_names
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("Conv") > 0
+    detector = load_detector(model_file=out)
+    image, _ = build_dataset(shapes_root, "val")[0]
+    (int8,) = detector.model([image])
+    (fp32,) = load_detector(model_file=tmp_path / "int8-fp32.onnx").model([image])
+    assert len(int8["boxes"]) > 0 and int8["boxes"].shape[1] == 4
+    # int8 moves the numbers, not their meaning: the best detection stays where fp32 puts it
+    from torchvision.ops import box_iou
+
+    assert float(box_iou(int8["boxes"][:1], fp32["boxes"][:1])) > 0.5
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8"]) == 2
+    assert "--int8 needs --calibrate" in capsys.readouterr().err

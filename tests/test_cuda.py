@@ -117,4 +117,4 @@ def test_cli_trains_and_predicts_on_cuda(shapes_root, tmp_path):
     assert main(["train", *args, "--out", str(run)]) == 0
     images = sorted((shapes_root / "images" / "val").glob("*.png"))[:1]
     assert main(["predict", "--weights", str(run), *map(str, images), "--out", str(tmp_path / "pred"), "--score-thresh", "0.0"]) == 0
-    assert (tmp_path / "pred" / f"{images[0].stem}.json").is_file()
+    assert (tmp_path / "pred" / f"{images[0].name}.json").is_file()

@@ -193,9 +193,9 @@ def test_command_line_evaluate_and_predict(trained, shapes_root, tmp_path, capsy
     assert "AP50" in json.loads((tmp_path / "metrics.json").read_text())["bbox"]
     image = build_dataset(shapes_root, "val").image_path(0)
     assert main(["predict", "--weights", str(run_dir), str(image), "--out", str(tmp_path / "pred"), "--score-thresh", "-1"]) == 0
-    result = json.loads((tmp_path / "pred" / f"{image.stem}.json").read_text())
-    assert result["image"] == str(image) and all(len(d["box"]) == 4 for d in result["detections"])
-    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+    result = json.loads((tmp_path / "pred" / f"{image.name}.json").read_text())
+    assert result["source"] == str(image.resolve()) and all(len(d["box"]) == 4 for d in result["detections"])
+    assert (tmp_path / "pred" / f"{image.name}.png").is_file()
 
 
 def test_bad_inputs_are_clear_errors(shapes_root, proposals, tmp_path):

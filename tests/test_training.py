@@ -1,7 +1,6 @@
 """The training loop: exact resume after a kill, non-finite losses, schedules, checkpoints,
 alternating training, configs."""
 
-import math
 import os
 from pathlib import Path
 
@@ -123,8 +122,11 @@ def test_checkpoints_are_complete_and_rotated(data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002", "step_0000003"]
     assert os.readlink(tmp_path / "last") == "step_0000003"
     assert {p.name for p in (tmp_path / "last").iterdir()} == {"model.safetensors", "state.json", "config.yaml", "classes.json"}
-    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+    with pytest.raises(FileNotFoundError, match="nothing: not found"):
         find_checkpoint(tmp_path / "step_0000002" / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        find_checkpoint(tmp_path / "empty")
     other = faster_rcnn("tiny", data.num_classes + 2, min_size=64, max_size=64)
     with pytest.raises(ValueError, match="do not fit this model"):
         load_checkpoint(tmp_path, other)
@@ -200,7 +202,7 @@ def test_cli_train_evaluate_predict(shapes_root, tmp_path, capsys):
     images = sorted((Path(shapes_root) / "images" / "val").glob("*.png"))[:2]
     assert main(["predict", "--weights", str(run), *map(str, images), "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.0"]) == 0  # fmt: skip
-    assert (tmp_path / "pred" / f"{images[0].stem}.png").is_file() and (tmp_path / "pred" / f"{images[0].stem}.json").is_file()
+    assert (tmp_path / "pred" / f"{images[0].name}.png").is_file() and (tmp_path / "pred" / f"{images[0].name}.json").is_file()
     model, config, names = load_model(run)
     assert names == ["__background__", "circle", "square", "triangle", "star", "hexagon"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(run)]) == 2

@@ -40,11 +40,20 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **reader_options)
     proposals_file = args.proposals or (config.data.proposals_val if config is not None else None)
     proposals = proposal_source(proposals_file) if proposals_file else None
-    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True, class_names=class_names)
+    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True, class_names=class_names,
+                             keep_outputs=args.analysis is not None)  # fmt: skip
+    outputs = metrics.pop("outputs", None)
     print(metrics.pop("summary", ""))
     if metrics.get("classes_dropped"):
         print(f"the model's classes absent from the data set (their detections not scored): {metrics['classes_dropped']}")
     print(f"VOC mAP@0.5 (area): {metrics['voc']['mAP']:.4f}   seconds/image: {metrics['seconds_per_image']:.3f}")
+    if args.analysis is not None:
+        from rcnn.evaluation.analysis import analyse
+
+        threshold = args.score_thresh if args.score_thresh is not None else model.display_score_thresh
+        report = analyse(outputs, dataset, args.analysis, image_ids=list(outputs), score_thresh=threshold, worst=args.worst)
+        print(report["summary"])
+        metrics["analysis"] = {k: report[k] for k in ("tide", "worst_images")}
     if args.out:
         out = Path(args.out)
         write_json(out, metrics)
@@ -66,4 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--proposals", help="proposals file for Fast R-CNN / R-CNN (default: data.proposals_val)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--out", help="write all metrics to this JSON file")
+    parser.add_argument("--analysis", metavar="DIR", help="write the error analysis into DIR: PR curves, confusion "
+                        "matrix, TIDE breakdown, worst images (see docs/evaluation.md)")  # fmt: skip
+    parser.add_argument("--score-thresh", type=float, help="with --analysis: the confusion matrix's and the "
+                        "gallery's score threshold (default 0.5; 0 for R-CNN)")  # fmt: skip
+    parser.add_argument("--worst", type=int, default=8, help="with --analysis: images in the gallery (default 8)")
     parser.set_defaults(func=run)

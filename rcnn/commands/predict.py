@@ -1,66 +1,182 @@
-"""``rcnn predict``: detect objects in image files; write pictures and JSON.
+"""``rcnn predict``: detect objects in images and videos; write pictures, JSON and COCO results.
 
-    rcnn predict --weights runs/frcnn/last image1.png image2.jpg --out predictions/
+    rcnn predict --weights runs/frcnn photos/ more/*.jpg list.txt clip.mp4 --out predictions/
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-from rcnn.commands.common import add_backend_arguments
+from rcnn.commands.common import add_backend_arguments, detector_from_args
+
+
+def _detections(output, class_names, keep) -> list[dict]:  # noqa: ANN001
+    return [
+        {"label": class_names[int(label)], "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]}
+        for box, label, score in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
+    ]
+
+
+def _original_masks(prediction):  # noqa: ANN001 - binary masks [D, H, W] at the original size, for COCO
+    import torch
+
+    masks = prediction.output["masks"].float()  # [D, 1, h, w]
+    if tuple(masks.shape[-2:]) != prediction.original_size and len(masks):
+        masks = torch.nn.functional.interpolate(masks, size=prediction.original_size, mode="bilinear")
+    return (masks[:, 0] >= 0.5).numpy()
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from rcnn.commands.common import detector_from_args
-    from rcnn.inference import predict_images
-    from rcnn.io.files import write_json
+    from rcnn.evaluation.coco import result_entries
+    from rcnn.inference import Tiling, model_input_size, predict_stream
+    from rcnn.io.files import write_json, write_text
+    from rcnn.io.images import read_image
+    from rcnn.io.sources import VideoWriter, expand_sources, read_video_frames, video_info
+    from rcnn.tiling import MERGES
     from rcnn.viz import draw_detections
 
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, config, class_names = detector_from_args(args, device)
-    proposals = None
-    if model.needs_proposals:
-        from rcnn.components.proposals.selective_search import selective_search_file
-
-        proposals = {str(Path(p)): selective_search_file(p) for p in args.images}
+    if args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tile is not None and args.merge not in MERGES:
+        raise ValueError(f"--merge must be one of {', '.join(MERGES)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # R-CNN's scores are SVM decision values, positive on the object side: its own default
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    loaded = detector_from_args(args, device)
+    sources = expand_sources(args.inputs, exclude=out)
+    model, class_names = loaded.model, loaded.class_names
+    tiling = Tiling(args.tile, args.overlap, args.tile_whole, args.merge) if args.tile is not None else None
+    fit = None if tiling is not None or args.full_resolution else model_input_size(model)
+    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    videos = {s.path: video_info(s.path) for s in sources if s.kind == "video"}
+    total = sum(1 for s in sources if s.kind == "image") + sum(-(-v.frames // args.stride) for v in videos.values())
+
+    def items():  # (key, decoded image), in order; keys: (source, frame index or None)
+        from rcnn.io.images import DecodedImage
+
+        for source in sources:
+            if source.kind == "video":
+                for index, frame in read_video_frames(source.path, args.stride):
+                    yield (source, index), DecodedImage(frame, (frame.shape[1], frame.shape[2]))
+            else:
+                dtype = torch.uint8 if tiling is not None else torch.float32
+                yield (source, None), read_image(source.path, fit=fit, max_pixels=max_pixels, dtype=dtype)
+
+    def whole_image(key):  # noqa: ANN001 - the downscaled whole image for --tile-whole
+        source, _ = key
+        return read_image(source.path, fit=model_input_size(model), max_pixels=max_pixels).image
+
     threshold = args.score_thresh if args.score_thresh is not None else model.display_score_thresh
-    for path, image, output in predict_images(model, args.images, proposals=proposals):
-        keep = output["scores"] >= threshold
-        kept = {k: v[keep] for k, v in output.items()}
-        picture = draw_detections(image, kept, class_names, score_threshold=threshold)
-        picture.save(out / f"{path.stem}.png")
-        detections = [
-            {"label": class_names[int(label)], "score": round(float(score), 4),
-             "box": [round(float(v), 2) for v in box]}
-            for box, label, score in zip(kept["boxes"], kept["labels"], kept["scores"])
-        ]  # fmt: skip
-        write_json(out / f"{path.stem}.json", {"image": str(path), "detections": detections})
-        print(f"{path}: {len(detections)} detections -> {out / (path.stem + '.png')}")
-    print(json.dumps({"images": len(args.images), "out": str(out)}))
+    categories = loaded.categories or [{"id": i, "name": n} for i, n in enumerate(class_names)]
+    category_ids = {i: int(c["id"]) for i, c in enumerate(categories)}
+    coco_results, coco_images = [], []
+    writer, writer_source, records = None, None, []
+    count = detections_total = 0
+
+    def finish_video() -> None:
+        nonlocal writer, records
+        if writer is not None:
+            writer.close()
+            write_text(out / f"{writer_source.name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            tqdm.write(f"{writer_source.path}: {len(records)} frames -> {writer.path}")
+        writer, records = None, []
+
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    bar = tqdm(total=total, desc="predict", unit="img", disable=args.quiet)
+    try:
+        for prediction in predict_stream(model, items(), batch_size=args.batch_size, tiling=tiling):
+            source, frame = prediction.key
+            output = prediction.output
+            keep = output["scores"] >= threshold
+            detections = _detections(output, class_names, keep)
+            count += 1
+            detections_total += len(detections)
+            image_id = count
+            if args.coco_results:
+                masks = _original_masks(prediction) if "masks" in output else None
+                coco_results += result_entries(
+                    image_id, output["boxes"].numpy(), output["labels"].numpy(), output["scores"].numpy(),
+                    category_ids, masks,
+                )  # fmt: skip
+                name = source.name if frame is None else f"{source.name}#frame={frame}"
+                coco_images.append({"id": image_id, "file_name": name, "height": prediction.original_size[0],
+                                    "width": prediction.original_size[1]})  # fmt: skip
+            drawn = {k: v[keep] for k, v in output.items()}
+            drawn["boxes"] = prediction.boxes_in_image()[keep]
+            picture = draw_detections(prediction.image, drawn, class_names, score_threshold=threshold)
+            if frame is None:
+                (out / source.name).parent.mkdir(parents=True, exist_ok=True)
+                picture.save(out / f"{source.name}.png")
+                record = {"image": source.name, "source": str(source.path), "image_id": image_id,
+                          "size": list(prediction.original_size), "detections": detections}  # fmt: skip
+                write_json(out / f"{source.name}.json", record)
+            else:
+                if writer_source is not source:
+                    finish_video()
+                    info = videos[source.path]
+                    writer = VideoWriter(out / f"{source.name}.detections.mp4", info.fps / args.stride, info.size)
+                    writer_source = source
+                writer.write(picture)
+                records.append({"video": source.name, "source": str(source.path), "frame": frame,
+                                "time_s": round(frame / videos[source.path].fps, 4), "image_id": image_id,
+                                "detections": detections})  # fmt: skip
+            bar.update(1)
+        finish_video()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - tic
+    if args.coco_results:
+        write_json(args.coco_results, coco_results, indent=None)
+        write_json(out / "images.json", {"images": coco_images, "categories": categories[1:]})
+    summary = {"images": count, "sources": len(sources), "detections": detections_total, "out": str(out),
+               "seconds": round(seconds, 2), "images_per_second": round(count / seconds, 3) if seconds else None}  # fmt: skip
+    if args.coco_results:
+        summary["coco_results"] = str(args.coco_results)
+    print(json.dumps(summary))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="detect objects in images; write pictures and JSON",
-        description="Run a trained detector on image files. For each image, OUT/<name>.png shows the "
-        "detections (boxes, classes, scores, masks) and OUT/<name>.json lists them in original pixel "
-        "coordinates (x1, y1, x2, y2).",
+        help="detect objects in images and videos; write pictures and JSON",
+        description="Run a trained detector on images and videos: files, folders (searched recursively by "
+        "extension), glob patterns and text files listing paths. For an input named N (its path relative to the "
+        "folder the inputs share), OUT/N.png shows the detections and OUT/N.json lists them in original pixel "
+        "coordinates (x1, y1, x2, y2); a video gives OUT/N.detections.mp4 and OUT/N.jsonl (a record per frame). "
+        "See docs/predict.md.",
     )
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns, list files (.txt)")
     add_backend_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--score-thresh", type=float,
         help="draw and list detections scoring at least this (default 0.5; 0 for R-CNN, whose scores are SVM values)",
     )  # fmt: skip
+    parser.add_argument("--coco-results", metavar="FILE", help="also write every detection as one COCO results JSON "
+                        "(image ids as in OUT/images.json)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per model call (default 1)")
+    parser.add_argument("--stride", type=int, default=1, help="videos: predict every Nth frame (default 1)")
+    parser.add_argument("--tile", type=int, metavar="SIZE", help="cut images into SIZE x SIZE tiles at full resolution")
+    parser.add_argument("--overlap", type=float, default=0.2, help="tiles overlap by this fraction (default 0.2)")
+    parser.add_argument("--tile-whole", action="store_true", help="with --tile: also run the whole image, downscaled")
+    parser.add_argument("--merge", default="nms", help="with --tile: how tiles' detections merge: nms or ios (default nms)")
+    parser.add_argument("--max-pixels", type=int, default=180_000_000,
+                        help="refuse images of more pixels than this, from their header (default 180e6; 0: no limit)")  # fmt: skip
+    parser.add_argument("--full-resolution", action="store_true",
+                        help="decode images whole even when the model shrinks them (default: decode reduced)")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.set_defaults(func=run)

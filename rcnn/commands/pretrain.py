@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
         warmup_iterations=min(100, args.iterations // 10), checkpoint_every=max(args.iterations // 4, 1),
         weight_decay=1e-4 if args.backbone != "tiny" else 5e-4, seed=args.seed,
     )  # fmt: skip
-    summary = pretrain(args.backbone, train_set, len(train_set.class_names), cfg, args.out, val_set=val_set, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+    summary = pretrain(args.backbone, train_set, len(train_set.class_names), cfg, args.out, val_set=val_set, resume=args.resume,
+                       overwrite=args.overwrite)
+    print(dumps_json({k: v for k, v in summary.items() if k != "losses"}))
     print(f"use it with: --set model.backbone={args.backbone} --set model.pretrained_backbone={summary['weights']}")
     return 0
 
@@ -63,4 +65,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    parser.add_argument("--overwrite", action="store_true", help="OUT holds an earlier run: delete it and start over")
     parser.set_defaults(func=run)

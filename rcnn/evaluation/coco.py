@@ -32,7 +32,7 @@ from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.common import Detections, prepare_predictions
 from rcnn.io.files import write_json
 
-__all__ = ["COCO_STAT_NAMES", "coco_results", "evaluate_coco", "write_coco_results"]
+__all__ = ["COCO_STAT_NAMES", "coco_results", "evaluate_coco", "result_entries", "write_coco_results"]
 
 # The order of COCOeval.stats (pycocotools' summarize()).
 COCO_STAT_NAMES: tuple[str, ...] = (
@@ -41,26 +41,43 @@ COCO_STAT_NAMES: tuple[str, ...] = (
 IOU_TYPES = ("bbox", "segm")
 
 
-def _results_for_image(
-    image_id: int, det: Detections, dataset: DetectionDataset, with_boxes: bool, with_masks: bool
+def result_entries(
+    image_id: int,
+    boxes: np.ndarray | None,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    category_ids: Mapping[int, int],
+    masks: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    results = []
+    """COCO results entries of one image: ``boxes [D, 4]`` (x1, y1, x2, y2; ``None``: none written),
+    ``labels [D]`` mapped to category ids by ``category_ids``, ``scores [D]`` and optional binary
+    ``masks [D, H, W]`` (written as compressed RLE)."""
     rles = []
-    if with_masks and len(det.labels):
-        rles = mask_utils.encode(np.asfortranarray(det.masks.transpose(1, 2, 0)))  # [H, W, D] -> D RLEs
-    for j in range(len(det.labels)):
+    if masks is not None and len(labels):
+        rles = mask_utils.encode(np.asfortranarray(masks.astype(np.uint8).transpose(1, 2, 0)))  # [H, W, D] -> D RLEs
+    results = []
+    for j in range(len(labels)):
         result: dict[str, Any] = {
-            "image_id": image_id,
-            "category_id": dataset.label_to_cat_id[int(det.labels[j])],
-            "score": float(det.scores[j]),
+            "image_id": int(image_id),
+            "category_id": int(category_ids[int(labels[j])]),
+            "score": float(scores[j]),
         }
-        if with_boxes:
-            x1, y1, x2, y2 = (float(v) for v in det.boxes[j])
+        if boxes is not None:
+            x1, y1, x2, y2 = (float(v) for v in boxes[j])
             result["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-        if with_masks:
+        if masks is not None:
             result["segmentation"] = {"size": rles[j]["size"], "counts": rles[j]["counts"].decode("ascii")}
         results.append(result)
     return results
+
+
+def _results_for_image(
+    image_id: int, det: Detections, dataset: DetectionDataset, with_boxes: bool, with_masks: bool
+) -> list[dict[str, Any]]:
+    return result_entries(
+        image_id, det.boxes if with_boxes else None, det.labels, det.scores, dataset.label_to_cat_id,
+        det.masks if with_masks else None,
+    )  # fmt: skip
 
 
 def coco_results(

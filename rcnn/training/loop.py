@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
 from rcnn.io.checkpoints import find_checkpoint, has_optimizer_state, load_checkpoint, save_checkpoint
+from rcnn.io.files import write_text
 from rcnn.training.control import RunProgress, TrainingControls, accumulate_gradients, effective_lr
 
 __all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
@@ -269,8 +270,11 @@ def train(
         pin_memory=device.type == "cuda",
     )
     is_main = rank == 0
-    writer = _tensorboard(run_dir) if is_main else None
+    # resuming at `start`: the rows a killed run logged after its checkpoint are dropped, not repeated
+    writer = _tensorboard(run_dir, purge_step=start + 1 if resume else None) if is_main else None
     metrics_log = (run_dir / "metrics.jsonl") if is_main else None
+    if metrics_log is not None and resume:
+        _truncate_log(metrics_log, start)
     run_dir.mkdir(parents=True, exist_ok=True)
     window: dict[str, list[float]] = {}
     bad_in_a_row = skipped = 0
@@ -371,12 +375,29 @@ def train(
     return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint, best, stopped_early)
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, purge_step: int | None = None):
+    """TensorBoard's writer; ``purge_step``: events at that step and later, left by an earlier
+    process, are discarded when the logs are read (TensorBoard's own rule for restarted runs)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``iteration`` (the checkpoint resumed from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] <= iteration:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
 
 
 def _log_scalars(writer: Any, metrics_log: Path | None, iteration: int, values: dict[str, float]) -> None:

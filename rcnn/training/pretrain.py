@@ -29,6 +29,7 @@ from rcnn.components.backbones import BackboneParts, build_backbone, parts_state
 from rcnn.config import TrainConfig
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
 from rcnn.io.images import load_image
+from rcnn.io.runs import claim_run_folder
 from rcnn.io.tensors import save_tensors
 from rcnn.training.loop import train
 
@@ -212,6 +213,7 @@ def pretrain(
     *,
     val_set: Dataset | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -224,7 +226,8 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     model = BackboneClassifier(build_backbone(backbone_name, norm="bn"), num_classes)
     evaluator = (lambda m: classification_accuracy(m, val_set)) if val_set is not None else None
-    result = train(model, train_set, cfg, out_dir, evaluator=evaluator, resume=resume, progress=progress, log=log)
+    with claim_run_folder(out_dir, resume=resume, overwrite=overwrite):  # one training per folder
+        result = train(model, train_set, cfg, out_dir, evaluator=evaluator, resume=resume, progress=progress, log=log)
     weights = save_tensors(out_dir / "backbone.safetensors", parts_state_dict(BackboneParts(model.backbone, model.box_head)))
     return {
         "backbone": backbone_name,
