@@ -63,6 +63,31 @@ def time_one(fn: Callable[[], Any], rounds: int = 5, warmup: int = 1) -> dict[st
     return {"cpu_s": min(r[0] for r in runs), "wall_s": min(r[1] for r in runs)}
 
 
+def time_rounds(
+    calls: dict[str, Callable[[], dict[str, float] | None]], rounds: int = 3, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """Interleaved best-of-``rounds`` timing of several callables: A B C, then C B A, ...
+
+    Per name: the best CPU and wall seconds (``cpu_s``, ``wall_s``) and, where a callable returns
+    a dict of seconds (a part of its work it timed itself, e.g. ``{"rpn_cpu_s": ...}``), the best
+    of each of those over the rounds.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    best: dict[str, dict[str, float]] = {name: {} for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            cpu, wall = time.process_time(), time.perf_counter()
+            parts = calls[name]()
+            parts = parts if isinstance(parts, dict) else {}
+            figures = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, **parts}
+            for key, value in figures.items():
+                best[name][key] = min(best[name].get(key, float("inf")), float(value))
+    return best
+
+
 def peak_rss_mb(module: str, *args: str) -> float:
     """Peak resident memory (MiB) of ``python -m module args...`` run in a fresh process.
 
@@ -112,10 +137,12 @@ def command_line(module: str, argv: list[str] | None) -> str:
     return shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
 
 
-def write_result(name: str, data: dict[str, Any], command: str) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (atomically) with the machine and the command."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, data: dict[str, Any], command: str, directory: Path | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (or ``directory/<name>.json``), atomically, with the
+    machine and the command."""
+    directory = RESULTS if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     payload = {"benchmark": name, "command": command, "machine": machine(), **data}
     return write_text(path, json.dumps(payload, indent=1, default=float) + "\n")
 

@@ -115,6 +115,10 @@ def _disagreements(result: dict) -> list[str]:
                 " ({:.1f}x for the networks alone)".format(speedups["rcnn_over_fast_rcnn_network_only"])
                 if "rcnn_over_fast_rcnn_network_only" in speedups else "")
         )
+        paper = (read_result("paper_scale") or {}).get("speedups", {}).get("vgg16", {}).get("cpu")
+        if paper:
+            notes[-1] += (" At the papers' scale (next section: VOC-size photographs, ~2000 proposals, VGG16) the same "
+                          "comparison of the networks gives {:.0f}x.").format(paper["fast_over_rcnn"])
     if "selective_search_over_rpn" in speedups:
         notes.append(
             "Selective search costs {:.0f} ms per image here, not ~1.5 s, because the images are 128x128, not "

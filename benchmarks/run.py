@@ -1,7 +1,8 @@
 """``make bench``: run the benchmarks and regenerate docs/benchmarks.md from their results.
 
     python -m benchmarks.run                 # quick settings: Faster R-CNN vs torchvision, the lineage (~30 min)
-    python -m benchmarks.run --full          # full settings of the same (about 1.5 hours on 2 CPU cores)
+    python -m benchmarks.run --full          # full settings of the same, the lineage at the papers' scale and the
+                                             # raccoon photographs (about 3.5 hours on 2 CPU cores)
     python -m benchmarks.run --all [--full]  # also Mask R-CNN vs torchvision and the R-CNN ablations
     python -m benchmarks.run --report-only   # only rebuild docs/benchmarks.md from benchmarks/results/*.json
 """
@@ -16,13 +17,17 @@ import time
 from benchmarks.common import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
-EXTRA = ("mask_rcnn", "rcnn_ablation", "serve_load")
+EXTRA = ("backends", "mask_rcnn", "rcnn_ablation", "serve_load")
+FULL = ("paper_scale", "raccoon")  # with --full or --all (or --only NAME): too long for the quick settings
 TITLES = {
     "lineage": "The lineage: four generations, one data set, one budget",
+    "paper_scale": "The lineage at the papers' scale: test and training speed",
     "faster_rcnn": "Faster R-CNN against torchvision",
+    "backends": "Inference backends: eager PyTorch and ONNX Runtime against torchvision",
     "mask_rcnn": "Mask R-CNN against torchvision; RoIAlign against RoIPool",
     "rcnn_ablation": "R-CNN and Fast R-CNN ablations",
     "serve_load": "The server under load",
+    "raccoon": "Real photographs: raccoons, against torchvision, from scratch and pre-trained",
 }
 
 HEADER = """# Benchmarks
@@ -43,14 +48,20 @@ the Faster R-CNN comparison (`python -m benchmarks.faster_rcnn`), not timed end 
 600 s trainings take 30 minutes, its timings and memory probes come on top. `--all` adds the Mask
 R-CNN comparison (about 95 minutes at 600 s: timings, four 600 s trainings, the two with and
 without masks repeated from two more seeds, two trainings of 1500 steps) and the R-CNN ablations
-(about 40).
+(about 40). `--full` also runs the lineage at the papers' scale (`python -m benchmarks.paper_scale`:
+5 images, 3 rounds); its `--quick` setting (2 images, 2 rounds) took 16 minutes (943 s) on 2 shared
+cores; the full setting was stopped after 31 minutes on a machine shared with other work (load
+average 4), with the AlexNet half done in 19 minutes and one of VGG16's five test images in 10:
+about 70 minutes in all on such a machine, projected from those parts. It also runs the raccoon photographs
+(`python -m benchmarks.raccoon`: three 600 s trainings and a 300 s backbone pre-training, about
+40 minutes with the evaluations).
 """
 
 
 def render() -> str:
     """docs/benchmarks.md from the result files present."""
     sections = [HEADER]
-    for name in ("lineage", "faster_rcnn", "mask_rcnn", "rcnn_ablation", "serve_load"):
+    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load"):
         result = read_result(name)
         if result is None:
             continue
@@ -69,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     names = list(DEFAULT + EXTRA) if args.all else list(DEFAULT)
+    if args.full or args.all:
+        names[1:1] = list(FULL)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
     if not args.report_only:

@@ -162,7 +162,7 @@ def train_tiny_faster_rcnn(out: Path, iterations: int) -> Path:
         f"data.root={out / 'shapes'}", "data.shapes.n_train=200", "data.shapes.n_val=20",
         f"train.iterations={iterations}", f"train.checkpoint_every={iterations}", "train.warmup_iterations=20",
     ])  # fmt: skip
-    run_training(config, out / "run", evaluate=False, progress=False, log=lambda s: None)
+    run_training(config, out / "run", overwrite=True, evaluate=False, progress=False, log=lambda s: None)
     return out / "run"
 
 

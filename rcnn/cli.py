@@ -7,6 +7,7 @@ which adds its parser and sets ``func`` to the function that runs it.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -59,8 +60,34 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line, not a traceback.
         print(f"rcnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused: disk full, permissions, read-only, ...
+        print(f"rcnn {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     _end_process_group()
     return int(result or 0)
+
+
+# What to do about the file system errors a user can meet, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space on it, or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space, or write elsewhere",
+    errno.EFBIG: "larger than the file system or the process's file size limit allows: write elsewhere",
+    errno.EACCES: "write to a folder you own, or change its permissions",
+    errno.EPERM: "write to a folder you own, or change its permissions",
+    errno.EROFS: "write elsewhere, or remount it writable",
+    errno.EISDIR: "a folder is in the way of a file of that name: remove it, or write elsewhere",
+    errno.ENOTDIR: "a file is in the way of a folder of that name: remove it, or write elsewhere",
+    errno.EIO: "the disk or network file system failed: check it and try again",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError``: the file, what went wrong, what to do."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ADVICE.get(exc.errno or 0)
+    line = f"{where}: {reason}" if where else reason
+    return f"{line} ({advice})" if advice else line
 
 
 def _end_process_group() -> None:

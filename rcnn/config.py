@@ -19,6 +19,7 @@ Run folders written by rcnn 0.1 (``model.extra``, every model's fields present) 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -26,7 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rcnn.components.backbones import BACKBONES
-from rcnn.components.settings import NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from rcnn.components.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from rcnn.evaluation.coco import COCO_STAT_NAMES
 from rcnn.models import MODELS
 
 __all__ = [
@@ -152,7 +154,8 @@ class TrainConfig(_Section):
     time_budget_s: PositiveFloat | None = None  # stop early once this much training time has passed
     batch_size: PositiveInt = 2  # images per step (per process under DDP)
     lr: PositiveFloat = 0.01
-    lr_batch_size: PositiveInt | None = None  # ``lr`` is for this total batch; scaled linearly (default: batch_size)
+    lr_batch_size: PositiveInt | None = None  # ``lr`` is for this total batch; scaled linearly (default: batch_size x accumulate)
+    accumulate: PositiveInt = 1  # micro-batches of batch_size images whose gradients make one step
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
@@ -167,10 +170,57 @@ class TrainConfig(_Section):
     checkpoint_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
     eval_every: PositiveInt | None = None  # evaluate on the val split every N iterations (and at the end)
+    val_loss: bool | None = None  # the losses on the val split at each evaluation (None: wherever the trainer can)
+    keep_best: str | None = None  # keep RUN/best, the checkpoint best by this val metric (bbox_AP, segm_AP, val_loss ...)
+    patience: PositiveInt | None = None  # stop after this many evaluations without improvement of keep_best
+    min_delta: NonNegativeFloat = 0.0  # the least change of keep_best that counts as an improvement
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)  # an exponential moving average of the weights
     max_bad_steps: PositiveInt = 20  # consecutive non-finite losses before giving up
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     alternating: AlternatingConfig = Field(default_factory=AlternatingConfig)
+
+    @field_validator("keep_best")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        if value is not None and not VAL_METRIC.fullmatch(value):
+            raise ValueError(
+                f"unknown metric {value!r}; choose bbox_<stat> or segm_<stat> (stat: {', '.join(COCO_STAT_NAMES)}), "
+                "voc_mAP, val_loss or val_<loss term> (e.g. val_loss_cls)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _controls_need_evaluations(self) -> TrainConfig:
+        if self.patience is not None and self.keep_best is None:
+            raise ValueError("train.patience: early stopping watches the train.keep_best metric; set train.keep_best too")
+        if self.keep_best is not None and self.eval_every is None:
+            raise ValueError(f"train.keep_best: {self.keep_best} is compared between evaluations; set train.eval_every")
+        return self
+
+    def check_controls(self, trainer: str) -> None:
+        """``ValueError`` naming the first field set here that ``trainer`` (``loop``: the one loop
+        of Fast, Faster and Mask R-CNN; ``rcnn``: R-CNN's stages; ``alternating``: Faster R-CNN's
+        4 steps) does not support. Gradient accumulation applies to all of them."""
+        reason = TRAINER_LIMITS.get(trainer)
+        if reason is None:
+            return
+        for name in ("keep_best", "patience", "ema_decay"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"train.{name}: not available for {reason}")
+        if self.val_loss:
+            raise ValueError(f"train.val_loss: not available for {reason}")
+
+
+# A val metric: a COCO statistic of boxes or masks, the VOC mAP, the val loss or one of its terms.
+VAL_METRIC = re.compile(rf"(bbox|segm)_({'|'.join(COCO_STAT_NAMES)})|voc_mAP|val_loss|val_loss_[a-z0-9_]+")
+# Trainers without evaluations during training, hence without keep_best, patience, val_loss, EMA.
+TRAINER_LIMITS = {
+    "rcnn": "R-CNN's stages (its detector exists only after the SVMs and regressors are trained, after "
+    "fine-tuning; only gradient accumulation applies)",
+    "alternating": "the 4-step alternating scheme (it evaluates only the unified network at the end; only "
+    "gradient accumulation applies; use train.scheme: joint)",
+}
 
 
 # The fields every model section of rcnn 0.1 held (with their defaults), whatever the model.
@@ -210,6 +260,14 @@ class Config(_Section):
             data = {**data, "model": model}
         return data
 
+    @model_validator(mode="after")
+    def _controls_fit_the_model(self) -> Config:
+        name = self.model.name
+        self.train.check_controls("rcnn" if name == "rcnn" else "alternating" if self.train.scheme == "alternating" else "loop")
+        if self.train.keep_best and self.train.keep_best.startswith("segm_") and not MODELS[name].predicts_masks:
+            raise ValueError(f"train.keep_best: {self.train.keep_best} is a mask metric but {name} predicts no masks")
+        return self
+
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     """A config file path, or the name of a packaged config (with or without ``.yaml``)."""
@@ -232,6 +290,11 @@ def _format_error(source: str, error: ValidationError) -> str:
             model_name = loc.pop(1)  # the discriminated union's tag
         where = ".".join(loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        named = re.match(r"((?:train|model|data)\.[\w.]+): ", message)
+        if not loc and named:  # a check across sections names its field itself
+            where, message = named.group(1), message[named.end() :]
+        elif named and where == loc[0]:
+            where, message = named.group(1), message[named.end() :]
         if item["type"] == "extra_forbidden":
             message = (
                 f"not an option of {model_name} (see docs/configs.md)" if model_name and len(loc) == 2

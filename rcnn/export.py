@@ -57,6 +57,14 @@ def _roi_pool_onnx(input, boxes, spatial_scale: float, pooled_height: int, poole
     return out, op.Cast(out, to=7)  # the op's second output (argmax) is unused at inference
 
 
+def _nms_first_onnx(boxes, scores, iou_threshold: float, max_kept: int):
+    """``rcnn::nms_first`` as ONNX's NonMaxSuppression bounded at ``max_kept`` (one batch, one class)."""
+    from onnxscript import opset18 as op
+
+    selected = op.NonMaxSuppression(op.Unsqueeze(boxes, [0]), op.Unsqueeze(scores, [0, 1]), max_kept, iou_threshold)
+    return op.Reshape(op.Slice(selected, axes=[1], starts=[2], ends=[3]), [-1])  # [M, 3] -> box indices [M]
+
+
 class _Graph(nn.Module):
     """The model between one image (and its proposals) and its detections, as exported."""
 
@@ -95,6 +103,11 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "input": props.get("rcnn.input", "uint8"),
         "needs_proposals": props.get("rcnn.needs_proposals") == "true",
         "predicts_masks": props.get("rcnn.predicts_masks") == "true",
+        "categories": json.loads(props["rcnn.categories"]) if "rcnn.categories" in props else None,
+        "config": props.get("rcnn.config"),  # the run's config, YAML
+        "precision": props.get("rcnn.precision", "fp32"),
+        "has_rpn": props.get("rcnn.has_rpn", str(props.get("rcnn.model") in ("faster_rcnn", "mask_rcnn")).lower()) == "true",
+        "weights_sha256": props.get("rcnn.weights_sha256"),
     }
 
 
@@ -106,11 +119,17 @@ def export_onnx(
     input_format: str = "uint8",
     example_size: tuple[int, int] = (480, 640),
     opset: int = 18,
+    categories: Sequence[dict[str, Any]] | None = None,
+    config: Any = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (a trained Fast / Faster / Mask R-CNN, in eval mode) to ``path`` (see the module docstring).
 
     ``example_size`` is the (H, W) of the example image the capture runs on; the graph takes any
-    size from 32 to 8192 on a side.
+    size from 32 to 8192 on a side. ``categories`` (the data's ``{"id", "name"}`` per label) and
+    ``config`` (the run's :class:`rcnn.config.Config`) travel in the metadata too, so the file
+    alone evaluates and writes COCO results with the data's category ids; ``metadata`` adds
+    string entries.
     """
     if input_format not in _INPUTS:
         raise ValueError(f"input_format must be one of {_INPUTS}, got {input_format!r}")
@@ -148,7 +167,8 @@ def export_onnx(
         warnings.simplefilter("ignore")  # the exporter's notes on deprecations inside torch and torchvision
         program = torch.onnx.export(
             graph, args, dynamo=True, dynamic_shapes=dynamic, input_names=names, output_names=outputs,
-            opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx},
+            opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx,
+                                      torch.ops.rcnn.nms_first.default: _nms_first_onnx},
             verbose=False,
         )  # fmt: skip
     program.model.metadata_props.update(
@@ -158,8 +178,17 @@ def export_onnx(
             "rcnn.input": input_format,
             "rcnn.needs_proposals": str(graph.needs_proposals).lower(),
             "rcnn.predicts_masks": str(graph.predicts_masks).lower(),
+            "rcnn.precision": "fp32",
+            "rcnn.has_rpn": str(bool(getattr(model, "has_rpn", False))).lower(),
         }
     )
+    if categories is not None:
+        program.model.metadata_props["rcnn.categories"] = json.dumps(list(categories))
+    if config is not None:
+        from rcnn.config import config_to_yaml
+
+        program.model.metadata_props["rcnn.config"] = config_to_yaml(config)
+    program.model.metadata_props.update(metadata or {})
     atomic_write(path, lambda tmp: program.save(str(tmp)))
     return path
 
@@ -197,6 +226,16 @@ class OnnxDetector:
         self.predicts_masks: bool = meta["predicts_masks"]
         self.name = meta["model"]
         self.num_classes = len(self.class_names)
+        self.categories: list[dict[str, Any]] | None = meta["categories"]
+        self.precision: str = meta["precision"]
+        self.config = None  # the run's Config, when the file carries it
+        if meta["config"]:
+            import yaml
+
+            from rcnn.config import config_from_dict
+
+            self.config = config_from_dict(yaml.safe_load(meta["config"]), f"{path} (its rcnn.config metadata)")
+        self.has_rpn: bool = meta["has_rpn"]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images: Sequence[Tensor], proposals: Sequence[Tensor] | None = None) -> list[dict[str, Tensor]]:

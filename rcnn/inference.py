@@ -355,7 +355,9 @@ def detect_timed(
 
     The proposal stage is selective search (``search``, default settings) for models that need
     proposals, else the RPN inside the model; "rest" is everything else of the model call
-    (resizing and post-processing included). The model is put in eval mode.
+    (resizing and post-processing included). The model is put in eval mode. A model run by ONNX
+    Runtime (:mod:`rcnn.backends`) computes its RPN inside one graph: ``proposals_s`` is None and
+    ``rest_s`` the whole call.
     """
     model.eval()
     device = model_device(model)
@@ -370,6 +372,10 @@ def detect_timed(
         (output,) = model([image], proposals=[boxes])
         _synchronize(device)
         return output, {"proposals_s": proposals_s, "rest_s": time.perf_counter() - tic}
+    if not isinstance(model, nn.Module):  # ONNX Runtime: the RPN runs inside the one graph, not timed apart
+        tic = time.perf_counter()
+        (output,) = model([image])
+        return output, {"proposals_s": None, "rest_s": time.perf_counter() - tic}
     with _module_clock(model.rpn, device) as rpn_seconds:
         _synchronize(device)
         tic = time.perf_counter()

@@ -199,3 +199,25 @@ def test_cli_exports_a_run_with_its_class_names(shapes_root, tmp_path, capsys):
         OnnxDetector(tmp_path / "bad.onnx")
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         OnnxDetector(Path(tmp_path / "missing.onnx"))
+
+
+RACCOON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"  # ../shared/data/raccoon
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (RACCOON / "images").is_dir(), reason=f"the raccoon photographs are not at {RACCOON}")
+def test_parity_on_real_photographs(exported):
+    """Real photographs of their own sizes (JPEG, EXIF applied), through the exported Faster and Mask R-CNN."""
+    from rcnn.io.images import load_image
+
+    photos = sorted((RACCOON / "images").glob("*.jpg"))[:3]
+    for kind in ("faster", "mask"):
+        model, path = exported[kind]
+        detector = OnnxDetector(path)
+        for photo in photos:
+            picture = load_image(photo)
+            with torch.no_grad():
+                (eager,) = model([picture])
+            (onnx,) = detector([picture])
+            assert len(eager["boxes"]) > 0, photo
+            assert_equal_detections(eager, onnx, box_tol=1e-2)

@@ -62,3 +62,34 @@ def test_cli_pretrain_needs_one_source(capsys):
 
     assert main(["pretrain", "--out", "/tmp/x"]) == 2
     assert "exactly one of --images" in capsys.readouterr().err
+
+
+def test_background_class_of_regions_away_from_the_objects(shapes_root):
+    from torchvision.ops import box_iou
+
+    data = CocoDetection(*shapes_paths(shapes_root, "train"))
+    plain, crops = CropDataset(data, size=32), CropDataset(data, size=32, background=True)
+    assert crops.class_names == plain.class_names + ["background"]
+    background = [item for item in crops.items if item[2] == 5]
+    assert len(plain.items) < len(crops.items) == len(plain.items) + len(background) and background
+    for index, box, _ in background[:50]:
+        ann = data.annotation(index)
+        height, width = ann["orig_size"]
+        assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
+        assert box_iou(torch.tensor([box]), ann["boxes"].float()).max() < 0.3
+    assert CropDataset(data, size=32, background=True).items == crops.items  # drawn the same every time
+    image, target = crops[crops.items.index(background[0])]
+    assert image.shape == (3, 32, 32) and target["label"] == 5
+
+
+def test_cli_pretrain_one_class_asks_for_background(tmp_path, capsys):
+    from rcnn.cli import main
+
+    (tmp_path / "a.xml").write_text(
+        "<annotation><filename>a.png</filename><size><width>64</width><height>64</height><depth>3</depth></size>"
+        "<object><name>cat</name><bndbox><xmin>4</xmin><ymin>4</ymin><xmax>40</xmax><ymax>40</ymax></bndbox></object>"
+        "</annotation>"
+    )
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    assert main(["pretrain", "--data", str(tmp_path), "--split", "all", "--val-split", "", "--out", str(tmp_path / "o")]) != 0
+    assert "--background" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def test_inference_is_svm_scores_then_nms_then_box_regression(monkeypatch):
     fc7 = torch.zeros(3, 256)
     fc7[:, 0] = torch.tensor([2.0, 1.0, -3.0])  # SVM scores: A 2, B 1, C below the -1 threshold
     fc7[:, 1] = torch.tensor([0.2, 1.0, 0.0])  # A moves 2 px right, B 10 px
-    monkeypatch.setattr(model, "region_features", lambda image, regions, rows=None: (fc7, fc7))
+    monkeypatch.setattr(model, "batched_region_features", lambda images, regions, rows=None: [(fc7, fc7)])
     (out,) = model([torch.rand(3, 64, 64)], proposals=[boxes])
     # IoU(A, B) = 0.43 > 0.3: NMS on the proposal boxes removes B. (Regressed first, B would have
     # moved to [14, 24] and survived.) Then A alone is regressed.
@@ -111,7 +111,7 @@ def test_inference_is_svm_scores_then_nms_then_box_regression(monkeypatch):
     copy = rcnn("tiny", 2, warp_size=32, context_padding=2, regression_features="fc7").eval()
     assert copy.svms() is None and copy.box_regressors() is None
     copy.load_state_dict(crafted_rcnn().state_dict())
-    monkeypatch.setattr(copy, "region_features", lambda image, regions, rows=None: (fc7, fc7))
+    monkeypatch.setattr(copy, "batched_region_features", lambda images, regions, rows=None: [(fc7, fc7)])
     (again,) = copy([torch.rand(3, 64, 64)], proposals=[boxes])
     assert again["boxes"].tolist() == [pytest.approx([2.0, 0.0, 12.0, 10.0])]
 
@@ -223,3 +223,28 @@ def test_bad_inputs_are_clear_errors(shapes_root, proposals, tmp_path):
         run_training(config, tmp_path / "run", **QUIET)
     with pytest.raises(FileNotFoundError, match="no cached features for image id"):
         FeatureCache(tmp_path / "empty", [7])[0]
+
+
+def test_regions_of_several_images_share_cnn_batches_and_give_the_same_features():
+    torch.manual_seed(0)
+    model = rcnn("tiny", 3, warp_size=32, context_padding=2, feature_batch_size=4).eval()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 40, 50, generator=g), torch.rand(3, 30, 30, generator=g)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [5.0, 5.0, 40.0, 30.0], [10.0, 2.0, 30.0, 25.0]]),
+             torch.tensor([[1.0, 1.0, 12.0, 28.0], [0.0, 0.0, 30.0, 30.0], [3.0, 4.0, 9.0, 9.0], [2.0, 2.0, 20.0, 10.0]])]
+    calls = []
+    original = model.cnn
+    model.cnn = lambda crops: calls.append(crops.shape[0]) or original(crops)
+    with torch.inference_mode():
+        together = model.batched_region_features(images, boxes, [torch.tensor([2, 0]), None])
+        assert calls == [4, 3]  # 7 regions: one full batch spanning both images, then the rest
+        alone = [model.region_features(images[0], boxes[0], torch.tensor([2, 0])), model.region_features(images[1], boxes[1])]
+        detections = model(images, proposals=boxes)
+        one_by_one = [model([image], proposals=[b])[0] for image, b in zip(images, boxes)]
+    for (fc7, reg), (fc7_1, reg_1) in zip(together, alone):
+        torch.testing.assert_close(fc7, fc7_1)
+        torch.testing.assert_close(reg, reg_1)
+    assert together[0][1].shape == (2, 64 * model.pool_size**2) and together[1][1].shape[0] == 4
+    for a, b in zip(detections, one_by_one):
+        torch.testing.assert_close(a["scores"], b["scores"])
+        torch.testing.assert_close(a["boxes"], b["boxes"])

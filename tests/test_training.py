@@ -1,7 +1,6 @@
 """The training loop: exact resume after a kill, non-finite losses, schedules, checkpoints,
 alternating training, configs."""
 
-import math
 import os
 from pathlib import Path
 
@@ -123,8 +122,11 @@ def test_checkpoints_are_complete_and_rotated(data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002", "step_0000003"]
     assert os.readlink(tmp_path / "last") == "step_0000003"
     assert {p.name for p in (tmp_path / "last").iterdir()} == {"model.safetensors", "state.json", "config.yaml", "classes.json"}
-    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+    with pytest.raises(FileNotFoundError, match="nothing: not found"):
         find_checkpoint(tmp_path / "step_0000002" / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        find_checkpoint(tmp_path / "empty")
     other = faster_rcnn("tiny", data.num_classes + 2, min_size=64, max_size=64)
     with pytest.raises(ValueError, match="do not fit this model"):
         load_checkpoint(tmp_path, other)

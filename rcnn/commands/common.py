@@ -21,10 +21,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def load_detector(weights: str, device: str | None = None):  # noqa: ANN201 - rcnn.build.LoadedModel
-    """The trained model that ``predict`` and ``evaluate`` run, with its class names and config:
-    the one place where a command turns ``--weights`` into a model object (called like the eager
-    model: ``model(images) -> [{"boxes", "labels", "scores"}]``)."""
-    from rcnn.build import load_model
+def add_backend_arguments(parser: argparse.ArgumentParser, *, weights_required: bool = False) -> None:
+    """``--weights RUN | --model FILE.onnx``, ``--backend``, ``--threads`` (see :mod:`rcnn.backends`)."""
+    parser.add_argument("--weights", required=weights_required,
+                        help="checkpoint: run directory, step_* directory or model.safetensors")  # fmt: skip
+    parser.add_argument("--model", dest="model_file", metavar="FILE.onnx",
+                        help="an ONNX file from rcnn export, instead of --weights (runs in ONNX Runtime)")  # fmt: skip
+    parser.add_argument(
+        "--backend", choices=["eager", "onnxruntime"],
+        help="run the model in PyTorch (eager; the default for --weights) or in ONNX Runtime (the default for "
+        "--model; with --weights the run is exported once and cached beside its weights)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
 
-    return load_model(weights, device or "cpu")
+
+def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
+    """The detector the backend arguments ask for (``rcnn.backends.load_detector``)."""
+    from rcnn.backends import load_detector
+
+    if args.weights is None and args.model_file is None:
+        raise ValueError("give --weights RUN (a run folder) or --model FILE.onnx (from rcnn export)")
+    if (args.backend == "onnxruntime" or args.model_file) and device != "cpu" and not getattr(args, "cpu", False):
+        device = "cpu"  # ONNX Runtime's CPU build; CUDA stays for the eager backend
+    return load_detector(args.weights, model_file=args.model_file, backend=args.backend, device=device,
+                         threads=args.threads, progress=True)  # fmt: skip

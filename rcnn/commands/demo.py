@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         config.data.proposals_train = str(out / f"selective_search_{config.data.train_split}.safetensors")
         config.data.proposals_val = str(out / f"selective_search_{config.data.val_split}.safetensors")
     start = time.perf_counter()
-    summary = run_training(config, out / "run", resume=args.resume)
+    summary = run_training(config, out / "run", resume=args.resume, overwrite=not args.resume)  # a demo starts over
     summary["total_seconds"] = time.perf_counter() - start
 
     # pictures: predictions beside the ground truth on the first validation images

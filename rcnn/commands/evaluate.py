@@ -8,24 +8,37 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcnn.commands.common import add_config_arguments, load_detector
+from rcnn.commands.common import add_backend_arguments, add_config_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from rcnn.config import load_config
+    import yaml
+
+    from rcnn.commands.common import detector_from_args
+    from rcnn.config import apply_overrides, config_from_dict, config_to_yaml, load_config
     from rcnn.data.build import build_dataset
     from rcnn.inference import evaluate_model
     from rcnn.io.checkpoints import find_checkpoint
     from rcnn.io.files import write_json
     from rcnn.training.datasets import proposal_source
 
-    model, config, class_names = load_detector(args.weights)
+    model, config, class_names = detector_from_args(args)
     if args.config is not None or args.overrides:  # data settings from another config / --set
-        config = load_config(args.config or find_checkpoint(args.weights) / "config.yaml", args.overrides)
+        base = args.config or (find_checkpoint(args.weights) / "config.yaml" if args.weights else None)
+        if base is None and config is None:
+            raise ValueError(f"--set needs --config: {args.model_file} carries no config")
+        if base is not None:
+            config = load_config(base, args.overrides)
+        else:  # the ONNX file's own config, with --set applied
+            data = apply_overrides(yaml.safe_load(config_to_yaml(config)), args.overrides)
+            config = config_from_dict(data, f"{args.model_file} (with --set overrides)")
+    if config is None and (args.data is None or args.split is None):
+        raise ValueError(f"{args.model_file} carries no config (exported by an older rcnn): give --data and --split")
     data_root = args.data or config.data.root
     split = args.split or config.data.val_split
-    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **config.data.reader_options())
-    proposals_file = args.proposals or config.data.proposals_val
+    reader_options = config.data.reader_options() if config is not None else {}
+    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **reader_options)
+    proposals_file = args.proposals or (config.data.proposals_val if config is not None else None)
     proposals = proposal_source(proposals_file) if proposals_file else None
     metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True, class_names=class_names,
                              keep_outputs=args.analysis is not None)  # fmt: skip
@@ -55,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint (its run directory, step directory or model.safetensors) on a "
         "data set split: COCO box AP (and mask AP for Mask R-CNN) through pycocotools, and VOC mAP@0.5.",
     )
-    parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
+    add_backend_arguments(parser)
     add_config_arguments(parser, required=False)
     parser.add_argument("--data", help="data set path (default: the config's data.root)")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,11 +17,48 @@ def run(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise ValueError(f"--format {args.format}: only onnx is supported")
     loaded = load_model(args.weights, for_inference=False)  # unfolded BatchNorm: ONNX Runtime fuses it itself
-    path = export_onnx(loaded.model, args.out, loaded.class_names, input_format=args.input,
-                       example_size=tuple(args.example_size))  # fmt: skip
-    print(json.dumps({"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
-                      "classes": len(loaded.class_names) - 1}))  # fmt: skip
+    if args.int8 and not args.calibrate:
+        raise ValueError("--int8 needs --calibrate DATA: the activations' ranges come from images like the model's own")
+    if args.calibrate and not args.int8:
+        raise ValueError("--calibrate is for --int8")
+    if args.int8 and args.calibrate_images < 1:
+        raise ValueError(f"--calibrate-images must be at least 1, got {args.calibrate_images}")
+    out = Path(args.out)
+    float_path = out.with_name(out.stem + "-fp32.onnx") if args.int8 else out
+    path = export_onnx(loaded.model, float_path, loaded.class_names, input_format=args.input,
+                       example_size=tuple(args.example_size), categories=loaded.categories, config=loaded.config)  # fmt: skip
+    summary = {"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
+               "classes": len(loaded.class_names) - 1}  # fmt: skip
+    if args.int8:
+        from rcnn.quantize import quantize_onnx
+
+        images = calibration_images(args.calibrate, args.split, args.calibrate_images, loaded.config)
+        path = quantize_onnx(float_path, out, images, fc=args.int8_fc)
+        summary.update(onnx=str(path), fp32=str(float_path), precision="int8", calibration_images=args.calibrate_images)
+    print(json.dumps(summary))
     return 0
+
+
+def calibration_images(source: str, split: str | None, count: int, config):
+    """Up to ``count`` images of a data set split (or of a folder of image files), evenly spread."""
+    from rcnn.data.build import build_dataset
+    from rcnn.io.images import load_image
+
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"--calibrate {root}: not found")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")) \
+        if root.is_dir() else []
+    if files:  # a plain folder of images
+        step = max(len(files) // count, 1)
+        for path in files[::step][:count]:
+            yield load_image(path)
+        return
+    options = config.data.reader_options() if config is not None else {}
+    dataset = build_dataset(root, split or (config.data.train_split if config is not None else "train"), **options)
+    step = max(len(dataset) // count, 1)
+    for index in range(0, len(dataset), step)[:count]:
+        yield dataset[index][0]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,4 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", default="uint8", choices=["uint8", "float"], help="the image input's format")
     parser.add_argument("--example-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
                         help="size of the example image the capture runs on (any size works afterwards)")  # fmt: skip
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantise to int8 (static, per-channel weights; the convolutions): --out gets the "
+                        "int8 graph, OUT-fp32.onnx the float one")
+    parser.add_argument("--calibrate", metavar="DATA", help="data set root (or a folder of images) to calibrate int8 on")
+    parser.add_argument("--split", help="split of --calibrate to use (default: the run's train split)")
+    parser.add_argument("--calibrate-images", type=int, default=200, help="images to calibrate on (default 200)")
+    parser.add_argument("--int8-fc", action="store_true", help="quantise the fully connected box head too")
     parser.set_defaults(func=run)

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from rcnn.commands.common import load_detector
+from rcnn.commands.common import add_backend_arguments, detector_from_args
 
 
 def _detections(output, class_names, keep) -> list[dict]:  # noqa: ANN001
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--merge must be one of {', '.join(MERGES)}")
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    loaded = load_detector(args.weights, device)
+    loaded = detector_from_args(args, device)
     sources = expand_sources(args.inputs, exclude=out)
     model, class_names = loaded.model, loaded.class_names
     tiling = Tiling(args.tile, args.overlap, args.tile_whole, args.merge) if args.tile is not None else None
@@ -159,7 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "See docs/predict.md.",
     )
     parser.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns, list files (.txt)")
-    parser.add_argument("--weights", required=True, help="checkpoint: run directory, step_* directory or model.safetensors")
+    add_backend_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--score-thresh", type=float,

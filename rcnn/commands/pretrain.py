@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,17 +22,23 @@ def run(args: argparse.Namespace) -> int:
         train_set = ImageFolderDataset(args.images, args.size)
         val_set = ImageFolderDataset(args.val_images, args.size) if args.val_images else None
     else:
-        train_set = CropDataset(build_dataset(args.data, args.split), args.size)
+        train_set = CropDataset(build_dataset(args.data, args.split), args.size, background=args.background)
         val_set = None
         if args.val_split:
-            val_set = CropDataset(build_dataset(args.data, args.val_split), args.size, augment=False)
+            val_set = CropDataset(
+                build_dataset(args.data, args.val_split), args.size, augment=False, background=args.background
+            )
+        if len(train_set.class_names) < 2:
+            raise ValueError(f"{args.data}: one class ({train_set.class_names[0]}); add --background to classify "
+                             "its objects against background regions")  # fmt: skip
     cfg = TrainConfig(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, schedule="cosine",
         warmup_iterations=min(100, args.iterations // 10), checkpoint_every=max(args.iterations // 4, 1),
         weight_decay=1e-4 if args.backbone != "tiny" else 5e-4, seed=args.seed,
     )  # fmt: skip
-    summary = pretrain(args.backbone, train_set, len(train_set.class_names), cfg, args.out, val_set=val_set, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+    summary = pretrain(args.backbone, train_set, len(train_set.class_names), cfg, args.out, val_set=val_set, resume=args.resume,
+                       overwrite=args.overwrite)
+    print(dumps_json({k: v for k, v in summary.items() if k != "losses"}))
     print(f"use it with: --set model.backbone={args.backbone} --set model.pretrained_backbone={summary['weights']}")
     return 0
 
@@ -49,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="a detection data set (COCO or VOC) whose objects are cropped")
     parser.add_argument("--split", default="train", help="split of --data to train on (default train)")
     parser.add_argument("--val-split", default="val", help="split of --data to measure accuracy on ('' for none)")
+    parser.add_argument("--background", action="store_true",
+                        help="with --data: add a background class of regions away from the objects (needed for one class)")
     parser.add_argument("--out", required=True, help="run directory; the weights go to OUT/backbone.safetensors")
     parser.add_argument("--size", type=int, default=64, help="crop / image side in pixels (default 64)")
     parser.add_argument("--iterations", type=int, default=1000)
@@ -56,4 +65,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    parser.add_argument("--overwrite", action="store_true", help="OUT holds an earlier run: delete it and start over")
     parser.set_defaults(func=run)

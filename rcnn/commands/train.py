@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from rcnn.commands.common import add_config_arguments, config_from_args
+from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.init_from:
         config.train.init_from = args.init_from
-    summary = run_training(config, args.out, resume=args.resume, evaluate=not args.no_eval)
-    print(json.dumps(_brief(summary), indent=1))
+    summary = run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, evaluate=not args.no_eval)
+    print(dumps_json(_brief(summary)))
     return 0
 
 
@@ -28,11 +28,15 @@ def _brief(summary: dict) -> dict:
     brief = {k: v for k, v in summary.items() if k != "metrics"}
     for kind in ("bbox", "segm"):
         if kind in metrics:
-            brief[f"{kind}_AP"] = round(metrics[kind]["AP"], 4)
-            brief[f"{kind}_AP50"] = round(metrics[kind]["AP50"], 4)
+            brief[f"{kind}_AP"] = _rounded(metrics[kind]["AP"])
+            brief[f"{kind}_AP50"] = _rounded(metrics[kind]["AP50"])
     if "voc" in metrics:
-        brief["voc_mAP"] = round(metrics["voc"]["mAP"], 4)
+        brief["voc_mAP"] = _rounded(metrics["voc"]["mAP"])
     return brief
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, required=True)
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, TensorBoard logs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="OUT holds an earlier run: delete it and start over (without this, or --resume, "
+                        "training into such a folder is refused)")  # fmt: skip
     parser.add_argument(
         "--init-from", metavar="RUN",
         help="start from another run's weights (e.g. a converted torchvision model); its class-specific "

@@ -60,6 +60,14 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
             raise ValueError(f"targets[{i}]: needs 'boxes' [G, 4] and 'labels' [G]")
         boxes, labels = target["boxes"], target["labels"]
         check_boxes(boxes, f"targets[{i}]['boxes']")
+        # A box without area has IoU 0 with every proposal: it would add no loss at all, silently.
+        flat = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # [G]
+        if bool(flat.any()):
+            j = int(flat.nonzero()[0, 0])
+            raise ValueError(
+                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has zero width or height; ground-truth boxes "
+                "need x2 > x1 and y2 > y1 (drop such boxes, as the data readers do)"
+            )
         if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
             raise ValueError(
                 f"targets[{i}]['labels']: expected int64 [{boxes.shape[0]}], got {labels.dtype} {list(labels.shape)}"

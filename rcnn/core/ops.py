@@ -109,15 +109,31 @@ def batched_nms(
     return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)[:max_kept]
 
 
+@torch.library.custom_op("rcnn::nms_first", mutates_args=())
+def nms_first(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    """``nms(boxes, scores, iou_threshold)[:max_kept]`` as one graph operator: exported, it becomes
+    ONNX's ``NonMaxSuppression`` with ``max_output_boxes_per_class = max_kept``, which stops once
+    that many are kept (a plain ``nms`` exports with no bound and visits every box: 4.3 s of a 6 s
+    ResNet-50-FPN image at score threshold 0 in ONNX Runtime)."""
+    return torchvision.ops.nms(boxes, scores, iou_threshold)[:max_kept]
+
+
+@nms_first.register_fake
+def _(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    kept = torch.library.get_ctx().new_dynamic_size(min=0, max=max_kept)
+    return boxes.new_empty((kept,), dtype=torch.int64)
+
+
 def _batched_nms_graph(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, max_kept: int | None) -> Tensor:
     """``batched_nms`` as an exported graph computes it: one NMS with each group's boxes moved apart
-    by the largest coordinate (torchvision's "coordinate trick"), no branch on the data. Equal to
-    the eager result up to float rounding of the moved coordinates, i.e. except for IoUs within
-    about 1e-6 of the threshold."""
+    by the largest coordinate (torchvision's "coordinate trick"), no branch on the data, stopping
+    at ``max_kept`` (:func:`nms_first`). Equal to the eager result up to float rounding of the moved
+    coordinates, i.e. except for IoUs within about 1e-6 of the threshold."""
     largest = torch.cat((boxes.flatten(), boxes.new_zeros(1))).max()  # defined for no boxes too
     offsets = groups.to(boxes.dtype) * (largest + 1)  # [B]
-    keep = torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
-    return keep if max_kept is None else keep[:max_kept]
+    if max_kept is None:
+        return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
+    return nms_first(boxes + offsets[:, None], scores, iou_threshold, int(max_kept))
 
 
 def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

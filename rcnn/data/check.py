@@ -15,7 +15,6 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ class SplitReport:
     source: DatasetSource
     description: str = ""  # the format and files; default ``source.describe()``
     class_names: list[str] = field(default_factory=list)
+    category_ids: list[int] | None = None  # the COCO category id of each class, where the data has them
     records: list[ImageRecord] = field(default_factory=list)
     image_names: list[str] = field(default_factory=list)
     with_segmentation: int = 0
@@ -105,6 +105,9 @@ def check_split(
         names = [n for n, r in zip(names, records) if id(r) in kept_ids]
         records = kept
     report.class_names = index.class_names
+    cat_ids = getattr(index, "label_to_cat_id", None)
+    if cat_ids:
+        report.category_ids = [cat_ids[label] for label in range(1, len(index.class_names) + 1)]
     report.records = records
     report.image_names = names
     report.problems = problems
@@ -128,7 +131,7 @@ def check_dataset(
     ``build_dataset`` draws them); a layout without splits is checked as the one split ``all``.
     """
     splits, raw = dataset_splits(path_or_spec, split, images_dir=images_dir, val_fraction=val_fraction)
-    return [
+    reports = [
         check_split(
             resolve_dataset(path_or_spec, s, images_dir, val_fraction=val_fraction, split_seed=split_seed),
             decode_images,
@@ -137,6 +140,31 @@ def check_dataset(
         )
         for s in splits
     ]
+    _compare_classes(reports)
+    return reports
+
+
+def _compare_classes(reports: list[SplitReport]) -> None:
+    """A warning on each split whose classes (or COCO category ids) differ from the first split's:
+    a model trained on one split is scored on another by class name, so the lists must agree."""
+    read = [r for r in reports if r.class_names]
+    if len(read) < 2:
+        return
+    first = read[0]
+    for report in read[1:]:
+        file = str(report.source.ann_file or report.source.root)
+        names = f"split {first.source.split}: {first.class_names}; split {report.source.split}: {report.class_names}"
+        if [n.strip().lower() for n in report.class_names] != [n.strip().lower() for n in first.class_names]:
+            same_set = sorted(n.strip().lower() for n in report.class_names) == sorted(
+                n.strip().lower() for n in first.class_names
+            )
+            what = "has the same classes in another order" if same_set else "has other classes"
+            report.problems.append(Problem("warning", file, f"{what} than split {first.source.split} ({names})"))
+        elif first.category_ids and report.category_ids and first.category_ids != report.category_ids:
+            ids = f"split {first.source.split}: {first.category_ids}; split {report.source.split}: {report.category_ids}"
+            report.problems.append(
+                Problem("warning", file, f"has the same class names with other category ids than split {first.source.split} ({ids})")
+            )
 
 
 def _histogram(values: np.ndarray) -> list[str]:

@@ -25,6 +25,8 @@ from pycocotools import mask as mask_utils
 from rcnn.data.common import (
     DetectionDataset,
     ImageRecord,
+    OVERHANG_FRACTION,
+    OVERHANG_PIXELS,
     Problem,
     Transform,
     check_box,
@@ -103,13 +105,79 @@ def _tag(problems: list[Problem], start: int, image: str | None) -> None:
 
 
 def check_segmentation(
-    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem]
+    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem], box: Any = None
 ) -> tuple[str, Any]:
     """Validate a COCO segmentation: ``("ok", seg)``, ``("degenerate", None)`` or ``("error", None)``.
 
     Polygons with fewer than 3 points are degenerate: dropped with a warning ("degenerate"
     when none is left). Odd-length or non-numeric polygons and RLEs of the wrong size are errors.
+    As boxes are, the segmentation is checked against the image and, given the object's ``box``
+    (x1, y1, x2, y2, clipped), against it: a polygon point beyond the image by more than a box may
+    overhang, a mask covering no pixel, and a mask whose extent does not match the box (IoU under
+    ``MASK_BOX_MIN_IOU``) are errors.
     """
+    status, seg = _check_segmentation_format(seg, hw, file, where, problems)
+    if status != "ok":
+        return status, seg
+    height, width = hw
+    if isinstance(seg, list):
+        limit_x = max(OVERHANG_PIXELS, OVERHANG_FRACTION * width)
+        limit_y = max(OVERHANG_PIXELS, OVERHANG_FRACTION * height)
+        for k, poly in enumerate(seg):
+            xs, ys = np.asarray(poly[0::2], dtype=np.float64), np.asarray(poly[1::2], dtype=np.float64)
+            far_x = np.maximum(-xs, xs - width) > limit_x
+            far_y = np.maximum(-ys, ys - height) > limit_y
+            if bool((far_x | far_y).any()):
+                j = int(np.flatnonzero(far_x | far_y)[0])
+                problems.append(Problem(
+                    "error", file, f"polygon {k} has the point ({xs[j]:g}, {ys[j]:g}), outside the {width}x{height} "
+                    "image; polygons are in the image's pixel coordinates", where,
+                ))  # fmt: skip
+                return "error", None
+        extent = [max(min(float(min(p[0::2])) for p in seg), 0.0), max(min(float(min(p[1::2])) for p in seg), 0.0),
+                  min(max(float(max(p[0::2])) for p in seg), width), min(max(float(max(p[1::2])) for p in seg), height)]  # fmt: skip
+        empty = extent[2] <= extent[0] or extent[3] <= extent[1]
+    else:
+        try:
+            rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+            x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+        except Exception as exc:  # a compressed string pycocotools cannot read
+            problems.append(Problem("error", file, f"RLE 'counts' cannot be decoded ({exc})", where))
+            return "error", None
+        extent, empty = [x, y, x + w, y + h], w <= 0 or h <= 0
+    if empty:
+        problems.append(Problem("error", file, "the segmentation covers no pixel of the image", where))
+        return "error", None
+    if box is not None:
+        overlap = _iou(extent, [float(v) for v in box])
+        apart = max(abs(e - float(b)) for e, b in zip(extent, box))  # px: small objects round coarsely
+        if overlap < MASK_BOX_MIN_IOU and apart > OVERHANG_PIXELS:
+            problems.append(Problem(
+                "error", file, f"the segmentation spans {[round(v, 2) for v in extent]} but the bbox is "
+                f"{[round(float(v), 2) for v in box]} (x1, y1, x2, y2; IoU {overlap:.2f}, under {MASK_BOX_MIN_IOU}): "
+                "they should outline the same object", where,
+            ))  # fmt: skip
+            return "error", None
+    return "ok", seg
+
+
+# A COCO bbox is the tight box of its segmentation; annotation tools round both, so they agree
+# only approximately. Under this IoU they do not describe the same object.
+MASK_BOX_MIN_IOU = 0.5
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _check_segmentation_format(
+    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem]
+) -> tuple[str, Any]:
+    """The format checks of :func:`check_segmentation`: polygons of numbers, RLE of the image's size."""
     height, width = hw
     if isinstance(seg, list):
         kept = []
@@ -275,7 +343,7 @@ def read_coco(
                         problems.append(Problem("error", file, "has no 'segmentation', needed to load masks", where))
                         continue
                 else:
-                    status, seg = check_segmentation(seg, hw, file, where, problems)
+                    status, seg = check_segmentation(seg, hw, file, where, problems, box)
                     if status == "error":
                         continue
                     if status == "degenerate":

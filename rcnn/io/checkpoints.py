@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -105,11 +107,14 @@ def save_checkpoint(
     class_names: list[str] | None = None,
     categories: list[dict[str, Any]] | None = None,
     keep: int = 2,
+    extra_files: dict[str, dict[str, Tensor]] | None = None,
 ) -> Path:
     """Write ``run_dir/step_{iteration}`` atomically and point ``run_dir/last`` at it.
 
     ``class_names`` (index = label, 0 the background) go to ``classes.json``; ``categories`` (one
     ``{"id", "name"}`` per label, the data set's own category ids, e.g. COCO's) to ``categories.json``.
+    ``extra_files``: further safetensors files of the checkpoint, ``{file name: tensors}`` (the
+    training weights beside averaged ones, see ``rcnn.training.control``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,24 +122,36 @@ def save_checkpoint(
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_model_state(model), str(tmp / "model.safetensors"))
-    state: dict[str, Any] = {"iteration": iteration, **(extra_state or {})}
-    if optimizer is not None:
-        tensors, meta = _split_optimizer_state(optimizer.state_dict())
-        rng_tensors, rng_meta = rng_state()
-        save_file({**tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
-        state["optimizer"] = meta
-        state["rng"] = rng_meta
-    write_json(tmp / "state.json", state)
-    if config_yaml is not None:
-        write_text(tmp / "config.yaml", config_yaml)
-    if class_names is not None:
-        write_json(tmp / "classes.json", class_names)
-    if categories is not None:
-        write_json(tmp / "categories.json", categories)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    current = tmp
+    try:
+        tmp.mkdir()
+        current = tmp / "model.safetensors"
+        save_file(_model_state(model), str(current))
+        for file_name, tensors in (extra_files or {}).items():
+            current = tmp / file_name
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(current))
+        state: dict[str, Any] = {"iteration": iteration, **(extra_state or {})}
+        if optimizer is not None:
+            tensors, meta = _split_optimizer_state(optimizer.state_dict())
+            rng_tensors, rng_meta = rng_state()
+            current = tmp / "optimizer.safetensors"
+            save_file({**tensors, **rng_tensors}, str(current))
+            state["optimizer"] = meta
+            state["rng"] = rng_meta
+        current = tmp / "state.json"
+        write_json(current, state)
+        if config_yaml is not None:
+            write_text(tmp / "config.yaml", config_yaml)
+        if class_names is not None:
+            write_json(tmp / "classes.json", class_names)
+        if categories is not None:
+            write_json(tmp / "categories.json", categories)
+        current = final
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as exc:  # disk full, permissions, ...: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(exc, current, run_dir) from None
     link_tmp = run_dir / ".last.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
@@ -146,9 +163,24 @@ def save_checkpoint(
     return final
 
 
+def _write_error(exc: Exception, file: Path, run_dir: Path) -> OSError:
+    """An ``OSError`` naming the checkpoint file that could not be written, with the system's
+    reason (safetensors reports it inside its own error) and the checkpoint that is still there."""
+    code = getattr(exc, "errno", None)
+    if code is None:  # SafetensorError: "... I/O error: No space left on device (os error 28)"
+        found = re.search(r"(?:os error |code: )(\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    reason = os.strerror(code) if code else str(exc)
+    last = run_dir / "last"
+    kept = f"; the previous checkpoint {os.readlink(last)} is intact" if last.is_symlink() and last.exists() else ""
+    return OSError(code or 0, f"cannot write the checkpoint: {reason}{kept}", str(file))
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory for a run directory, a checkpoint directory or its ``model.safetensors``."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (expected a run folder, a step_* folder or a model.safetensors)")
     if path.is_file() and path.name == "model.safetensors":
         path = path.parent
     if path.is_dir() and not (path / "model.safetensors").is_file() and (path / "last").exists():
@@ -236,7 +268,10 @@ def load_checkpoint(
     load_weights(model, read_checkpoint_weights(ckpt), ckpt)
     state = read_json(ckpt / "state.json")
     if optimizer is not None or restore_rng_state:
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        try:
+            tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{ckpt / 'optimizer.safetensors'}: cannot read the training state ({exc})") from None
         if optimizer is not None:
             optim_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
             optimizer.load_state_dict(_join_optimizer_state(optim_tensors, state["optimizer"]))

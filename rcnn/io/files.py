@@ -8,13 +8,14 @@ POSIX and Windows. A failed write removes its temporary file and leaves the dest
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "read_json", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_write", "dumps_json", "read_json", "strict_json", "write_bytes", "write_json", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -47,9 +48,26 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by ``None`` (JSON ``null``): strict JSON
+    has no NaN, and a metric that is undefined (no ground truth to score) is better said absent."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
+def dumps_json(data: Any, indent: int | None = 1) -> str:
+    """Strict JSON text of ``data`` (:func:`strict_json`: NaN and infinities become ``null``)."""
+    return json.dumps(strict_json(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    return write_text(path, json.dumps(data, indent=indent))
+    """Write ``data`` as strict JSON to ``path`` atomically (NaN and infinities as ``null``)."""
+    return write_text(path, dumps_json(data, indent=indent))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -124,6 +124,8 @@ def _open_image(path: Path, decode: bool, max_pixels: int | None = MAX_PIXELS) -
 @contextlib.contextmanager
 def _opened(path: Path, max_pixels: int | None) -> Iterator[tuple[Image.Image, int]]:
     """The opened (not yet decoded) image and its EXIF orientation, its pixel count checked."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:

@@ -175,7 +175,6 @@ def read_video_frames(path: str | os.PathLike, stride: int = 1) -> Iterator[tupl
     Frames in between are skipped without being converted. Raises naming the file when it cannot
     be opened or when its first frame cannot be decoded.
     """
-    import cv2
 
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,15 @@ def read_tensor_file(path: str | os.PathLike, file_format: str, what: str) -> tu
     return tensors, metadata
 
 
+def _refusal(exc: Exception) -> str:
+    """What the weights-only unpickler refused ("unsupported GLOBAL posix.system ..."), without
+    torch's advice to load the file with code execution allowed (never to be given for a file of
+    unknown origin)."""
+    parts = [p.strip() for p in str(exc).replace("WeightsUnpickler error:", "\n\n").split("\n\n")]
+    kept = [p for p in parts if p and not any(w in p for w in ("weights_only", "Check the documentation", "file an issue"))]
+    return " ".join(" ".join(kept).split()) or "a pickle that is not a state dict"
+
+
 def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, Tensor]:
     """The state dict in ``path``: a ``.safetensors`` file or a ``torch.save`` file (``.pth``, ``.pt``).
 
@@ -67,15 +78,31 @@ def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict
     wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped. Errors name the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a {what}; copy it again")
     try:
         if path.suffix == ".safetensors":
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol: the error below says it all
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # refused by the weights-only unpickler
+        detail = _refusal(exc)
+        if "GLOBAL" not in detail and "global" not in detail:  # no code asked for: not a torch.save file
+            raise ValueError(f"cannot read weights from {path}: not a torch.save or safetensors file ({detail})") from None
+        raise ValueError(
+            f"{path}: not loaded: the file holds pickled objects other than tensors ({detail}), and "
+            f"a {what} is read as tensors only, never by running its code; save the state dict of tensors "
+            "(or a .safetensors file) where the model was made"
+        ) from None
     except Exception as exc:  # corrupt or foreign file: say which and why
-        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read weights from {path}: {reason}") from None
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

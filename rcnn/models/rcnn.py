@@ -280,25 +280,57 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         """fc7 features ``[R, F]`` of ``boxes [R, 4]``, and the regression features ``[E_rows, E]``.
 
         ``regression_rows`` (int64 ``[R']``, default all rows) selects the regions whose regression
-        features (pool5 flattened, or fc7) are returned, in that order. Regions go through the CNN
-        ``feature_batch_size`` at a time.
+        features (pool5 flattened, or fc7) are returned, in that order. One image's case of
+        :meth:`batched_region_features`.
         """
-        chunk = self.settings.feature_batch_size
-        fc7_parts, reg_parts = [], []
-        wanted = None
-        if regression_rows is not None:
-            wanted = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-            wanted[regression_rows] = True
-        for start in range(0, boxes.shape[0], chunk):
-            pool5, fc7 = self.cnn(self.warp(image, boxes[start : start + chunk]))
-            fc7_parts.append(fc7)
-            reg = pool5.flatten(1) if self.settings.regression_features == "pool5" else fc7
-            reg_parts.append(reg if wanted is None else reg[wanted[start : start + chunk]])
-        fc7 = torch.cat(fc7_parts) if fc7_parts else image.new_zeros((0, self.svm_weights.shape[0]))
-        reg = torch.cat(reg_parts) if reg_parts else image.new_zeros((0, self.bbox_weights.shape[1]))
-        if regression_rows is not None:  # from ascending row order back to the order asked for
-            reg = reg[torch.searchsorted(wanted.nonzero().flatten(), regression_rows)]
-        return fc7, reg
+        return self.batched_region_features([image], [boxes], [regression_rows])[0]
+
+    def batched_region_features(
+        self,
+        images: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        regression_rows: Sequence[Tensor | None] | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per image, :meth:`region_features` of its ``boxes [R_i, 4]``, the regions of all images
+        pushed through the CNN together.
+
+        Regions are warped and run ``feature_batch_size`` at a time, a batch taking regions of
+        consecutive images when one image has fewer left, so every pass but the last is full;
+        each region goes through the CNN once, and its fc7 and regression features come from that
+        one pass.
+        """
+        if len(images) != len(boxes):
+            raise ValueError(f"batched_region_features: {len(images)} images but {len(boxes)} box sets")
+        rows_per_image = list(regression_rows) if regression_rows is not None else [None] * len(images)
+        counts = [int(b.shape[0]) for b in boxes]
+        fc7_parts: list[list[Tensor]] = [[] for _ in images]
+        reg_parts: list[list[Tensor]] = [[] for _ in images]
+        use_pool5 = self.settings.regression_features == "pool5"
+        wanted = []  # per image, which rows' regression features to keep (None: all)
+        for b, rows in zip(boxes, rows_per_image):
+            mask = None
+            if rows is not None:
+                mask = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+                mask[rows] = True
+            wanted.append(mask)
+        for batch in _region_batches(counts, self.settings.feature_batch_size):
+            crops = torch.cat([self.warp(images[i], boxes[i][start:stop]) for i, start, stop in batch])  # [B, 3, S, S]
+            pool5, fc7 = self.cnn(crops)  # [B, C, Q, Q], [B, F]
+            reg = pool5.flatten(1) if use_pool5 else fc7  # [B, E]
+            offset = 0
+            for i, start, stop in batch:
+                fc7_parts[i].append(fc7[offset : offset + stop - start])
+                part = reg[offset : offset + stop - start]
+                reg_parts[i].append(part if wanted[i] is None else part[wanted[i][start:stop]])
+                offset += stop - start
+        out = []
+        for image, parts, regs, rows, mask in zip(images, fc7_parts, reg_parts, rows_per_image, wanted):
+            fc7 = torch.cat(parts) if parts else image.new_zeros((0, self.svm_weights.shape[0]))  # [R, F]
+            reg = torch.cat(regs) if regs else image.new_zeros((0, self.bbox_weights.shape[1]))  # [R', E]
+            if rows is not None:  # from ascending row order back to the order asked for
+                reg = reg[torch.searchsorted(mask.nonzero().flatten(), rows)]
+            out.append((fc7, reg))
+        return out
 
     # -- the API ----------------------------------------------------------------------------
     def forward(
@@ -314,7 +346,7 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         regions = [self.clean_proposals(p, image) for p, image in zip(proposals, images)]
         if self.training:
             return self.finetune_loss(images, targets, regions)
-        return [self.detect(image, boxes) for image, boxes in zip(images, regions)]
+        return self.detect_batch(images, regions)
 
     @staticmethod
     def clean_proposals(proposals: Tensor, image: Tensor) -> Tensor:
@@ -365,9 +397,17 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
 
     def detect(self, image: Tensor, proposals: Tensor) -> dict[str, Tensor]:
         """Detections of one image ``[3, H, W]`` from its (clean) ``proposals [P, 4]``."""
-        fc7, reg = self.region_features(image, proposals)  # [P, F], [P, E]
-        scores, threshold = self.class_scores(fc7)  # [P, K]
-        return self.postprocess(proposals, scores, reg, threshold, tuple(image.shape[1:]))
+        return self.detect_batch([image], [proposals])[0]
+
+    def detect_batch(self, images: Sequence[Tensor], proposals: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image from its (clean) ``proposals [P_i, 4]``: the regions of all the
+        images through the CNN in shared batches (:meth:`batched_region_features`), then each
+        image's scoring and post-processing."""
+        out = []
+        for image, boxes, (fc7, reg) in zip(images, proposals, self.batched_region_features(images, proposals)):
+            scores, threshold = self.class_scores(fc7)  # [P, K]
+            out.append(self.postprocess(boxes, scores, reg, threshold, tuple(image.shape[1:])))
+        return out
 
     def postprocess(
         self, proposals: Tensor, scores: Tensor, reg_features: Tensor, score_thresh: float, image_size: tuple[int, int]
@@ -395,6 +435,27 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
                 digest.update((prefix + name).encode())
                 digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
         return digest.hexdigest()
+
+
+def _region_batches(counts: Sequence[int], size: int) -> list[list[tuple[int, int, int]]]:
+    """Batches of at most ``size`` regions over images with ``counts`` regions each, in order:
+    each batch a list of ``(image, start, stop)`` slices; only the last batch may be short."""
+    batches: list[list[tuple[int, int, int]]] = []
+    batch: list[tuple[int, int, int]] = []
+    room = size
+    for i, count in enumerate(counts):
+        start = 0
+        while start < count:
+            stop = start + min(room, count - start)
+            batch.append((i, start, stop))
+            room -= stop - start
+            start = stop
+            if room == 0:
+                batches.append(batch)
+                batch, room = [], size
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def rcnn(backbone: str | nn.Module = "alexnet", num_classes: int = 21, **kwargs: Any) -> RCNN:

@@ -45,7 +45,6 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from rcnn.build import load_model
 from rcnn.data.shapes import render_shapes_image
 from rcnn.explain import GENERATIONS, explain_html
 from rcnn.inference import detect_timed
@@ -88,13 +87,28 @@ class ServedModel:
     info: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def explainable(self) -> bool:
+        """Whether the stage-by-stage page can be drawn: it reads the eager model's inner stages."""
+        return isinstance(self.model, torch.nn.Module)
+
     @classmethod
-    def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu") -> ServedModel:
-        """The model of a run folder (``rcnn.build.load_model``), its id default its ``model.name``."""
-        model, config, class_names = load_model(run, device)
-        # the input the network sees: the image rescaled (two-stage detectors) or each region warped (R-CNN)
-        sizes = {k: getattr(config.model, k, None) for k in ("min_size", "max_size", "warp_size")}
-        info = {"backbone": config.model.backbone, "input_size": {k: v for k, v in sizes.items() if v is not None}}
+    def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu", backend: str | None = None,
+             threads: int | None = None) -> ServedModel:  # fmt: skip
+        """The model of a run folder or of an exported ONNX file (``rcnn.backends.load_detector``;
+        ``backend`` None: ONNX Runtime for a ``.onnx`` file, else eager), its id default its ``model.name``."""
+        from rcnn.backends import load_detector
+
+        is_onnx = str(run).endswith(".onnx")
+        model, config, class_names = load_detector(
+            None if is_onnx else run, model_file=run if is_onnx else None, backend=backend, device=device,
+            threads=threads, progress=True,
+        )  # fmt: skip
+        info: dict[str, Any] = {"backend": "eager" if isinstance(model, torch.nn.Module) else "onnxruntime"}
+        if config is not None:
+            # the input the network sees: the image rescaled (two-stage detectors) or each region warped (R-CNN)
+            sizes = {k: getattr(config.model, k, None) for k in ("min_size", "max_size", "warp_size")}
+            info.update(backbone=config.model.backbone, input_size={k: v for k, v in sizes.items() if v is not None})
         return cls(id or model.name, model, list(class_names), str(run), info)
 
     def describe(self) -> dict[str, Any]:
@@ -114,6 +128,8 @@ class ServedModel:
             "has_rpn": bool(m.has_rpn),
             "predicts_masks": bool(m.predicts_masks),
             "run": self.run,
+            "backend": self.info.get("backend", "eager"),
+            "explainable": self.explainable,
         }
 
 
@@ -137,7 +153,9 @@ class Detection(BaseModel):
 
 
 class TimeSplit(BaseModel):
-    proposals: float = Field(description="ms: selective search, or the RPN inside the model")
+    proposals: float | None = Field(
+        description="ms: selective search, or the RPN inside the model (null where the RPN runs inside an ONNX Runtime graph)"
+    )
     rest: float = Field(description="ms: everything else of the model call (resize and post-processing included)")
     total: float
 
@@ -146,6 +164,7 @@ class ModelResult(BaseModel):
     model: str = Field(description="the served model's id")
     generation: str
     score_thresh: float = Field(description="the model's default display threshold")
+    explainable: bool = Field(description="whether POST /explain can draw this model's stages (eager models)")
     time_ms: TimeSplit
     detections: list[Detection]
 
@@ -277,12 +296,15 @@ def predict_one(served: ServedModel, image: torch.Tensor, score_thresh: float | 
         if "masks" in output:
             item["mask"] = encode_mask(output["masks"][d, 0] > 0)
         detections.append(item)
-    proposals, rest = 1000 * times["proposals_s"], 1000 * times["rest_s"]
+    rest = 1000 * times["rest_s"]
+    proposals = None if times["proposals_s"] is None else 1000 * times["proposals_s"]  # None: inside an ONNX graph
     return {
         "model": served.id,
         "generation": GENERATIONS.get(served.model.name, type(served.model).__name__),
         "score_thresh": float(served.model.display_score_thresh),
-        "time_ms": {"proposals": round(proposals, 2), "rest": round(rest, 2), "total": round(proposals + rest, 2)},
+        "explainable": served.explainable,
+        "time_ms": {"proposals": None if proposals is None else round(proposals, 2), "rest": round(rest, 2),
+                    "total": round((proposals or 0.0) + rest, 2)},
         "detections": detections,
     }
 
@@ -380,6 +402,9 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
         score_thresh: float | None = Query(None, description="detections scoring at least this count (default: the model's)"),
     ) -> HTMLResponse:
         target = chosen(model)[0]
+        if not target.explainable:
+            raise ApiError(400, "not_explainable", f"model {target.id!r} runs in ONNX Runtime, which gives only its detections; "
+                           "serve the run folder with --backend eager to explain it stage by stage")  # fmt: skip
         data, name = await upload_bytes(request, settings.max_upload_bytes)
 
         def work() -> str:

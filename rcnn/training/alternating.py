@@ -88,6 +88,9 @@ def train_alternating(
     """
     if not getattr(model, "has_rpn", False):
         raise ValueError("alternating training needs a model with an RPN (faster_rcnn or mask_rcnn)")
+    cfg.check_controls("alternating")  # keep_best, patience, val_loss, EMA: the one loop's only
+    if train_kwargs.get("val_set") is not None:
+        raise ValueError("val_set: the 4-step alternating scheme computes no val loss")
     run_dir = Path(run_dir)
     alt = cfg.alternating
     rpn_cfg = cfg.model_copy(update={"iterations": alt.rpn_iterations})

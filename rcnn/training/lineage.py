@@ -71,7 +71,7 @@ def measure_model(
                  f"data.proposals_val={run.parent / 'ss_val.safetensors'}"]  # fmt: skip
     config = load_config(SHAPES_CONFIGS[name], [*sets, *overrides])
     tic = time.perf_counter()
-    summary = run_training(config, run, evaluate=False, progress=False, log=lambda s: None)
+    summary = run_training(config, run, overwrite=True, evaluate=False, progress=False, log=lambda s: None)
     wall = time.perf_counter() - tic
 
     model, config, _ = load_model(run)
@@ -128,7 +128,7 @@ def _pretrain_child(data_root: str, out: str, backbone: str, iterations: int, th
     cfg = TrainConfig(iterations=iterations, batch_size=min(64, len(train_set)), lr=0.02, schedule="cosine", warmup_iterations=20,
                       checkpoint_every=10**9)  # fmt: skip
     tic = time.perf_counter()
-    summary = pretrain(backbone, train_set, len(train_set.class_names), cfg, out, val_set=val_set, progress=False,
+    summary = pretrain(backbone, train_set, len(train_set.class_names), cfg, out, val_set=val_set, overwrite=True, progress=False,
                        log=lambda s: None)  # fmt: skip
     return {"weights": summary["weights"], "seconds": time.perf_counter() - tic, "top1": summary["metrics"]["top1"],
             "iterations": iterations}  # fmt: skip

@@ -6,11 +6,13 @@ TensorBoard scalars and a ``metrics.jsonl`` log, periodic evaluation, atomic che
 ``checkpoint_every`` iterations, exact resumption (``resume=True`` continues from ``last`` with
 the same weights, optimiser, schedule, RNG and data order as if never stopped), a guard that
 skips and reports non-finite losses, and DDP when launched with ``torchrun`` (gloo on CPU, NCCL
-on CUDA), each process taking its own share of every global batch.
+on CUDA), each process taking its own share of every global batch. The controls of long runs —
+gradient accumulation, validation loss, keep-best, early stopping, weight EMA, progress by the
+time budget — live in :mod:`rcnn.training.control`.
 
 The learning rate scales linearly with the total batch (Goyal et al., 2017): ``lr`` is meant for
-``lr_batch_size`` images per step (default: ``batch_size``), and the loop uses
-``lr * batch_size * world_size / lr_batch_size``.
+``lr_batch_size`` images per step (default: ``batch_size x accumulate``), and the loop uses
+``lr * batch_size * world_size * accumulate / lr_batch_size``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
 from rcnn.io.checkpoints import find_checkpoint, has_optimizer_state, load_checkpoint, save_checkpoint
+from rcnn.io.files import write_text
+from rcnn.training.control import RunProgress, TrainingControls, accumulate_gradients, effective_lr
 
 __all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
 
@@ -49,6 +52,8 @@ class TrainResult:
     skipped_steps: int  # steps skipped for a non-finite loss
     metrics: dict[str, Any] = field(default_factory=dict)  # last evaluation
     checkpoint: Path | None = None
+    best: dict[str, Any] | None = None  # train.keep_best: metric, value, iteration (the weights in RUN/best)
+    stopped_early: bool = False  # by train.patience
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,17 +134,21 @@ class _BatchSampler(Sampler[list[tuple[int, int]]]):
 
     Each element is ``(dataset index, item seed)``; the item seed drives that item's random
     augmentation, so the data a given iteration sees does not depend on workers or restarts.
-    Under DDP, rank r takes the r-th slice of every global batch.
+    Under DDP, rank r takes the r-th slice of every global batch. With ``accumulate`` N each
+    iteration yields N micro-batches, the N slices of the rank's share of a global batch N times
+    larger, with the item seeds of that batch: the data of an N-times larger batch.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_iteration: int, rank: int, world: int) -> None:
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start_iteration: int, rank: int, world: int, accumulate: int = 1
+    ) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start, self.rank, self.world = start_iteration, rank, world
-        self.global_batch = batch_size * world
+        self.start, self.rank, self.world, self.accumulate = start_iteration, rank, world, accumulate
+        self.global_batch = batch_size * world * accumulate
         if size < self.global_batch:
             raise ValueError(
                 f"the training set has {size} images, fewer than one batch of {self.global_batch} "
-                "(train.batch_size x processes); lower train.batch_size"
+                "(train.batch_size x processes x train.accumulate); lower train.batch_size or train.accumulate"
             )
         self.per_epoch = size // self.global_batch
 
@@ -149,9 +158,12 @@ class _BatchSampler(Sampler[list[tuple[int, int]]]):
             epoch, step = divmod(iteration, self.per_epoch)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=generator)
-            lo = step * self.global_batch + self.rank * self.batch_size
-            batch = order[lo : lo + self.batch_size].tolist()
-            yield [(index, (self.seed * 7919 + iteration) * 65_537 + pos) for pos, index in enumerate(batch)]
+            share = self.batch_size * self.accumulate
+            lo = step * self.global_batch + self.rank * share
+            for micro in range(self.accumulate):
+                batch = order[lo + micro * self.batch_size : lo + (micro + 1) * self.batch_size].tolist()
+                first = micro * self.batch_size
+                yield [(index, (self.seed * 7919 + iteration) * 65_537 + first + pos) for pos, index in enumerate(batch)]
             iteration += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for display
@@ -190,6 +202,7 @@ def train(
     run_dir: str | os.PathLike,
     *,
     evaluator: Evaluator | None = None,
+    val_set: Dataset | None = None,
     resume: bool = False,
     config_yaml: str | None = None,
     class_names: Sequence[str] | None = None,
@@ -206,7 +219,10 @@ def train(
         cfg: the ``train`` section of the config.
         run_dir: where checkpoints (``step_*``, ``last``), ``metrics.jsonl`` and TensorBoard logs go.
         evaluator: called with the model (in eval mode) every ``cfg.eval_every`` iterations and at
-            the end; returns a dict of metrics (numbers are logged).
+            the end; returns a dict of metrics (numbers are logged). With ``cfg.ema_decay`` it is
+            called with the weight average.
+        val_set: items like ``dataset``'s (no augmentation): the val loss at each evaluation
+            (``cfg.val_loss``), a metric ``cfg.keep_best`` can watch.
         resume: continue from ``run_dir/last`` if it exists.
         config_yaml, class_names: stored with each checkpoint so it can be used on its own.
         iterations: overrides ``cfg.iterations`` (the schedule still follows ``cfg.iterations``).
@@ -219,8 +235,9 @@ def train(
     torch.manual_seed(cfg.seed + rank)
     model.to(device)
     model.train()
-    lr = cfg.lr * cfg.batch_size * world / (cfg.lr_batch_size or cfg.batch_size)
+    lr = effective_lr(cfg, world)
     optimizer = build_optimizer(model, cfg, lr)
+    controls = TrainingControls(model, cfg, run_dir, evaluator=evaluator, val_set=val_set, device=device, log=log)
     start = 0
     if resume and (run_dir / "last").exists() and not has_optimizer_state(run_dir / "last"):
         # weights without a training state (a converted model): they are where training starts
@@ -230,6 +247,7 @@ def train(
     elif resume and (run_dir / "last").exists():
         state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, restore_rng_state=True)
         start = int(state["iteration"])
+        controls.restore(state, find_checkpoint(run_dir / "last"), model)
         if world > 1:  # each process continues its own random stream
             torch.manual_seed(cfg.seed + rank + 1000 * start)
         log(f"resumed from {find_checkpoint(run_dir / 'last')} at iteration {start}")
@@ -244,7 +262,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loader = DataLoader(
         _SeededItems(dataset),
-        batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world),  # type: ignore[arg-type]
+        batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world, cfg.accumulate),  # type: ignore[arg-type]
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
         num_workers=workers,
@@ -252,34 +270,46 @@ def train(
         pin_memory=device.type == "cuda",
     )
     is_main = rank == 0
-    writer = _tensorboard(run_dir) if is_main else None
+    # resuming at `start`: the rows a killed run logged after its checkpoint are dropped, not repeated
+    writer = _tensorboard(run_dir, purge_step=start + 1 if resume else None) if is_main else None
     metrics_log = (run_dir / "metrics.jsonl") if is_main else None
+    if metrics_log is not None and resume:
+        _truncate_log(metrics_log, start)
     run_dir.mkdir(parents=True, exist_ok=True)
     window: dict[str, list[float]] = {}
     bad_in_a_row = skipped = 0
     metrics: dict[str, Any] = {}
     checkpoint: Path | None = None
     elapsed = 0.0
-    bar = _progress(start, total, enabled=progress and is_main)
+    bar = RunProgress(start, total, cfg.time_budget_s, enabled=progress and is_main)
 
     def save(iteration: int) -> Path | None:
         if not is_main:
             return None
         return save_checkpoint(
-            run_dir, iteration, model, optimizer=optimizer, extra_state={"lr": lr}, config_yaml=config_yaml,
+            run_dir, iteration, controls.eval_model(model), optimizer=optimizer,
+            extra_state={"lr": lr, **controls.state()}, config_yaml=config_yaml,
             class_names=list(class_names) if class_names else None, keep=cfg.keep_checkpoints,
+            extra_files=controls.extra_files(model),
         )  # fmt: skip
 
-    def evaluate(iteration: int) -> dict[str, Any]:
-        if evaluator is None or not is_main:
-            return {}
-        model.eval()
-        try:
-            result = evaluator(model)
-        finally:
-            model.train()
-        _log_scalars(writer, metrics_log, iteration, {f"eval/{k}": v for k, v in _flat_numbers(result).items()})
-        return result
+    def evaluate(iteration: int) -> bool:
+        """Evaluate (metrics, val loss), keep the best; True when training should stop early."""
+        nonlocal metrics, evaluated_at
+        stop = False
+        if controls.evaluates and is_main:
+            metrics, scalars = controls.evaluate(model)
+            evaluated_at = iteration
+            _log_scalars(writer, metrics_log, iteration, scalars)
+            stop = controls.judge(iteration, metrics, lambda best: best.save(
+                iteration, controls.eval_model(model), config_yaml, class_names))  # fmt: skip
+        if world > 1 and cfg.patience is not None:  # every process stops with the first
+            flag = torch.tensor([float(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    evaluated_at = -1
 
     iteration = start
     batches = iter(loader)
@@ -290,14 +320,11 @@ def train(
         tic = time.perf_counter()
         for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
             group["lr"] = lr * lr_factor(iteration, cfg, elapsed)
-        images, targets = next(batches)
-        images, targets, proposals = _to_device(images, targets, device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            losses = train_model(images, targets, proposals) if proposals is not None else train_model(images, targets)
-        loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        losses, bad = accumulate_gradients(
+            train_model, lambda: _to_device(*next(batches), device), cfg.accumulate, scaler, use_amp, device
+        )  # fmt: skip
+        if bad:
             skipped += 1
             bad_in_a_row += 1
             log(f"iteration {iteration}: non-finite loss ({', '.join(bad)}); step skipped, weights unchanged")
@@ -308,20 +335,17 @@ def train(
                 )
         else:
             bad_in_a_row = 0
-            scaler.scale(loss).backward()
             if cfg.clip_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            controls.after_step(model)
             for k, v in losses.items():
                 window.setdefault(k, []).append(float(v.detach()))
         iteration += 1
         elapsed += time.perf_counter() - tic
-        if bar is not None:
-            bar.update(1)
-            if window:
-                bar.set_postfix({k.removeprefix("loss_"): f"{sum(v) / len(v):.3f}" for k, v in window.items()}, refresh=False)
+        bar.step(iteration, elapsed, {k: sum(v) / len(v) for k, v in window.items() if v})
         if iteration % cfg.log_every == 0 or iteration == total:
             means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
             _log_scalars(
@@ -330,49 +354,50 @@ def train(
                  "train/seconds": elapsed},
             )  # fmt: skip
             window = {k: v[-cfg.log_every :] for k, v in window.items()}
-        if iteration % cfg.checkpoint_every == 0 and iteration < total:
+        # evaluations before checkpoints: a checkpoint holds the keep-best state of its iteration
+        stop = bool(cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total) and evaluate(iteration)
+        if stop or (iteration % cfg.checkpoint_every == 0 and iteration < total):
             checkpoint = save(iteration)
-        if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total:
-            metrics = evaluate(iteration)
-    if bar is not None:
-        bar.close()
-    checkpoint = save(iteration) or checkpoint
-    if evaluator is not None:
-        metrics = evaluate(iteration)
+        if stop:
+            break
+    bar.close()
+    if not controls.stopped_early:  # (an early stop has just saved its checkpoint)
+        checkpoint = save(iteration) or checkpoint
+    stopped_early = controls.stopped_early
+    if evaluated_at != iteration:
+        evaluate(iteration)
     if writer is not None:
         writer.close()
     if world > 1:
         dist.barrier()
     final = {k: sum(v) / len(v) for k, v in window.items() if v}
-    return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint)
+    best = controls.best.state() if controls.best is not None else None
+    return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint, best, stopped_early)
 
 
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    interactive = sys.stderr.isatty()  # into a log file: an occasional line, not a redraw per step
-    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if interactive else 30)
-
-
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, purge_step: int | None = None):
+    """TensorBoard's writer; ``purge_step``: events at that step and later, left by an earlier
+    process, are discarded when the logs are read (TensorBoard's own rule for restarted runs)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
-def _flat_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat_numbers(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``iteration`` (the checkpoint resumed from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] <= iteration:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
 
 
 def _log_scalars(writer: Any, metrics_log: Path | None, iteration: int, values: dict[str, float]) -> None:

@@ -29,6 +29,7 @@ from rcnn.components.backbones import BackboneParts, build_backbone, parts_state
 from rcnn.config import TrainConfig
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_image
 from rcnn.io.images import load_image
+from rcnn.io.runs import claim_run_folder
 from rcnn.io.tensors import save_tensors
 from rcnn.training.loop import train
 
@@ -113,20 +114,35 @@ class CropDataset(Dataset):
     Each crop is the object's box enlarged by ``context`` of its size on every side (clipped to
     the image) and resized to ``size`` x ``size``; its label is the object's class minus one
     (class 1..K -> 0..K-1). Objects smaller than ``min_size`` pixels are skipped.
+
+    ``background=True`` adds a class ``"background"`` (label K), as R-CNN's classifiers have: per
+    image as many regions as it has objects, drawn once (seeded by the image's position) among
+    boxes of 10-60 % of the image's sides that overlap every object at IoU under 0.3. A set of
+    one class needs it to be a classification task at all.
     """
 
     def __init__(
-        self, dataset: Any, size: int = 64, context: float = 0.1, min_size: float = 4.0, augment: bool = True
+        self,
+        dataset: Any,
+        size: int = 64,
+        context: float = 0.1,
+        min_size: float = 4.0,
+        augment: bool = True,
+        background: bool = False,
     ) -> None:
         self.dataset = dataset
         self.size, self.context, self.augment = size, context, augment
-        self.class_names = list(dataset.class_names[1:])
+        self.class_names = list(dataset.class_names[1:]) + (["background"] if background else [])
         self.items: list[tuple[int, list[float], int]] = []
         for index in range(len(dataset)):
             ann = dataset.annotation(index)
+            boxes = [b for b in ann["boxes"].tolist() if min(b[2] - b[0], b[3] - b[1]) >= min_size]
             for box, label in zip(ann["boxes"].tolist(), ann["labels"].tolist()):
                 if min(box[2] - box[0], box[3] - box[1]) >= min_size:
                     self.items.append((index, box, int(label) - 1))
+            if background and boxes:
+                for box in _background_boxes(ann["boxes"], ann["orig_size"], len(boxes), index):
+                    self.items.append((index, box, len(self.class_names) - 1))
         if not self.items:
             raise ValueError("the data set has no objects to crop")
         self._cache: tuple[int, Tensor] | None = None
@@ -151,6 +167,22 @@ class CropDataset(Dataset):
         if self.augment and torch.rand(()) < 0.5:
             crop = crop.flip(-1)
         return crop, {"label": label}
+
+
+def _background_boxes(objects: Tensor, size: tuple[int, int], count: int, seed: int) -> list[list[float]]:
+    """Up to ``count`` boxes in an image of ``size`` (H, W) overlapping each of ``objects`` [N, 4] at IoU < 0.3."""
+    from torchvision.ops import box_iou
+
+    height, width = size
+    g = torch.Generator().manual_seed(seed)
+    sides = torch.rand(64, 2, generator=g) * 0.5 + 0.1  # [64, 2]: width and height as fractions
+    w, h = sides[:, 0] * width, sides[:, 1] * height
+    x1 = torch.rand(64, generator=g) * (width - w)
+    y1 = torch.rand(64, generator=g) * (height - h)
+    candidates = torch.stack((x1, y1, x1 + w, y1 + h), 1)  # [64, 4]
+    if len(objects):
+        candidates = candidates[box_iou(candidates, objects.float()).max(1).values < 0.3]
+    return candidates[:count].tolist()
 
 
 @torch.inference_mode()
@@ -181,6 +213,7 @@ def pretrain(
     *,
     val_set: Dataset | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -193,7 +226,8 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     model = BackboneClassifier(build_backbone(backbone_name, norm="bn"), num_classes)
     evaluator = (lambda m: classification_accuracy(m, val_set)) if val_set is not None else None
-    result = train(model, train_set, cfg, out_dir, evaluator=evaluator, resume=resume, progress=progress, log=log)
+    with claim_run_folder(out_dir, resume=resume, overwrite=overwrite):  # one training per folder
+        result = train(model, train_set, cfg, out_dir, evaluator=evaluator, resume=resume, progress=progress, log=log)
     weights = save_tensors(out_dir / "backbone.safetensors", parts_state_dict(BackboneParts(model.backbone, model.box_head)))
     return {
         "backbone": backbone_name,

@@ -274,6 +274,9 @@ def train_rcnn(
     """
     if cfg.scheme != "joint":
         raise ValueError(f"R-CNN trains in its own stages; train.scheme {cfg.scheme!r} is for Faster R-CNN")
+    cfg.check_controls("rcnn")  # keep_best, patience, val_loss, EMA: the one loop's only
+    if train_kwargs.get("val_set") is not None:
+        raise ValueError("val_set: R-CNN's stages compute no val loss")
     if training_set.proposals is None:
         raise ValueError("R-CNN needs proposals for its training images: set data.proposals_train")
     run_dir = Path(run_dir)

@@ -27,6 +27,7 @@ from rcnn.data.shapes import make_shapes
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
 from rcnn.evaluation.classes import match_classes
 from rcnn.inference import evaluate_model
+from rcnn.io.runs import claim_run_folder
 from rcnn.training.alternating import train_alternating
 from rcnn.training.datasets import TrainingSet, proposal_source
 from rcnn.training.loop import train
@@ -83,18 +84,38 @@ def run_training(
     out_dir: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     evaluate: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the configured model on the configured data, evaluate on the val split.
 
+    ``out_dir`` is held for the whole training (:func:`rcnn.io.runs.claim_run_folder`): a second
+    training into it is refused, and so is one into a folder holding an earlier run, unless
+    ``resume`` (continue it) or ``overwrite`` (delete it and start over).
+
     Returns a summary: iterations, training seconds, final losses, evaluation metrics and the
     checkpoint path.
     """
     out_dir = Path(out_dir)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, the first process holds the folder
+        return _run_training(config, out_dir, resume, evaluate, progress, log)
+    with claim_run_folder(out_dir, resume=resume, overwrite=overwrite):
+        return _run_training(config, out_dir, resume, evaluate, progress, log)
+
+
+def _run_training(
+    config: Config, out_dir: Path, resume: bool, evaluate: bool, progress: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
     data = prepare_data(config)
+    objects = sum(int((~r.iscrowd).sum()) for r in data.train.records)
+    if objects == 0:  # images without objects are valid negatives, but a set of nothing else teaches nothing
+        raise ValueError(
+            f"{config.data.root}: the training split ({config.data.train_split}, {len(data.train)} images) has no "
+            f"object to learn from; check its annotations (rcnn data check {config.data.root})"
+        )
     if config.model.num_classes and config.model.num_classes != data.train.num_classes:
         if not config.train.init_from:
             raise ValueError(
@@ -140,7 +161,8 @@ def run_training(
     elif config.train.scheme == "alternating":
         result = train_alternating(model, training_set, config.train, out_dir, **common)
     else:
-        result = train(model, training_set, config.train, out_dir, **common)
+        val_items = TrainingSet(data.val, None, val_proposals) if evaluate and data.val is not None else None
+        result = train(model, training_set, config.train, out_dir, val_set=val_items, **common)
     return {
         "model": config.model.name,
         "backbone": config.model.backbone,
@@ -150,4 +172,5 @@ def run_training(
         "skipped_steps": result.skipped_steps,
         "metrics": result.metrics,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        **({"best": result.best, "stopped_early": result.stopped_early} if result.best else {}),
     }

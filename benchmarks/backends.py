@@ -1,0 +1,154 @@
+"""The inference backends against the peer: our model in eager PyTorch and in ONNX Runtime (fp32,
+and int8 where a calibrated model is made), torchvision's same architecture in eager PyTorch, in
+one process, same weights, same image.
+
+    python -m benchmarks.backends [--quick] [--threads 2] [--int8]
+
+For Faster R-CNN ResNet-50-FPN and MobileNetV3-Large-FPN at 800x1066 and 512x512, and Mask R-CNN
+ResNet-50-FPN at 800x1066: seconds per image (pre- and post-processing included; the network sees
+exactly that size) of each backend, interleaved A B C, C B A, ..., best of the rounds, CPU seconds
+(all threads) beside wall; ratios to torchvision's. The models are those of
+``benchmarks.faster_rcnn`` (torchvision's random initialisation, BatchNorm statistics from random
+images, copied into ours; score threshold 0, so every backend post-processes its 100 best).
+Agreement: the share of the eager model's detections that ONNX Runtime gives too (same label,
+box IoU > 0.99, score within 1e-3). Writes ``benchmarks/results/backends.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from benchmarks.common import command_line, read_result, table, time_rounds, write_result
+from benchmarks.faster_rcnn import build_pair, calibrate_batchnorm, copy_weights
+from rcnn.export import OnnxDetector, export_onnx
+from rcnn.models import mask_rcnn
+
+CASES = [
+    ("faster_rcnn", "resnet50_fpn", (800, 1066)),
+    ("faster_rcnn", "resnet50_fpn", (512, 512)),
+    ("faster_rcnn", "mobilenet_v3_fpn", (800, 1066)),
+    ("faster_rcnn", "mobilenet_v3_fpn", (512, 512)),
+    ("mask_rcnn", "resnet50_fpn", (800, 1066)),
+]
+
+
+def mask_pair(height: int, width: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our Mask R-CNN ResNet-50-FPN and torchvision's, ours holding its weights (as ``benchmarks.mask_rcnn``)."""
+    small, large = min(height, width), max(height, width)
+    torch.manual_seed(0)
+    ours = mask_rcnn("resnet50_fpn", 91, min_size=small, max_size=large, roi={"score_thresh": 0.0}, anchor_offset=0.0,
+                     aligned=False)  # fmt: skip
+    peer = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=small, max_size=large, box_score_thresh=0.0
+    )
+    calibrate_batchnorm(peer.backbone, height, width)
+    copy_weights(peer, ours)
+    return ours, peer
+
+
+def agreement(eager: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
+    """The share of ``eager``'s detections that ``other`` gives too (label, IoU > 0.99, score within 1e-3)."""
+    from torchvision.ops import box_iou
+
+    if len(eager["boxes"]) == 0:
+        return 1.0 if len(other["boxes"]) == 0 else 0.0
+    if len(other["boxes"]) == 0:
+        return 0.0
+    same = (eager["labels"][:, None] == other["labels"][None]) & (
+        (eager["scores"][:, None] - other["scores"][None]).abs() < 1e-3
+    )
+    same &= box_iou(eager["boxes"], other["boxes"]) > 0.99
+    return float(same.any(1).float().mean())
+
+
+def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int, workdir: Path,
+         int8_calibration: int = 0) -> dict[str, Any]:  # fmt: skip
+    ours, peer = mask_pair(*size) if kind == "mask_rcnn" else build_pair(arch, *size)
+    for_export = copy.deepcopy(ours).eval()  # BatchNorm unfolded: ONNX Runtime fuses it itself
+    ours.eval().optimize_for_inference()
+    peer.eval()
+    names = ["__background__"] + [f"class_{i}" for i in range(1, 91)]
+    onnx_file = export_onnx(for_export, workdir / f"{kind}_{arch}_{size[0]}x{size[1]}.onnx", names, example_size=size)
+    del for_export
+    ort = OnnxDetector(onnx_file, threads=threads)
+    image = (torch.rand(3, *size, generator=torch.Generator().manual_seed(1)) * 255).round() / 255  # uint8-exact
+    calls = {"torchvision": lambda: peer([image]), "eager": lambda: ours([image]), "onnxruntime": lambda: ort([image])}
+    if int8_calibration:
+        from rcnn.quantize import quantize_onnx
+
+        g = torch.Generator().manual_seed(2)
+        pictures = [(torch.rand(3, *size, generator=g) * 255).round() / 255 for _ in range(int8_calibration)]
+        int8_file = quantize_onnx(onnx_file, workdir / f"{onnx_file.stem}-int8.onnx", pictures)
+        int8 = OnnxDetector(int8_file, threads=threads)
+        calls["onnxruntime_int8"] = lambda: int8([image])
+    with torch.inference_mode():
+        best = time_rounds(calls, rounds=rounds)
+        (eager_out,) = ours([image])
+    row: dict[str, Any] = {"model": kind, "arch": arch, "size": list(size), "detections": len(eager_out["boxes"])}
+    for name, figures in best.items():
+        row[f"{name}_cpu_s"], row[f"{name}_wall_s"] = figures["cpu_s"], figures["wall_s"]
+        if name != "torchvision":
+            row[f"{name}_ratio_cpu"] = figures["cpu_s"] / best["torchvision"]["cpu_s"]
+            row[f"{name}_ratio_wall"] = figures["wall_s"] / best["torchvision"]["wall_s"]
+    (ort_out,) = ort([image])
+    row["onnxruntime_agreement"] = agreement(eager_out, ort_out)
+    return row
+
+
+def markdown(result: dict[str, Any]) -> str:
+    backends = [b for b in ("eager", "onnxruntime", "onnxruntime_int8") if any(f"{b}_cpu_s" in r for r in result["rows"])]
+    headers = ["model", "size", "torchvision CPU s"] + [f"{b} CPU s (ratio)" for b in backends] + ["wall ratios", "ORT agreement"]
+    rows = []
+    for r in result["rows"]:
+        cells = [f"{r['model']} {r['arch']}", f"{r['size'][0]}x{r['size'][1]}", r["torchvision_cpu_s"]]
+        cells += [f"{r[b + '_cpu_s']:.3f} ({r[b + '_ratio_cpu']:.2f})" if f"{b}_cpu_s" in r else "" for b in backends]
+        cells.append(" / ".join(f"{r[b + '_ratio_wall']:.2f}" for b in backends if f"{b}_cpu_s" in r))
+        cells.append(f"{100 * r['onnxruntime_agreement']:.0f}%")
+        rows.append(cells)
+    text = [f"Seconds per image, {result['threads']} threads, best of {result['rounds']} interleaved rounds "
+            "(CPU = all threads; ratio = to torchvision's eager model, same weights, same image):", "",
+            table(headers, rows), "",
+            "ORT agreement: the share of the eager model's detections that the ONNX Runtime graph gives "
+            "too (same label, box IoU > 0.99, score within 1e-3)."]  # fmt: skip
+    if result.get("notes"):
+        text += ["", result["notes"]]
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 5")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated case numbers (0-based) of CASES")
+    parser.add_argument("--int8", type=int, default=0, metavar="N", help="also an int8 model calibrated on N images")
+    parser.add_argument("--notes", default="", help="a line on the conditions, shown under the table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick else 5
+    chosen = [CASES[int(i)] for i in args.only.split(",")] if args.only else CASES
+    previous = read_result("backends") if args.only else None  # --only: the other cases' rows stay
+    rows = [r for r in (previous or {}).get("rows", [])]
+    command = command_line("benchmarks.backends", argv)
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, arch, size in chosen:
+            row = case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8)
+            row["command"] = command
+            print(row, flush=True)
+            rows = [r for r in rows if (r["model"], r["arch"], r["size"]) != (kind, arch, list(size))] + [row]
+            rows.sort(key=lambda r: [c[:3] for c in CASES].index((r["model"], r["arch"], tuple(r["size"]))))
+            result = {"rows": rows, "threads": args.threads, "rounds": rounds, "notes": args.notes}
+            write_result("backends", result, command)  # after each case: a long run keeps what it measured
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

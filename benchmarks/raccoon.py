@@ -1,0 +1,265 @@
+"""Faster R-CNN MobileNetV3-Large-FPN on real photographs, against torchvision's, from scratch.
+
+    python -m benchmarks.raccoon [--quick] [--budget S] [--pretrain-budget S] [--data DIR]
+
+The raccoon photographs (``../shared/data/raccoon``: 200 photographs, LabelImg XML, one class)
+with their author's split, written as split files with an ``rcnn_dataset.json`` into a temporary
+folder (the data is read in place): images 1-160 train, 161-200 val. Three detectors, each
+trained by the library's loop for the same wall-clock budget with the same image sizes, batch,
+learning rate, schedule and horizontal flips, then evaluated on val by the same COCO evaluator
+(pycocotools):
+
+- ``ours``: our Faster R-CNN MobileNetV3-Large-FPN from random initialisation;
+- ``peer``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)``;
+- ``ours_pretrained``: ours from a backbone pre-trained first (``--pretrain-budget`` seconds, not
+  counted in the detector's budget) by ``rcnn pretrain``'s code on crops of the training
+  photographs' raccoons against background regions.
+
+Writes ``benchmarks/results/raccoon.json`` and, with ``--picture``, a picture of the three
+detectors' predictions on val photographs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from benchmarks.common import ROOT, command_line, table, write_result
+from rcnn.data import build_dataset
+from rcnn.models import faster_rcnn
+
+DATA = ROOT.parent / "shared" / "data" / "raccoon"
+TRAIN_IMAGES, VAL_IMAGES = range(1, 161), range(161, 201)  # the author's split, by image number
+MODELS = {
+    "ours": "rcnn, random initialisation",
+    "peer": "torchvision, random initialisation",
+    "ours_pretrained": "rcnn, backbone from `rcnn pretrain` on the training photographs",
+}
+# shared by the three trainings
+MIN_SIZE, MAX_SIZE = 320, 640  # torchvision's low-resolution MobileNetV3 detector's sizes
+BATCH, LR = 4, 0.02
+
+
+def author_split(data: Path, folder: Path, train: Sequence[int] = TRAIN_IMAGES, val: Sequence[int] = VAL_IMAGES) -> Path:
+    """Write the author's split of the raccoon photographs into ``folder`` (``train.txt``, ``val.txt``
+    and an ``rcnn_dataset.json`` naming the data in place): a data set path for ``build_dataset``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, numbers in (("train", train), ("val", val)):
+        (folder / f"{name}.txt").write_text("".join(f"raccoon-{i}\n" for i in numbers), encoding="utf-8")
+    spec = {"format": "labelimg", "root": str(data.resolve()), "annotations": str((data / "annotations").resolve()),
+            "images": str((data / "images").resolve())}  # fmt: skip
+    (folder / "rcnn_dataset.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def train_config(budget_s: float | None, iterations: int | None = None):
+    """The one training setting of all three detectors: SGD, warm-up then cosine over the budget."""
+    from rcnn.config import TrainConfig
+
+    return TrainConfig(
+        iterations=iterations or 10**7, time_budget_s=budget_s if iterations is None else None, batch_size=BATCH,
+        lr=LR, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_iterations=50, clip_grad_norm=10.0,
+        checkpoint_every=10**9, log_every=10**9, seed=0,
+    )  # fmt: skip
+
+
+def build(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "peer":
+        return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=num_classes, min_size=MIN_SIZE, max_size=MAX_SIZE
+        )
+    return faster_rcnn("mobilenet_v3_fpn", num_classes, min_size=MIN_SIZE, max_size=MAX_SIZE, pretrained_backbone=pretrained)
+
+
+def pretrain_backbone(train_set: Any, val_set: Any, budget_s: float | None, out: Path, iterations: int | None = None) -> dict[str, Any]:
+    """``rcnn pretrain``'s path: MobileNetV3 classifying 128-px crops of raccoons against background regions."""
+    from rcnn.config import TrainConfig
+    from rcnn.training.pretrain import CropDataset, pretrain
+
+    crops = CropDataset(train_set, 128, background=True)
+    val_crops = CropDataset(val_set, 128, augment=False, background=True)
+    cfg = TrainConfig(
+        iterations=iterations or 10**7, time_budget_s=budget_s if iterations is None else None, batch_size=min(32, len(crops)),
+        lr=0.02, schedule="cosine", warmup_iterations=20, checkpoint_every=10**9, log_every=10**9, weight_decay=1e-4,
+    )  # fmt: skip
+    summary = pretrain("mobilenet_v3_fpn", crops, len(crops.class_names), cfg, out, val_set=val_crops, overwrite=True,
+                       progress=False, log=lambda s: None)  # fmt: skip
+    return {"iterations": summary["iterations"], "train_s": summary["train_seconds"], "crops": len(crops),
+            "val_accuracy": summary["metrics"].get("top1"), "weights": summary["weights"]}  # fmt: skip
+
+
+def train_and_evaluate(model: nn.Module, data: Any, budget_s: float | None, run_dir: Path, iterations: int | None = None) -> dict[str, Any]:
+    from rcnn.data.transforms import RandomHorizontalFlip
+    from rcnn.inference import evaluate_model
+    from rcnn.training.datasets import TrainingSet
+    from rcnn.training.loop import train
+
+    result = train(model, TrainingSet(data["train"], RandomHorizontalFlip(0.5)), train_config(budget_s, iterations),
+                   run_dir, progress=False, log=lambda s: None)  # fmt: skip
+    metrics = evaluate_model(model, data["val"])
+    return {"iterations": result.iterations, "train_s": result.seconds, "AP": metrics["bbox"]["AP"],
+            "AP50": metrics["bbox"]["AP50"], "ms_per_image": 1000 * metrics["seconds_per_image"]}  # fmt: skip
+
+
+def run(
+    data_dir: Path,
+    work: Path,
+    budget_s: float | None,
+    pretrain_budget_s: float | None,
+    names: Sequence[str] = tuple(MODELS),
+    split: tuple[Sequence[int], Sequence[int]] = (TRAIN_IMAGES, VAL_IMAGES),
+    iterations: int | None = None,
+) -> tuple[dict[str, Any], dict[str, nn.Module], Any]:
+    """Train and evaluate ``names``; returns the accuracy part, the trained models and the val set.
+
+    ``iterations`` instead of budgets (the test's path): that many steps for every training."""
+    folder = author_split(data_dir, work / "split", *split)
+    data = {"train": build_dataset(folder, "train", train=True), "val": build_dataset(folder, "val")}
+    num_classes = data["train"].num_classes
+    out: dict[str, Any] = {"budget_s": budget_s, "pretrain_budget_s": pretrain_budget_s, "train_images": len(data["train"]),
+                           "val_images": len(data["val"]), "min_size": MIN_SIZE, "max_size": MAX_SIZE, "batch": BATCH,
+                           "lr": LR, "class_names": list(data["train"].class_names)}  # fmt: skip
+    models = {}
+    for name in names:
+        pretrained = None
+        if name == "ours_pretrained":
+            out["pretrain"] = pretrain_backbone(data["train"], data["val"], pretrain_budget_s, work / "pretrain", iterations)
+            pretrained = out["pretrain"]["weights"]
+            print("pretrain", out["pretrain"], flush=True)
+        models[name] = build(name, num_classes, pretrained)
+        out[name] = train_and_evaluate(models[name], data, budget_s, work / name, iterations)
+        print(name, out[name], flush=True)
+    return out, models, data["val"]
+
+
+def picture(models: dict[str, nn.Module], val: Any, path: Path, images: int = 4, score: float = 0.5) -> Path:
+    """One row per val photograph, one column per detector: detections scoring ``score`` or more, ground truth dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = list(range(0, len(val), max(len(val) // images, 1)))[:images]
+    fig, axes = plt.subplots(len(picks), len(models), figsize=(3.2 * len(models), 2.6 * len(picks)), squeeze=False)
+    for row, index in enumerate(picks):
+        image, target = val[index]
+        for col, (name, model) in enumerate(models.items()):
+            model.eval()
+            with torch.inference_mode():
+                det = model([image])[0]
+            ax = axes[row][col]
+            ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            for x1, y1, x2, y2 in target["boxes"].tolist():
+                ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", lw=1.5, ec="white"))
+            for (x1, y1, x2, y2), s in zip(det["boxes"].tolist(), det["scores"].tolist()):
+                if s >= score:
+                    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec="orange"))
+                    ax.text(x1, y1, f"{s:.2f}", color="black", backgroundcolor="orange", fontsize=7, va="bottom")
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(f"val photographs: detections scoring {score} or more (orange), ground truth (dashed)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+CONVERT_COMMAND = ("rcnn convert torchvision fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth "
+                   "--arch fasterrcnn_mobilenet_v3_large_fpn --out runs/coco_mobilenet")  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    acc = result["accuracy"]
+    rows = [[title, acc[k]["iterations"], acc[k]["train_s"], acc[k]["AP"], acc[k]["AP50"], acc[k]["ms_per_image"]]
+            for k, title in MODELS.items() if k in acc]  # fmt: skip
+    parts = [
+        f"Faster R-CNN MobileNetV3-Large-FPN on the raccoon photographs (`../shared/data/raccoon`, read in place; "
+        f"the author's split: images 1-160 train ({acc['train_images']}), 161-200 val ({acc['val_images']})), "
+        f"each detector trained for {acc['budget_s']:.0f} s of wall clock by the library's loop: images scaled to "
+        f"{acc['min_size']} px on the short side (at most {acc['max_size']}), batch {acc['batch']}, SGD lr {acc['lr']} "
+        "(momentum 0.9, weight decay 1e-4, gradient norm clipped at 10), 50 warm-up steps then cosine over the "
+        "budget, horizontal flips; COCO AP on val by the library's evaluator (pycocotools):", "",
+        table(["detector", "steps", "train s", "AP", "AP@0.5", "ms/image"], rows),
+    ]  # fmt: skip
+    parts += ["", "The split is two split files and an `rcnn_dataset.json` naming the photographs in place "
+              "(what the benchmark writes into a temporary folder; `rcnn data split` would draw a random one):", "",
+              "```sh", "mkdir -p splits/raccoon", "seq 1 160 | sed 's/^/raccoon-/' > splits/raccoon/train.txt",
+              "seq 161 200 | sed 's/^/raccoon-/' > splits/raccoon/val.txt",
+              """printf '{"format": "labelimg", "root": "%s"}\\n' "$(realpath ../shared/data/raccoon)" """
+              "> splits/raccoon/rcnn_dataset.json", "```"]  # fmt: skip
+    if "pretrain" in acc:
+        p = acc["pretrain"]
+        top1 = "accuracy not recorded" if p.get("val_accuracy") is None else f"{p['val_accuracy']:.3f} accuracy"
+        parts += ["", f"The pre-trained backbone: `rcnn pretrain`'s code (`CropDataset(..., background=True)`, "
+                  f"`pretrain`) trained MobileNetV3-Large for {p['train_s']:.0f} s ({p['iterations']} steps of 32) "
+                  f"on {p['crops']} 128-px crops of the training photographs (raccoons and as many background "
+                  f"regions), {top1} on the val photographs' crops; its time is not "
+                  "counted in the detector's budget. From the command line:", "",
+                  "```sh", "rcnn pretrain --backbone mobilenet_v3_fpn --data splits/raccoon --background --size 128 "
+                  "--batch-size 32 --out runs/raccoon_backbone", "```"]  # fmt: skip
+    parts += ["", "From COCO weights: torchvision's converted COCO checkpoint is not part of this table, as no "
+              "torchvision checkpoint was on the measuring machine (`~/.cache/torch/hub` absent, nothing "
+              "downloaded). Run it yourself: convert the checkpoint, then fine-tune it on the same split with the "
+              "same settings ([convert.md](convert.md)):", "", "```sh", CONVERT_COMMAND,
+              "rcnn train --config runs/coco_mobilenet/last/config.yaml --init-from runs/coco_mobilenet "
+              "--out runs/raccoon_coco --set data.root=splits/raccoon --set model.min_size=320 "
+              "--set model.max_size=640 --set train.batch_size=4 --set train.lr=0.02 --set train.schedule=cosine "
+              "--set train.time_budget_s=600", "```"]  # fmt: skip
+    if result.get("picture"):
+        parts += ["", f"![predictions of the three detectors on val photographs]({result['picture']})"]
+    if result.get("wall_s"):
+        parts += ["", f"The whole run (data, pre-training, three trainings, evaluations, picture) took "
+                  f"{result['wall_s'] / 60:.0f} minutes of wall clock."]  # fmt: skip
+    if result.get("notes"):
+        parts += ["", result["notes"]]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter budgets (120 s, pre-training 60 s)")
+    parser.add_argument("--budget", type=float, help="training seconds per detector (default 600; --quick 120)")
+    parser.add_argument("--pretrain-budget", type=float, help="backbone pre-training seconds (default 300; --quick 60)")
+    parser.add_argument("--data", default=str(DATA), help="the raccoon photographs (default ../shared/data/raccoon)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--picture", default="docs/img/raccoon_predictions.png",
+                        help="where to draw predictions on val photographs ('' for none)")  # fmt: skip
+    parser.add_argument("--first", type=int, help="only the first N photographs of each split (a smoke run)")
+    parser.add_argument("--notes", default="", help="a line of context for the report (e.g. the machine's load)")
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    if not (data / "annotations").is_dir():
+        raise SystemExit(f"{data}: the raccoon photographs are not there (expected annotations/ and images/)")
+    torch.set_num_threads(args.threads)
+    budget = args.budget or (120.0 if args.quick else 600.0)
+    pretrain_budget = args.pretrain_budget or (60.0 if args.quick else 300.0)
+    tic = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rcnn_bench_raccoon_") as work:
+        split = (TRAIN_IMAGES[: args.first], VAL_IMAGES[: args.first]) if args.first else (TRAIN_IMAGES, VAL_IMAGES)
+        accuracy, models, val = run(data, Path(work), budget, pretrain_budget, split=split)
+    result: dict[str, Any] = {"accuracy": accuracy}
+    if args.picture:
+        picture(models, val, ROOT / args.picture)
+        result["picture"] = str(Path(args.picture).relative_to("docs")) if args.picture.startswith("docs/") else args.picture
+    result["wall_s"] = time.perf_counter() - tic
+    if args.notes:
+        result["notes"] = args.notes
+    write_result("raccoon", result, command_line("benchmarks.raccoon", argv))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Inference backends behind one interface: the same detector run by PyTorch or by ONNX Runtime.
+
+    loaded = load_detector("runs/frcnn")                              # eager PyTorch (the default)
+    loaded = load_detector("runs/frcnn", backend="onnxruntime")       # exported once, then cached
+    loaded = load_detector(model_file="frcnn.onnx")                   # a file from ``rcnn export``
+    loaded = load_detector(model_file="frcnn-int8.onnx")              # ... quantised: ``rcnn export --int8``
+    outputs = loaded.model([image])                                   # [{"boxes", "labels", "scores"(, "masks")}]
+
+Both backends take and give the same things (images float ``[3, H, W]`` in 0..1; boxes in the
+image's pixels), so ``rcnn predict``, ``rcnn evaluate``, ``rcnn serve`` and the Python functions of
+:mod:`rcnn.inference` run either (``--backend eager|onnxruntime``, ``--model FILE``). Their outputs
+agree within the tolerances that ``tests/test_backends.py`` pins (boxes to 1e-2 px, scores to 1e-4,
+for the fp32 graph; int8 changes the numbers, its AP is measured in ``docs/benchmarks.md``).
+
+- ``eager``: the run folder's model in PyTorch (CPU or CUDA), BatchNorm folded for inference.
+- ``onnxruntime``: the graph of :func:`rcnn.export.export_onnx` in ONNX Runtime on the CPU. Given
+  a run folder, the graph is exported on first use and cached beside the weights
+  (``<checkpoint>/onnx/model.onnx``, or under ``~/.cache/rcnn/onnx`` where the run folder is
+  read-only), keyed by the weights' SHA-256: a retrained checkpoint is exported afresh.
+  R-CNN has no ONNX form (see :mod:`rcnn.export`); it runs eager only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from rcnn.build import LoadedModel, load_model
+
+__all__ = ["BACKENDS", "cached_onnx_file", "load_detector", "set_threads", "weights_digest"]
+
+BACKENDS = ("eager", "onnxruntime")
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint's ``model.safetensors`` (what an exported graph was made from)."""
+    digest = hashlib.sha256()
+    with open(checkpoint / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def cached_onnx_file(weights: str | os.PathLike, *, progress: bool = False) -> Path:
+    """The fp32 ONNX graph of a run folder's checkpoint, exported now unless a current one is cached."""
+    from rcnn.export import export_onnx, onnx_metadata
+    from rcnn.io.checkpoints import find_checkpoint
+
+    checkpoint = find_checkpoint(weights)
+    digest = weights_digest(checkpoint)
+    folder = checkpoint / "onnx"
+    if not _writable(folder):
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rcnn" / "onnx" / digest[:16]
+    path = folder / "model.onnx"
+    if path.is_file():
+        try:
+            if onnx_metadata(path).get("weights_sha256") == digest:
+                return path
+        except ValueError:
+            pass  # a damaged cache file: exported again below
+    loaded = load_model(checkpoint, for_inference=False)  # BatchNorm unfolded: ONNX Runtime fuses it itself
+    if progress:
+        print(f"exporting {checkpoint} to ONNX (once; cached as {path})", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return export_onnx(
+        loaded.model, path, loaded.class_names, categories=loaded.categories, config=loaded.config,
+        metadata={"rcnn.weights_sha256": digest},
+    )  # fmt: skip
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for PyTorch's operators (ONNX Runtime's are set per session)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def load_detector(
+    weights: str | os.PathLike | None = None,
+    *,
+    model_file: str | os.PathLike | None = None,
+    backend: str | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    progress: bool = False,
+) -> LoadedModel:
+    """A trained detector ready for inference, run by ``backend``: ``LoadedModel(model, config,
+    class_names, checkpoint, categories)`` where ``model`` is called as the eager model is.
+
+    ``weights``: a run folder, ``step_*`` folder or ``model.safetensors``; ``model_file``: an ONNX
+    file from ``rcnn export`` (implies ``backend="onnxruntime"``; the class names, categories and
+    config travel in its metadata). ``backend`` defaults to ``onnxruntime`` with a ``model_file``,
+    else ``eager``. ONNX Runtime runs on the CPU; ``device`` is for the eager backend.
+    """
+    backend = backend or ("onnxruntime" if model_file is not None else "eager")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if weights is None and model_file is None:
+        raise ValueError("give --weights (a run folder) or --model (an ONNX file from rcnn export)")
+    if weights is not None and model_file is not None:
+        raise ValueError("give either --weights or --model, not both (the ONNX file holds the weights)")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if backend == "eager":
+        if model_file is not None:
+            raise ValueError(f"--model {model_file}: an ONNX file runs with --backend onnxruntime only")
+        set_threads(threads)
+        return load_model(weights, device)
+    if torch.device(device).type != "cpu":
+        raise ValueError("--backend onnxruntime runs on the CPU (the onnxruntime package is the CPU build); "
+                         "on CUDA use --backend eager")  # fmt: skip
+    from rcnn.export import OnnxDetector
+
+    if model_file is None:
+        from rcnn.build import model_class
+        from rcnn.config import load_config
+        from rcnn.io.checkpoints import find_checkpoint
+
+        checkpoint = find_checkpoint(weights)
+        if (checkpoint / "config.yaml").is_file():
+            name = load_config(checkpoint / "config.yaml").model.name
+            if getattr(model_class(name), "trains_in_stages", False):
+                raise ValueError(f"{weights}: R-CNN has no ONNX form (it runs the CNN once per warped region); "
+                                 "use --backend eager")  # fmt: skip
+        model_file = cached_onnx_file(weights, progress=progress)
+    detector = OnnxDetector(model_file, threads=threads)
+    return LoadedModel(detector, detector.config, list(detector.class_names), Path(model_file), detector.categories)

@@ -1,0 +1,174 @@
+"""One detector, two backends (rcnn.backends): eager PyTorch and ONNX Runtime give the same
+detections, through the Python API, rcnn predict, rcnn evaluate and rcnn serve."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from rcnn.backends import load_detector, weights_digest
+from rcnn.cli import main
+from rcnn.data.build import build_dataset
+from rcnn.export import OnnxDetector, onnx_metadata
+from rcnn.inference import evaluate_model
+from tiny_runs import tiny_run
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def run(shapes_root, tmp_path_factory):
+    return tiny_run("faster_rcnn", shapes_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def both(run):
+    """The run's model in PyTorch and in ONNX Runtime (exported on first use, cached)."""
+    return load_detector(run), load_detector(run, backend="onnxruntime")
+
+
+def assert_same(eager, onnx):
+    assert len(eager["boxes"]) == len(onnx["boxes"])
+    assert torch.equal(eager["labels"], onnx["labels"])
+    torch.testing.assert_close(onnx["boxes"], eager["boxes"], rtol=0, atol=1e-2)
+    torch.testing.assert_close(onnx["scores"], eager["scores"], rtol=0, atol=1e-4)
+
+
+def test_the_backends_agree_on_every_val_image(both, shapes_root):
+    eager, onnx = both
+    assert isinstance(onnx.model, OnnxDetector) and isinstance(eager.model, torch.nn.Module)
+    assert onnx.class_names == eager.class_names
+    assert onnx.config.model.name == eager.config.model.name == "faster_rcnn"  # the config travels in the file
+    dataset = build_dataset(shapes_root, "val")
+    detections = 0
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        with torch.inference_mode():
+            (a,) = eager.model([image])
+        (b,) = onnx.model([image])
+        assert_same(a, b)
+        detections += len(a["boxes"])
+    assert detections > 0
+
+
+def test_the_export_is_cached_by_the_weights_digest(run, both):
+    _, onnx = both
+    cached = onnx.checkpoint
+    assert cached.parent.name == "onnx" and cached.parent.parent == (run / "last").resolve()
+    assert onnx_metadata(cached)["weights_sha256"] == weights_digest(cached.parent.parent)
+    stamp = cached.stat().st_mtime_ns
+    again = load_detector(run, backend="onnxruntime")
+    assert again.checkpoint == cached and cached.stat().st_mtime_ns == stamp  # not exported twice
+
+
+def test_a_stale_or_damaged_cache_is_exported_afresh(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree((run / "last").resolve(), copy)
+    shutil.rmtree(copy / "onnx", ignore_errors=True)
+    (copy / "onnx").mkdir()
+    (copy / "onnx" / "model.onnx").write_bytes(b"not a graph")
+    loaded = load_detector(copy, backend="onnxruntime")
+    assert onnx_metadata(loaded.checkpoint)["weights_sha256"] == weights_digest(copy)
+
+
+def test_evaluation_gives_the_same_numbers(both, shapes_root):
+    eager, onnx = both
+    dataset = build_dataset(shapes_root, "val")
+    a = evaluate_model(eager.model, dataset, class_names=eager.class_names)
+    b = evaluate_model(onnx.model, dataset, class_names=onnx.class_names)
+    assert b["bbox"]["AP"] == pytest.approx(a["bbox"]["AP"], abs=1e-3)
+    assert b["voc"]["mAP"] == pytest.approx(a["voc"]["mAP"], abs=1e-3)
+
+
+def test_the_commands_take_a_backend_and_an_onnx_file(run, both, shapes_root, tmp_path, capsys):
+    onnx_file = both[1].checkpoint
+    picture = sorted(p for p in shapes_root.rglob("*") if p.suffix in (".png", ".jpg"))[0]
+    outputs = {}
+    for name, flags in {"eager": ["--weights", str(run)], "ort": ["--weights", str(run), "--backend", "onnxruntime"],
+                        "file": ["--model", str(onnx_file)]}.items():  # fmt: skip
+        assert main(["predict", str(picture), *flags, "--out", str(tmp_path / name), "--score-thresh", "0"]) == 0
+        (found,) = [p for p in (tmp_path / name).glob("*.json")]
+        outputs[name] = json.loads(found.read_text())["detections"]
+    for other in ("ort", "file"):
+        assert len(outputs[other]) == len(outputs["eager"])
+        for a, b in zip(outputs["eager"], outputs[other]):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 2e-4
+            assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.02
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(onnx_file), "--data", str(shapes_root), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 8
+
+
+def test_wrong_combinations_are_refused_with_a_reason(run, both, tmp_path):
+    onnx_file = both[1].checkpoint
+    with pytest.raises(ValueError, match="either --weights or --model"):
+        load_detector(run, model_file=onnx_file)
+    with pytest.raises(ValueError, match="--backend onnxruntime only"):
+        load_detector(model_file=onnx_file, backend="eager")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        load_detector(run, backend="onnxruntime", device="cuda")
+    with pytest.raises(ValueError, match="choose one of eager, onnxruntime"):
+        load_detector(run, backend="tensorrt")
+    with pytest.raises(ValueError, match="--threads"):
+        load_detector(run, threads=0)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["predict", str(bad), "--model", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_rcnn_runs_eager_only(shapes_root, tmp_path_factory, proposals):
+    r = tiny_run("rcnn", shapes_root, tmp_path_factory, proposals)
+    with pytest.raises(ValueError, match="R-CNN has no ONNX form"):
+        load_detector(r, backend="onnxruntime")
+
+
+def test_serve_runs_an_onnx_model_and_says_it_cannot_explain_it(run, both):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+        from fastapi.testclient import TestClient
+
+    from rcnn.serve import ServedModel, create_app
+
+    served = [ServedModel.load(run), ServedModel.load(both[1].checkpoint, "onnx")]
+    with TestClient(create_app(served)) as client:
+        png = client.get("/samples/shapes_1.png").content
+        body = client.post("/predict", files={"image": ("x.png", png, "image/png")}).json()
+        eager, onnx = body["results"]
+        assert eager["explainable"] and not onnx["explainable"]
+        assert onnx["time_ms"]["proposals"] is None and onnx["time_ms"]["total"] > 0
+        assert [d["label"] for d in onnx["detections"]] == [d["label"] for d in eager["detections"]]
+        models = {m["id"]: m for m in client.get("/model").json()["models"]}
+        assert models["onnx"]["backend"] == "onnxruntime" and models["onnx"]["classes"] == models["faster_rcnn"]["classes"]
+        refused = client.post("/explain?model=onnx", files={"image": ("x.png", png, "image/png")})
+        assert refused.status_code == 400 and refused.json()["error"] == "not_explainable"
+        assert client.post("/explain?model=faster_rcnn", files={"image": ("x.png", png, "image/png")}).status_code == 200
+
+
+def test_int8_export_calibrates_and_runs(run, shapes_root, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8", "--calibrate", str(shapes_root),
+                 "--calibrate-images", "4"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["precision"] == "int8" and (tmp_path / "int8-fp32.onnx").is_file()
+    meta = onnx_metadata(out)
+    assert meta["precision"] == "int8" and meta["class_names"] == load_detector(run).class_names
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("Conv") > 0
+    detector = load_detector(model_file=out)
+    image, _ = build_dataset(shapes_root, "val")[0]
+    (int8,) = detector.model([image])
+    (fp32,) = load_detector(model_file=tmp_path / "int8-fp32.onnx").model([image])
+    assert len(int8["boxes"]) > 0 and int8["boxes"].shape[1] == 4
+    # int8 moves the numbers, not their meaning: the best detection stays where fp32 puts it
+    from torchvision.ops import box_iou
+
+    assert float(box_iou(int8["boxes"][:1], fp32["boxes"][:1])) > 0.5
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8"]) == 2
+    assert "--int8 needs --calibrate" in capsys.readouterr().err
