@@ -357,11 +357,16 @@ def test_bad_images_through_predict(frcnn_run, tmp_path, capsys):
     images = BAD / "images"
     assert main(["predict", "--weights", str(frcnn_run), *(str(images / n) for n in GOOD_IMAGES),
                  "--out", str(tmp_path / "ok")]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert all(f"{images / n}: " in out for n in GOOD_IMAGES)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == len(GOOD_IMAGES) and summary["sources"] == len(GOOD_IMAGES), summary
+    for n in GOOD_IMAGES:  # every readable mode gives its own record, naming the file it came from
+        record = json.loads((tmp_path / "ok" / f"{n}.json").read_text())
+        assert record["source"] == str(images / n) and len(record["size"]) == 2, record
     cases = {**{n: (images / n, m) for n, m in BROKEN_IMAGES.items()},
-             "a folder": (images, "is a folder, not an image file"),
-             "missing": (images / "missing.png", "image file not found")}  # fmt: skip
+             "a folder with a broken image": (images, "cannot decode the image"),
+             "an empty folder": (tmp_path / "empty", "no image or video files in this folder"),
+             "missing": (images / "missing.png", "no such file or folder")}  # fmt: skip
+    (tmp_path / "empty").mkdir()
     for name, (path, message) in cases.items():
         assert main(["predict", "--weights", str(frcnn_run), str(path), "--out", str(tmp_path / "bad")]) == 2, name
         line = one_error_line(capsys.readouterr().err)
