@@ -30,9 +30,10 @@ import torch
 
 from rcnn.build import LoadedModel, load_model
 
-__all__ = ["BACKENDS", "cached_onnx_file", "load_detector", "set_threads", "weights_digest"]
+__all__ = ["BACKENDS", "PRECISIONS", "cached_onnx_file", "load_detector", "set_threads", "weights_digest"]
 
 BACKENDS = ("eager", "onnxruntime")
+PRECISIONS = ("fp32", "int8")
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -52,31 +53,82 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def cached_onnx_file(weights: str | os.PathLike, *, progress: bool = False) -> Path:
-    """The fp32 ONNX graph of a run folder's checkpoint, exported now unless a current one is cached."""
-    from rcnn.export import export_onnx, onnx_metadata
-    from rcnn.io.checkpoints import find_checkpoint
-
-    checkpoint = find_checkpoint(weights)
-    digest = weights_digest(checkpoint)
+def _cache_folder(checkpoint: Path, digest: str) -> Path:
     folder = checkpoint / "onnx"
     if not _writable(folder):
         folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rcnn" / "onnx" / digest[:16]
+    return folder
+
+
+def _current(path: Path, digest: str, precision: str) -> bool:
+    """Whether ``path`` is a readable graph of these weights at this precision (else it is made again)."""
+    from rcnn.export import onnx_metadata
+
+    if not path.is_file():
+        return False
+    try:
+        meta = onnx_metadata(path)
+    except ValueError:
+        return False  # a damaged cache file
+    return meta.get("weights_sha256") == digest and meta.get("precision") == precision
+
+
+def cached_onnx_file(
+    weights: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    calibrate: str | os.PathLike | None = None,
+    calibrate_split: str | None = None,
+    calibrate_images: int = 200,
+    progress: bool = False,
+) -> Path:
+    """The ONNX graph of a run folder's checkpoint, exported (and for ``precision="int8"`` quantised)
+    now unless a current one is cached.
+
+    int8 calibrates on ``calibrate_images`` images of ``calibrate`` (a data set root or a folder of
+    images; default: the data set the run was trained on, as its config records it) and is cached
+    as ``model-int8.onnx`` beside the fp32 graph; a cached int8 graph is reused whatever
+    ``calibrate`` says (delete it, or use ``rcnn export --int8``, to calibrate afresh).
+    """
+    from rcnn.export import export_onnx
+    from rcnn.io.checkpoints import find_checkpoint
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    checkpoint = find_checkpoint(weights)
+    digest = weights_digest(checkpoint)
+    folder = _cache_folder(checkpoint, digest)
     path = folder / "model.onnx"
-    if path.is_file():
-        try:
-            if onnx_metadata(path).get("weights_sha256") == digest:
-                return path
-        except ValueError:
-            pass  # a damaged cache file: exported again below
-    loaded = load_model(checkpoint, for_inference=False)  # BatchNorm unfolded: ONNX Runtime fuses it itself
+    if precision == "int8":
+        target = folder / "model-int8.onnx"
+        if _current(target, digest, "int8"):
+            return target
+    if not _current(path, digest, "fp32"):
+        loaded = load_model(checkpoint, for_inference=False)  # BatchNorm unfolded: ONNX Runtime fuses it itself
+        if progress:
+            print(f"exporting {checkpoint} to ONNX (once; cached as {path})", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        export_onnx(
+            loaded.model, path, loaded.class_names, categories=loaded.categories, config=loaded.config,
+            metadata={"rcnn.weights_sha256": digest},
+        )  # fmt: skip
+    if precision == "fp32":
+        return path
+    from rcnn.config import load_config
+    from rcnn.quantize import calibration_images, quantize_onnx
+
+    config = load_config(checkpoint / "config.yaml") if (checkpoint / "config.yaml").is_file() else None
+    if calibrate is None:
+        if config is None or not Path(config.data.root).exists():
+            where = f"its data set {config.data.root} is not here" if config is not None else "it records no data set"
+            raise ValueError(f"--precision int8 calibrates on images like the model's own, and {checkpoint}: {where}; "
+                             "give --calibrate DATA (a data set root or a folder of images)")  # fmt: skip
+        calibrate = config.data.root
+    images = calibration_images(calibrate, calibrate_split, calibrate_images, config)
     if progress:
-        print(f"exporting {checkpoint} to ONNX (once; cached as {path})", flush=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    return export_onnx(
-        loaded.model, path, loaded.class_names, categories=loaded.categories, config=loaded.config,
-        metadata={"rcnn.weights_sha256": digest},
-    )  # fmt: skip
+        print(f"quantising {path} to int8 on {calibrate_images} images of {calibrate} (once; cached as {target})",
+              flush=True)  # fmt: skip
+    return quantize_onnx(path, target, images)
 
 
 def set_threads(threads: int | None) -> None:
@@ -94,6 +146,9 @@ def load_detector(
     backend: str | None = None,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    precision: str | None = None,
+    calibrate: str | os.PathLike | None = None,
+    calibrate_images: int = 200,
     progress: bool = False,
 ) -> LoadedModel:
     """A trained detector ready for inference, run by ``backend``: ``LoadedModel(model, config,
@@ -103,8 +158,19 @@ def load_detector(
     file from ``rcnn export`` (implies ``backend="onnxruntime"``; the class names, categories and
     config travel in its metadata). ``backend`` defaults to ``onnxruntime`` with a ``model_file``,
     else ``eager``. ONNX Runtime runs on the CPU; ``device`` is for the eager backend.
+
+    ``precision="int8"`` (ONNX Runtime only; implies it): a run folder is quantised on first use,
+    calibrated on ``calibrate_images`` images of ``calibrate`` (default: the run's own training
+    data) and cached (:func:`cached_onnx_file`); a ``model_file`` must be an int8 one. ``None`` takes
+    a file as it is and a run folder in fp32.
     """
-    backend = backend or ("onnxruntime" if model_file is not None else "eager")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend == "eager":
+        raise ValueError("--precision int8 runs in ONNX Runtime: use --backend onnxruntime (or leave --backend out)")
+    if calibrate is not None and precision != "int8":
+        raise ValueError("--calibrate is for --precision int8")
+    backend = backend or ("onnxruntime" if model_file is not None or precision == "int8" else "eager")
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if weights is None and model_file is None:
@@ -134,6 +200,10 @@ def load_detector(
             if getattr(model_class(name), "trains_in_stages", False):
                 raise ValueError(f"{weights}: R-CNN has no ONNX form (it runs the CNN once per warped region); "
                                  "use --backend eager")  # fmt: skip
-        model_file = cached_onnx_file(weights, progress=progress)
+        model_file = cached_onnx_file(weights, precision=precision or "fp32", calibrate=calibrate,
+                                      calibrate_images=calibrate_images, progress=progress)  # fmt: skip
     detector = OnnxDetector(model_file, threads=threads)
+    if precision is not None and detector.precision != precision:
+        raise ValueError(f"--model {model_file}: this graph is {detector.precision}, not {precision} "
+                         f"(rcnn export{' --int8 --calibrate DATA' if precision == 'int8' else ''} makes one)")  # fmt: skip
     return LoadedModel(detector, detector.config, list(detector.class_names), Path(model_file), detector.categories)

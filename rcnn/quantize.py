@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,34 @@ from torch import Tensor
 
 from rcnn.io.files import atomic_write
 
-__all__ = ["quantize_onnx"]
+__all__ = ["calibration_images", "quantize_onnx"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def calibration_images(source: str | os.PathLike, split: str | None, count: int, config=None) -> Iterator[Tensor]:
+    """Up to ``count`` images of a data set split (or of a folder of image files), evenly spread.
+
+    The data set is read (and a missing root or split refused) now; the images are decoded one at a
+    time as the calibration asks for them. ``config`` gives the reader's options and the default
+    split (the run's training split).
+    """
+    from rcnn.data.build import build_dataset
+    from rcnn.io.images import load_image
+
+    if count < 1:
+        raise ValueError(f"--calibrate-images must be at least 1, got {count}")
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"--calibrate {root}: not found")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    if files:  # a plain folder of images
+        step = max(len(files) // count, 1)
+        return (load_image(path) for path in files[::step][:count])
+    options = config.data.reader_options() if config is not None else {}
+    dataset = build_dataset(root, split or (config.data.train_split if config is not None else "train"), **options)
+    step = max(len(dataset) // count, 1)
+    return (dataset[index][0] for index in range(0, len(dataset), step)[:count])
 
 
 class _Images:

@@ -144,6 +144,7 @@ def test_serve_runs_an_onnx_model_and_says_it_cannot_explain_it(run, both):
         assert [d["label"] for d in onnx["detections"]] == [d["label"] for d in eager["detections"]]
         models = {m["id"]: m for m in client.get("/model").json()["models"]}
         assert models["onnx"]["backend"] == "onnxruntime" and models["onnx"]["classes"] == models["faster_rcnn"]["classes"]
+        assert models["onnx"]["precision"] == models["faster_rcnn"]["precision"] == "fp32"
         refused = client.post("/explain?model=onnx", files={"image": ("x.png", png, "image/png")})
         assert refused.status_code == 400 and refused.json()["error"] == "not_explainable"
         assert client.post("/explain?model=faster_rcnn", files={"image": ("x.png", png, "image/png")}).status_code == 200
@@ -172,3 +173,42 @@ def test_int8_export_calibrates_and_runs(run, shapes_root, tmp_path, capsys):
     assert float(box_iou(int8["boxes"][:1], fp32["boxes"][:1])) > 0.5
     assert main(["export", "--weights", str(run), "--out", str(out), "--int8"]) == 2
     assert "--int8 needs --calibrate" in capsys.readouterr().err
+
+
+def test_precision_int8_quantises_a_run_once_and_caches_it(run, both, shapes_root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    # the run's own training data calibrates by default (its config records data.root)
+    loaded = load_detector(copy, precision="int8", calibrate_images=3)
+    assert loaded.model.precision == "int8" and loaded.checkpoint.name == "model-int8.onnx"
+    assert onnx_metadata(loaded.checkpoint)["weights_sha256"] == weights_digest((copy / "last").resolve())
+    stamp = loaded.checkpoint.stat().st_mtime_ns
+    assert load_detector(copy, precision="int8").checkpoint.stat().st_mtime_ns == stamp  # cached, not redone
+    image, _ = build_dataset(shapes_root, "val")[0]
+    (int8,) = loaded.model([image])
+    (fp32,) = both[1].model([image])
+    from torchvision.ops import box_iou
+
+    assert len(int8["boxes"]) > 0 and float(box_iou(int8["boxes"][:1], fp32["boxes"][:1])) > 0.5
+    # through the commands: predict on the cached graph, and --model with the precision checked
+    out = tmp_path / "preds"
+    assert main(["predict", "--weights", str(copy), "--precision", "int8", str(shapes_root / "images" / "val"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 8
+    with pytest.raises(ValueError, match="this graph is fp32, not int8"):
+        load_detector(model_file=both[1].checkpoint, precision="int8")
+    with pytest.raises(ValueError, match="runs in ONNX Runtime"):
+        load_detector(copy, precision="int8", backend="eager")
+    with pytest.raises(ValueError, match="--calibrate is for --precision int8"):
+        load_detector(copy, calibrate=shapes_root)
+    # no data to calibrate on: the message says what to give
+    (copy / "last" / "onnx" / "model-int8.onnx").unlink()
+    config = (copy / "last").resolve() / "config.yaml"
+    config.write_text(config.read_text().replace(str(shapes_root), str(tmp_path / "gone")))
+    assert main(["evaluate", "--weights", str(copy), "--precision", "int8", "--data", str(shapes_root)]) == 2
+    assert "give --calibrate DATA" in capsys.readouterr().err
+    assert main(["evaluate", "--weights", str(copy), "--precision", "int8", "--calibrate", str(shapes_root),
+                 "--calibrate-images", "2", "--data", str(shapes_root), "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 8

@@ -33,6 +33,25 @@ def add_backend_arguments(parser: argparse.ArgumentParser, *, weights_required: 
         "--model; with --weights the run is exported once and cached beside its weights)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
+    add_precision_arguments(parser)
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision fp32|int8`` with int8's calibration (``--calibrate DATA``, ``--calibrate-images N``)."""
+    parser.add_argument(
+        "--precision", choices=["fp32", "int8"],
+        help="int8: run an int8 graph in ONNX Runtime; a run folder is quantised once (calibrated on --calibrate, "
+        "default the run's own training data) and cached beside its weights (default: fp32; an --model file as it is)",
+    )  # fmt: skip
+    parser.add_argument("--calibrate", metavar="DATA",
+                        help="data set root or folder of images to calibrate --precision int8 on")  # fmt: skip
+    parser.add_argument("--calibrate-images", type=int, default=200,
+                        help="images to calibrate --precision int8 on (default 200)")  # fmt: skip
+
+
+def precision_options(args: argparse.Namespace) -> dict:
+    """The ``load_detector`` keywords of :func:`add_precision_arguments`."""
+    return {"precision": args.precision, "calibrate": args.calibrate, "calibrate_images": args.calibrate_images}
 
 
 def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
@@ -41,7 +60,8 @@ def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
 
     if args.weights is None and args.model_file is None:
         raise ValueError("give --weights RUN (a run folder) or --model FILE.onnx (from rcnn export)")
-    if (args.backend == "onnxruntime" or args.model_file) and device != "cpu" and not getattr(args, "cpu", False):
+    onnx = args.backend == "onnxruntime" or args.model_file or args.precision == "int8"
+    if onnx and device != "cpu" and not getattr(args, "cpu", False):
         device = "cpu"  # ONNX Runtime's CPU build; CUDA stays for the eager backend
     return load_detector(args.weights, model_file=args.model_file, backend=args.backend, device=device,
-                         threads=args.threads, progress=True)  # fmt: skip
+                         threads=args.threads, progress=True, **precision_options(args))  # fmt: skip

@@ -30,35 +30,13 @@ def run(args: argparse.Namespace) -> int:
     summary = {"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
                "classes": len(loaded.class_names) - 1}  # fmt: skip
     if args.int8:
-        from rcnn.quantize import quantize_onnx
+        from rcnn.quantize import calibration_images, quantize_onnx
 
         images = calibration_images(args.calibrate, args.split, args.calibrate_images, loaded.config)
         path = quantize_onnx(float_path, out, images, fc=args.int8_fc)
         summary.update(onnx=str(path), fp32=str(float_path), precision="int8", calibration_images=args.calibrate_images)
     print(json.dumps(summary))
     return 0
-
-
-def calibration_images(source: str, split: str | None, count: int, config):
-    """Up to ``count`` images of a data set split (or of a folder of image files), evenly spread."""
-    from rcnn.data.build import build_dataset
-    from rcnn.io.images import load_image
-
-    root = Path(source)
-    if not root.exists():
-        raise FileNotFoundError(f"--calibrate {root}: not found")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")) \
-        if root.is_dir() else []
-    if files:  # a plain folder of images
-        step = max(len(files) // count, 1)
-        for path in files[::step][:count]:
-            yield load_image(path)
-        return
-    options = config.data.reader_options() if config is not None else {}
-    dataset = build_dataset(root, split or (config.data.train_split if config is not None else "train"), **options)
-    step = max(len(dataset) // count, 1)
-    for index in range(0, len(dataset), step)[:count]:
-        yield dataset[index][0]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

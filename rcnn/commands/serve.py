@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 
+from rcnn.commands.common import add_precision_arguments
 
-def served_models(specs: list[str], device: str, backend: str | None = None, threads: int | None = None) -> list:
+
+def served_models(specs: list[str], device: str, backend: str | None = None, threads: int | None = None,
+                  **precision) -> list:  # fmt: skip
     """``RUN`` or ``ID=RUN`` (a run folder, or an ONNX file from ``rcnn export``) -> loaded models;
-    ids default to the model's name, made unique. ``backend``: see :mod:`rcnn.backends`."""
+    ids default to the model's name, made unique. ``backend``, ``precision``, ``calibrate``,
+    ``calibrate_images``: see :func:`rcnn.backends.load_detector`."""
     from rcnn.serve import ServedModel
 
     models, taken = [], set()
     for spec in specs:
         given, _, run = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        served = ServedModel.load(run, given or None, device, backend=backend, threads=threads)
+        served = ServedModel.load(run, given or None, device, backend=backend, threads=threads, **precision)
         if not given:
             base, n = served.id, 2
             while served.id in taken:
@@ -35,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
 
     from rcnn.serve import ServeSettings, create_app
 
-    device = "cuda" if torch.cuda.is_available() and not args.cpu and args.backend != "onnxruntime" else "cpu"
+    from rcnn.commands.common import precision_options
+
+    onnx = args.backend == "onnxruntime" or args.precision == "int8"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu and not onnx else "cpu"
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.workers, queue_size=args.queue,
         request_timeout_s=args.timeout,
     )  # fmt: skip
-    app = create_app(served_models(args.weights, device, args.backend, args.threads), settings)
+    app = create_app(served_models(args.weights, device, args.backend, args.threads, **precision_options(args)), settings)
     print(f"rcnn serve: http://{args.host}:{args.port}/ ({', '.join(app.state.models)})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -60,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run the run folders in PyTorch (eager, the default) or in ONNX Runtime (exported once and "
                         "cached; detections only, no stage-by-stage page); .onnx files always run in ONNX Runtime")
     parser.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    add_precision_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request accepted (default 20 MB)")

@@ -94,17 +94,19 @@ class ServedModel:
 
     @classmethod
     def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu", backend: str | None = None,
-             threads: int | None = None) -> ServedModel:  # fmt: skip
+             threads: int | None = None, **precision) -> ServedModel:  # fmt: skip
         """The model of a run folder or of an exported ONNX file (``rcnn.backends.load_detector``;
-        ``backend`` None: ONNX Runtime for a ``.onnx`` file, else eager), its id default its ``model.name``."""
+        ``backend`` None: ONNX Runtime for a ``.onnx`` file, else eager; ``precision``, ``calibrate``,
+        ``calibrate_images`` as there), its id default its ``model.name``."""
         from rcnn.backends import load_detector
 
         is_onnx = str(run).endswith(".onnx")
         model, config, class_names = load_detector(
             None if is_onnx else run, model_file=run if is_onnx else None, backend=backend, device=device,
-            threads=threads, progress=True,
+            threads=threads, progress=True, **precision,
         )  # fmt: skip
-        info: dict[str, Any] = {"backend": "eager" if isinstance(model, torch.nn.Module) else "onnxruntime"}
+        info: dict[str, Any] = {"backend": "eager" if isinstance(model, torch.nn.Module) else "onnxruntime",
+                                "precision": getattr(model, "precision", "fp32")}  # fmt: skip
         if config is not None:
             # the input the network sees: the image rescaled (two-stage detectors) or each region warped (R-CNN)
             sizes = {k: getattr(config.model, k, None) for k in ("min_size", "max_size", "warp_size")}
@@ -129,6 +131,7 @@ class ServedModel:
             "predicts_masks": bool(m.predicts_masks),
             "run": self.run,
             "backend": self.info.get("backend", "eager"),
+            "precision": self.info.get("precision", "fp32"),
             "explainable": self.explainable,
         }
 
