@@ -102,6 +102,64 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
     return row
 
 
+def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any, val_set: Any, workdir: Path,
+                  threads: int, calibrate_images: int = 100) -> dict[str, Any]:  # fmt: skip
+    """AP on ``val_set`` of a trained model in eager PyTorch, and in ONNX Runtime as the fp32 graph,
+    the int8 graph (convolutions) and the int8 graph with the box head's fully connected layers
+    too, calibrated on ``calibrate_images`` images of ``train_set`` spread evenly over it."""
+    from rcnn.inference import evaluate_model
+    from rcnn.quantize import quantize_onnx
+
+    model = copy.deepcopy(model).eval()
+    fp32 = export_onnx(model, workdir / "trained-fp32.onnx", class_names, example_size=(256, 256))
+    step = max(len(train_set) // calibrate_images, 1)
+    picks = range(0, len(train_set), step)[:calibrate_images]
+    detectors: dict[str, Any] = {"eager": model.optimize_for_inference(), "onnxruntime": OnnxDetector(fp32, threads=threads)}
+    for name, fc in (("onnxruntime_int8", False), ("onnxruntime_int8_fc", True)):
+        images = (train_set[i][0] for i in picks)
+        detectors[name] = OnnxDetector(quantize_onnx(fp32, workdir / f"trained-{name}.onnx", images, fc=fc), threads=threads)
+    out: dict[str, Any] = {"val_images": len(val_set), "calibration_images": len(picks)}
+    for name, detector in detectors.items():
+        with torch.inference_mode():
+            metrics = evaluate_model(detector, val_set, class_names=class_names)
+        out[name] = {"AP": metrics["bbox"]["AP"], "AP50": metrics["bbox"]["AP50"],
+                     "ms_per_image": 1000 * metrics["seconds_per_image"]}  # fmt: skip
+        if "segm" in metrics:
+            out[name]["mask_AP"] = metrics["segm"]["AP"]
+        print(name, out[name], flush=True)
+    return out
+
+
+def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int) -> dict[str, Any]:
+    """:func:`int8_accuracy` of a trained run folder on its own data set (train split calibrates, val scores)."""
+    from rcnn.build import load_model
+    from rcnn.data.build import build_dataset
+
+    loaded = load_model(run, for_inference=False)
+    data = loaded.config.data
+    train_set = build_dataset(data.root, data.train_split, **data.reader_options())
+    val_set = build_dataset(data.root, data.val_split, **data.reader_options())
+    result = int8_accuracy(loaded.model, loaded.class_names, train_set, val_set, workdir, threads, calibrate_images)
+    return {"run": str(run), "model": loaded.config.model.name, "backbone": loaded.config.model.backbone,
+            "data": str(data.root), **result}  # fmt: skip
+
+
+def accuracy_markdown(entries: dict[str, dict[str, Any]]) -> str:
+    names = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime fp32", "onnxruntime_int8": "ONNX Runtime int8 (convolutions)",
+             "onnxruntime_int8_fc": "ONNX Runtime int8 (convolutions + box head fc)"}  # fmt: skip
+    rows = []
+    for title, e in entries.items():
+        for key, label in names.items():
+            if key in e:
+                delta = e[key]["AP"] - e["onnxruntime"]["AP"]
+                rows.append([title, label, e[key]["AP"], e[key]["AP50"], f"{delta:+.3f}", e[key]["ms_per_image"]])
+    return "\n".join([
+        "int8 accuracy of trained models (box AP on the val split; the int8 graphs calibrated on images of "
+        "the train split; ms/image include the evaluation's own loading):", "",
+        table(["trained model", "backend", "AP", "AP@0.5", "AP vs fp32", "ms/image"], rows),
+    ])  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     backends = [b for b in ("eager", "onnxruntime", "onnxruntime_int8") if any(f"{b}_cpu_s" in r for r in result["rows"])]
     headers = ["model", "size", "torchvision CPU s"] + [f"{b} CPU s (ratio)" for b in backends] + ["wall ratios", "ORT agreement"]
@@ -117,6 +175,8 @@ def markdown(result: dict[str, Any]) -> str:
             table(headers, rows), "",
             "ORT agreement: the share of the eager model's detections that the ONNX Runtime graph gives "
             "too (same label, box IoU > 0.99, score within 1e-3)."]  # fmt: skip
+    if result.get("accuracy"):
+        text += ["", accuracy_markdown(result["accuracy"])]
     if result.get("notes"):
         text += ["", result["notes"]]
     return "\n".join(text)
@@ -128,23 +188,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", help="comma-separated case numbers (0-based) of CASES")
     parser.add_argument("--int8", type=int, default=0, metavar="N", help="also an int8 model calibrated on N images")
+    parser.add_argument("--accuracy", nargs="+", default=[], metavar="[TITLE=]RUN",
+                        help="trained run folders whose AP to measure in eager, ONNX Runtime fp32 and int8 "
+                        "(e.g. the demo's demo_out/run); with no speed --only, the speed rows stay as they are")
+    parser.add_argument("--calibrate-images", type=int, default=100, help="int8 calibration images for --accuracy")
     parser.add_argument("--notes", default="", help="a line on the conditions, shown under the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 5
-    chosen = [CASES[int(i)] for i in args.only.split(",")] if args.only else CASES
-    previous = read_result("backends") if args.only else None  # --only: the other cases' rows stay
+    chosen = [CASES[int(i)] for i in args.only.split(",")] if args.only else ([] if args.accuracy else CASES)
+    previous = read_result("backends") if args.only or args.accuracy else None  # the other rows stay
     rows = [r for r in (previous or {}).get("rows", [])]
     command = command_line("benchmarks.backends", argv)
-    result: dict[str, Any] = {}
+    accuracy = dict((previous or {}).get("accuracy", {}))
+    result: dict[str, Any] = {"rows": rows, "threads": args.threads, "accuracy": accuracy,
+                              "rounds": rounds if chosen else (previous or {}).get("rounds", rounds),
+                              "notes": args.notes or (previous or {}).get("notes", "")}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.accuracy:
+            title, _, run = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+            accuracy[title] = {**run_accuracy(run, args.threads, Path(tmp), args.calibrate_images), "command": command}
+            write_result("backends", result, command)
         for kind, arch, size in chosen:
             row = case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8)
             row["command"] = command
             print(row, flush=True)
             rows = [r for r in rows if (r["model"], r["arch"], r["size"]) != (kind, arch, list(size))] + [row]
             rows.sort(key=lambda r: [c[:3] for c in CASES].index((r["model"], r["arch"], tuple(r["size"]))))
-            result = {"rows": rows, "threads": args.threads, "rounds": rounds, "notes": args.notes}
+            result.update(rows=rows, rounds=rounds)
             write_result("backends", result, command)  # after each case: a long run keeps what it measured
     print(markdown(result))
     return result

@@ -217,6 +217,13 @@ def markdown(result: dict[str, Any]) -> str:
               "--out runs/raccoon_coco --set data.root=splits/raccoon --set model.min_size=320 "
               "--set model.max_size=640 --set train.batch_size=4 --set train.lr=0.02 --set train.schedule=cosine "
               "--set train.time_budget_s=600", "```"]  # fmt: skip
+    if "int8" in acc:
+        from benchmarks.backends import accuracy_markdown
+
+        q = acc["int8"]
+        parts += ["", f"The best rcnn detector here ({MODELS[q['model']]}) exported to ONNX and quantised to int8 "
+                  f"(`rcnn export --int8 --calibrate`, {q['calibration_images']} training photographs), on the same "
+                  "val photographs:", "", accuracy_markdown({"raccoon, " + q["model"]: q})]  # fmt: skip
     if result.get("picture"):
         parts += ["", f"![predictions of the three detectors on val photographs]({result['picture']})"]
     if result.get("wall_s"):
@@ -237,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--picture", default="docs/img/raccoon_predictions.png",
                         help="where to draw predictions on val photographs ('' for none)")  # fmt: skip
     parser.add_argument("--first", type=int, help="only the first N photographs of each split (a smoke run)")
+    parser.add_argument("--int8", type=int, default=0, metavar="N",
+                        help="also the AP of the best-trained rcnn detector as int8 (ONNX Runtime, calibrated on N "
+                        "training photographs) beside its fp32 graph")  # fmt: skip
     parser.add_argument("--notes", default="", help="a line of context for the report (e.g. the machine's load)")
     args = parser.parse_args(argv)
     data = Path(args.data)
@@ -249,6 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rcnn_bench_raccoon_") as work:
         split = (TRAIN_IMAGES[: args.first], VAL_IMAGES[: args.first]) if args.first else (TRAIN_IMAGES, VAL_IMAGES)
         accuracy, models, val = run(data, Path(work), budget, pretrain_budget, split=split)
+        if args.int8:
+            from benchmarks.backends import int8_accuracy
+
+            name = max((n for n in models if n != "peer"), key=lambda n: accuracy[n]["AP"])
+            train_set = build_dataset(Path(work) / "split", "train")
+            accuracy["int8"] = {"model": name, **int8_accuracy(models[name], accuracy["class_names"], train_set, val,
+                                                               Path(work), args.threads, args.int8)}  # fmt: skip
     result: dict[str, Any] = {"accuracy": accuracy}
     if args.picture:
         picture(models, val, ROOT / args.picture)
