@@ -17,13 +17,14 @@ import time
 from benchmarks.common import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
-EXTRA = ("backends", "mask_rcnn", "rcnn_ablation", "serve_load")
+EXTRA = ("backends", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load")
 FULL = ("paper_scale", "raccoon")  # with --full or --all (or --only NAME): too long for the quick settings
 TITLES = {
     "lineage": "The lineage: four generations, one data set, one budget",
     "paper_scale": "The lineage at the papers' scale: test and training speed",
     "faster_rcnn": "Faster R-CNN against torchvision",
     "backends": "Inference backends: eager PyTorch and ONNX Runtime against torchvision",
+    "eager_profile": "Where the eager model's time goes",
     "mask_rcnn": "Mask R-CNN against torchvision; RoIAlign against RoIPool",
     "rcnn_ablation": "R-CNN and Fast R-CNN ablations",
     "serve_load": "The server under load",
@@ -61,7 +62,7 @@ about 70 minutes in all on such a machine, projected from those parts. It also r
 def render() -> str:
     """docs/benchmarks.md from the result files present."""
     sections = [HEADER]
-    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load"):
+    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "eager_profile", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load"):
         result = read_result(name)
         if result is None:
             continue

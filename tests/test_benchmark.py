@@ -150,3 +150,33 @@ def test_lineage_mask_note_follows_the_figures(monkeypatch):
     fewer = br._mask_note({**row, "AP": 0.82, "iterations": 2500, "train_wall_s": 500.0}, row, 600.0)
     assert "made 2500 steps against 3000" in fewer and "about 1.9x as much" in fewer
     assert br._disagreements({"budget_s": 600.0, "models": {"faster_rcnn": row, "mask_rcnn": {**row, "AP": 0.9}}}) == []
+
+
+def test_eager_profile_stages_add_up_to_the_call():
+    import torch
+
+    from benchmarks.eager_profile import markdown, matmul_peak_gflops, model_gflop, options, stage_split, top_operators
+    from rcnn.models import faster_rcnn
+
+    torch.manual_seed(0)
+    model = faster_rcnn("tiny", 3, min_size=96, max_size=128, pooler="align", roi={"score_thresh": 0.0}).eval().optimize_for_inference()
+    image = torch.rand(3, 96, 128)
+    stages = stage_split(model, image, rounds=2)
+    assert list(stages)[-1] == "whole call" and "FPN" not in stages and len(stages) == 10  # the tiny backbone has no FPN
+    whole = stages.pop("whole call")
+    parts = sum(s["wall_ms"] for s in stages.values())
+    assert all(s["wall_ms"] >= 0 for name, s in stages.items() if not name.startswith(("RPN anchors", "RoI heads post", "the rest")))
+    # each stage's best round and the whole call's best round need not be the same round: a loose sum
+    assert 0.5 * whole["wall_ms"] <= parts <= 1.5 * whole["wall_ms"], (parts, whole)
+    assert stages["backbone trunk"]["cpu_ms"] > 0 and stages["RoIAlign"]["wall_ms"] > 0
+    ops = top_operators(model, image, count=5)
+    assert len(ops) == 5 and ops[0]["self_cpu_ms"] >= ops[-1]["self_cpu_ms"] and 0 < sum(o["share"] for o in ops) <= 1
+    opt = options(model, image, rounds=1)
+    assert set(opt) == {"plain", "channels_last", "bf16_autocast"} and 0 <= opt["channels_last"]["agreement"] <= 1
+    text = markdown({"arch": "tiny", "size": [96, 128], "threads": 1, "rounds": 2, "cpu_flags": [],
+                     "stages": {**stages, "whole call": whole}, "operators": ops, "options": opt})  # fmt: skip
+    assert "backbone trunk" in text and "channels_last" in text
+    # the FLOP count of a known layer, and a peak that is a rate
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert model_gflop(lambda xs: conv(xs[0][None]), torch.rand(3, 10, 10)) == pytest.approx(2 * 8 * 3 * 9 * 100 / 1e9)
+    assert matmul_peak_gflops(n=128, rounds=2) > 0
