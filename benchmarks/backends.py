@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 5
     chosen = [CASES[int(i)] for i in args.only.split(",")] if args.only else ([] if args.accuracy else CASES)
-    previous = read_result("backends") if args.only or args.accuracy else None  # the other rows stay
-    rows = [r for r in (previous or {}).get("rows", [])]
+    previous = read_result("backends")
+    # --only / --accuracy: the other speed rows stay; the accuracy entries stay in every run
+    rows = [r for r in (previous or {}).get("rows", [])] if args.only or args.accuracy else []
     command = command_line("benchmarks.backends", argv)
     accuracy = dict((previous or {}).get("accuracy", {}))
     result: dict[str, Any] = {"rows": rows, "threads": args.threads, "accuracy": accuracy,
