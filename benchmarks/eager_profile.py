@@ -17,8 +17,8 @@ copied in, BatchNorm folded, score threshold 0 so post-processing handles its 10
   each timed interleaved with the plain model (A B, B A, ...), kept only where faster, with the
   share of the plain model's detections each keeps (same label, box IoU > 0.99).
 
-- **physical limit**: the model's FLOPs per call (``torch.utils.flop_counter``: convolutions and
-  matrix products, the work that can run near the machine's peak) and the GFLOP/s each backend
+- **physical limit**: the model's FLOPs per call (``torch.utils.flop_counter`` on the plain path:
+  convolutions and matrix products, the work that can run near the machine's peak) and the GFLOP/s each backend
   achieves (eager, ONNX Runtime fp32, int8 calibrated on 8 random images), timed interleaved,
   against the machine's measured peak: the best of a 4096x4096 fp32 matrix product with the
   same threads.
@@ -184,9 +184,14 @@ def matmul_peak_gflops(n: int = 4096, rounds: int = 5) -> float:
 
 
 def model_gflop(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """GFLOP of one call, counted on the plain path: the CPU fast paths' RoIAlign is a sparse matrix
+    product, which the counter would count as a dense one (1248 instead of 355 GFLOP for R50-FPN
+    at 800x1066)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    from rcnn.core import fastpaths
+
+    with torch.inference_mode(), fastpaths.enabled_as(False), FlopCounterMode(display=False) as counter:
         model([image])
     return counter.get_total_flops() / 1e9
 
