@@ -27,8 +27,6 @@ from rcnn.io.files import atomic_write
 
 __all__ = ["calibration_images", "quantize_onnx"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def calibration_images(source: str | os.PathLike, split: str | None, count: int, config=None) -> Iterator[Tensor]:
     """Up to ``count`` images of a data set split (or of a folder of image files), evenly spread.
@@ -39,13 +37,14 @@ def calibration_images(source: str | os.PathLike, split: str | None, count: int,
     """
     from rcnn.data.build import build_dataset
     from rcnn.io.images import load_image
+    from rcnn.io.sources import IMAGE_EXTENSIONS
 
     if count < 1:
         raise ValueError(f"--calibrate-images must be at least 1, got {count}")
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"--calibrate {root}: not found")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
     if files:  # a plain folder of images
         step = max(len(files) // count, 1)
         return (load_image(path) for path in files[::step][:count])
