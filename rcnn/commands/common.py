@@ -54,14 +54,18 @@ def precision_options(args: argparse.Namespace) -> dict:
     return {"precision": args.precision, "calibrate": args.calibrate, "calibrate_images": args.calibrate_images}
 
 
+def runs_in_onnxruntime(args: argparse.Namespace) -> bool:
+    """Whether the backend arguments ask for ONNX Runtime (on the CPU, whatever the device)."""
+    return args.backend == "onnxruntime" or bool(getattr(args, "model_file", None)) or args.precision == "int8"
+
+
 def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
     """The detector the backend arguments ask for (``rcnn.backends.load_detector``)."""
     from rcnn.backends import load_detector
 
     if args.weights is None and args.model_file is None:
         raise ValueError("give --weights RUN (a run folder) or --model FILE.onnx (from rcnn export)")
-    onnx = args.backend == "onnxruntime" or args.model_file or args.precision == "int8"
-    if onnx and device != "cpu" and not getattr(args, "cpu", False):
+    if runs_in_onnxruntime(args) and device != "cpu" and not getattr(args, "cpu", False):
         device = "cpu"  # ONNX Runtime's CPU build; CUDA stays for the eager backend
     return load_detector(args.weights, model_file=args.model_file, backend=args.backend, device=device,
                          threads=args.threads, progress=True, **precision_options(args))  # fmt: skip

@@ -39,10 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rcnn.serve import ServeSettings, create_app
 
-    from rcnn.commands.common import precision_options
+    from rcnn.commands.common import precision_options, runs_in_onnxruntime
 
-    onnx = args.backend == "onnxruntime" or args.precision == "int8"
-    device = "cuda" if torch.cuda.is_available() and not args.cpu and not onnx else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu and not runs_in_onnxruntime(args) else "cpu"
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.workers, queue_size=args.queue,
         request_timeout_s=args.timeout,
