@@ -102,7 +102,8 @@ class ServedModel:
 
         is_onnx = str(run).endswith(".onnx")
         model, config, class_names = load_detector(
-            None if is_onnx else run, model_file=run if is_onnx else None, backend=backend, device=device,
+            None if is_onnx else run, model_file=run if is_onnx else None, backend=backend,
+            device="cpu" if is_onnx else device,  # ONNX Runtime's CPU build, beside eager models on CUDA
             threads=threads, progress=True, **precision,
         )  # fmt: skip
         info: dict[str, Any] = {"backend": "eager" if isinstance(model, torch.nn.Module) else "onnxruntime",
