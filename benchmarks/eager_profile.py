@@ -13,15 +13,17 @@ copied in, BatchNorm folded, score threshold 0 so post-processing handles its 10
   the rest of the RoI heads (per-class NMS, top-k) and what remains of the call (input checks,
   mapping boxes back to the image);
 - **operators**: the ten operators with the most self CPU time (``torch.profiler``);
-- **options**: ``channels_last`` weights and input, and ``torch.autocast("cpu", torch.bfloat16)``,
-  each timed interleaved with the plain model (A B, B A, ...), kept only where faster, with the
-  share of the plain model's detections each keeps (same label, box IoU > 0.99).
+- **options**: ``channels_last`` weights and input (measured faster with the same detections, so
+  :meth:`optimize_for_inference` gives it by default, and the stages above are of that model) and
+  ``torch.autocast("cpu", torch.bfloat16)`` (where the CPU has bf16 instructions), each timed
+  interleaved with the plain model (contiguous weights, fp32; A B, B A, ...), with the share of
+  the plain model's detections each keeps (same label, box IoU > 0.99).
 
 - **physical limit**: the model's FLOPs per call (``torch.utils.flop_counter`` on the plain path:
   convolutions and matrix products, the work that can run near the machine's peak) and the GFLOP/s each backend
   achieves (eager, ONNX Runtime fp32, int8 calibrated on 8 random images), timed interleaved,
-  against the machine's measured peak: the best of a 4096x4096 fp32 matrix product with the
-  same threads.
+  against the machine's measured peak: the best 4096x4096 fp32 matrix product with the same
+  threads, by PyTorch or by ONNX Runtime.
 
 Writes ``benchmarks/results/eager_profile.json``.
 """
@@ -140,9 +142,9 @@ def agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(same.any(1).float().mean())
 
 
-def options(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> dict[str, Any]:
-    """channels_last and bf16 autocast against the plain model, interleaved; each one's agreement."""
-    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+def options(model: torch.nn.Module, last: torch.nn.Module, image: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """channels_last (``last``, what :meth:`optimize_for_inference` gives by default) and bf16
+    autocast against the plain model (``model``: contiguous weights), interleaved; each one's agreement."""
     image_last = image[None].contiguous(memory_format=torch.channels_last)[0]
 
     def bf16():
@@ -171,16 +173,40 @@ def options(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> dict[st
     return out
 
 
-def matmul_peak_gflops(n: int = 4096, rounds: int = 5) -> float:
-    """The machine's fp32 peak with this process's threads: the best of ``rounds`` n x n products."""
+def matmul_peak_gflops(threads: int, n: int = 4096, rounds: int = 5) -> dict[str, float]:
+    """The machine's fp32 peak with this process's threads: the best of ``rounds`` n x n products,
+    by PyTorch (its BLAS) and by ONNX Runtime (MLAS), GFLOP/s of each and ``peak``, the larger.
+    Both are measured as BLAS libraries reach different shares of a CPU's peak (on an AMD EPYC with
+    AVX-512, PyTorch's matrix product runs at half of ONNX Runtime's)."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(rounds):
-        tic = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - tic)
-    return 2 * n**3 / best / 1e9
+
+    def best_of(call) -> float:
+        call()
+        best = float("inf")
+        for _ in range(rounds):
+            tic = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - tic)
+        return 2 * n**3 / best / 1e9
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(b.numpy(), "b")],
+    )  # fmt: skip
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), options,
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    a_np = np.ascontiguousarray(a.numpy())
+    out = {"pytorch": best_of(lambda: a @ b), "onnxruntime": best_of(lambda: session.run(None, {"a": a_np}))}
+    return {**out, "peak": max(out.values())}
 
 
 def model_gflop(model: torch.nn.Module, image: torch.Tensor) -> float:
@@ -214,8 +240,9 @@ def physical_limit(plain: torch.nn.Module, optimized: torch.nn.Module, image: to
     with torch.inference_mode():
         best = time_rounds({k: (lambda d=d: d([image])) for k, d in detectors.items()}, rounds=rounds)
     gflop = model_gflop(optimized, image)
-    peak = matmul_peak_gflops()
-    out: dict[str, Any] = {"gflop_per_image": gflop, "matmul_peak_gflops": peak}
+    matmul = matmul_peak_gflops(threads)
+    peak = matmul["peak"]
+    out: dict[str, Any] = {"gflop_per_image": gflop, "matmul_peak_gflops": peak, "matmul_gflops": matmul}
     for name, figures in best.items():
         achieved = gflop / figures["wall_s"]
         out[name] = {**figures, "gflops": achieved, "of_peak": achieved / peak}
@@ -260,10 +287,12 @@ def physical_markdown(phys: dict[str, Any] | None) -> list[str]:
     labels = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime fp32", "onnxruntime_int8": "ONNX Runtime int8"}
     rows = [[label, f"{phys[k]['wall_s']:.3f}", f"{phys[k]['cpu_s']:.3f}", f"{phys[k]['gflops']:.0f}",
              f"{100 * phys[k]['of_peak']:.0f}%"] for k, label in labels.items() if k in phys]  # fmt: skip
+    matmul = phys.get("matmul_gflops", {})
+    by = f" (PyTorch's {matmul['pytorch']:.0f}, ONNX Runtime's {matmul['onnxruntime']:.0f})" if matmul else ""
     return ["", f"Physical limit: one call is {phys['gflop_per_image']:.0f} GFLOP of convolutions and matrix products "
-            f"(`torch.utils.flop_counter`); the machine's peak, a 4096x4096 fp32 matrix product with the same "
-            f"threads, is {phys['matmul_peak_gflops']:.0f} GFLOP/s. Achieved (FLOPs / wall seconds, int8 counted "
-            "as the same operations):", "",
+            f"(`torch.utils.flop_counter`); the machine's peak, the best 4096x4096 fp32 matrix product with the same "
+            f"threads, is {phys['matmul_peak_gflops']:.0f} GFLOP/s{by}. Achieved (FLOPs / wall seconds, int8 counted "
+            "as the same operations, so int8 can pass the fp32 peak):", "",
             table(["backend", "wall s", "CPU s", "GFLOP/s", "of the fp32 peak"], rows)]  # fmt: skip
 
 
@@ -278,13 +307,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     ours, _ = build_pair(args.arch, *args.size)
     plain = copy.deepcopy(ours).eval()  # BatchNorm unfolded, for the export (ONNX Runtime fuses it itself)
-    ours.eval().optimize_for_inference()
+    contiguous = copy.deepcopy(ours).eval().optimize_for_inference(channels_last=False)
+    ours.eval().optimize_for_inference()  # channels_last, the default
     image = (torch.rand(3, *args.size, generator=torch.Generator().manual_seed(1)) * 255).round() / 255
     result = {"arch": args.arch, "size": list(args.size), "threads": args.threads, "rounds": args.rounds,
               "cpu_flags": cpu_flags()}  # fmt: skip
     result["stages"] = stage_split(ours, image, args.rounds)
     result["operators"] = top_operators(ours, image)
-    result["options"] = options(ours, image, args.rounds)
+    result["options"] = options(contiguous, ours, image, args.rounds)
     if not args.skip_physical:
         import tempfile
 

@@ -87,7 +87,11 @@ def compare(theirs: list[dict], ours: list[dict], box_tol: float, score_tol: flo
         torch.testing.assert_close(o["scores"], t["scores"], rtol=0, atol=score_tol)
         if "masks" in t:
             assert o["masks"].dtype == torch.uint8
-            assert torch.equal(o["masks"], (t["masks"] >= 0.5).to(torch.uint8))
+            # equal but where torchvision's soft mask is at the threshold (rounding decides those)
+            differ = o["masks"] != (t["masks"] >= 0.5).to(torch.uint8)
+            assert differ.float().mean() < 1e-4, f"{int(differ.sum())} mask pixels differ"
+            if differ.any():
+                assert (t["masks"][differ] - 0.5).abs().max().item() < 1e-3
 
 
 @pytest.mark.slow

@@ -123,5 +123,9 @@ def test_optimize_for_inference_keeps_outputs(shapes_train):
     for a, b in zip(before, after):
         torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-3, atol=1e-2)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    plain = faster_rcnn("tiny", shapes_train.num_classes, min_size=128, max_size=128).optimize_for_inference(channels_last=False)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(ValueError, match="optimized for inference"):
         model.train()

@@ -124,11 +124,17 @@ class InferenceOptimizable:
     """Mixin for detectors with a ``backbone``: :meth:`optimize_for_inference`, and a guard that
     refuses to train a model so optimised."""
 
-    def optimize_for_inference(self):
+    def optimize_for_inference(self, channels_last: bool = True):
         """Prepare the model for fast inference, in place: eval mode, BatchNorm folded into the
-        preceding convolutions (same outputs, less work). The model cannot be trained afterwards."""
+        preceding convolutions (same outputs, less work) and, with ``channels_last``, every
+        convolution's weights in the channels-last memory layout, so that the feature maps are
+        computed channels-last from the first convolution on (same outputs to rounding; on a CPU
+        oneDNN's convolutions are faster in that layout: R50-FPN at 800x1066, 0.82-0.84x the CPU
+        time, ``python -m benchmarks.eager_profile``). The model cannot be trained afterwards."""
         self.eval()
         fold_batchnorm(self.backbone)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self._inference_only = True
         return self
 
