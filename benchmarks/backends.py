@@ -102,11 +102,34 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
     return row
 
 
+def parse_recipe(text: str) -> dict[str, Any]:
+    """``quantize_onnx``'s settings from ``METHOD[+fc][+keep=PATH;PATH...][+keep=][+p=PERCENTILE]``
+    (``+keep=`` alone: nothing kept float), e.g. ``entropy+keep=backbone.fpn``."""
+    from rcnn.quantize import CALIBRATION_METHODS
+
+    method, *parts = text.split("+")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"recipe {text!r}: the method must be one of {', '.join(CALIBRATION_METHODS)}")
+    settings: dict[str, Any] = {"method": method}
+    for part in parts:
+        if part == "fc":
+            settings["fc"] = True
+        elif part.startswith("keep="):
+            settings["keep_float"] = [p for p in part[5:].split(";") if p]
+        elif part.startswith("p="):
+            settings["percentile"] = float(part[2:])
+        else:
+            raise ValueError(f"recipe {text!r}: unknown part {part!r} (fc, keep=PATHS, p=PERCENTILE)")
+    return settings
+
+
 def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any, val_set: Any, workdir: Path,
-                  threads: int, calibrate_images: int = 100) -> dict[str, Any]:  # fmt: skip
+                  threads: int, calibrate_images: int = 100, recipes: list[str] = ()) -> dict[str, Any]:  # fmt: skip
     """AP on ``val_set`` of a trained model in eager PyTorch, and in ONNX Runtime as the fp32 graph,
-    the int8 graph (convolutions) and the int8 graph with the box head's fully connected layers
-    too, calibrated on ``calibrate_images`` images of ``train_set`` spread evenly over it."""
+    the int8 graph (the library's default settings), the int8 graph with the box head's fully
+    connected layers too and, for each of ``recipes`` (:func:`parse_recipe`), the int8 graph those
+    settings give; each int8 graph calibrated on ``calibrate_images`` images of ``train_set``
+    spread evenly over it."""
     from rcnn.inference import evaluate_model
     from rcnn.quantize import quantize_onnx
 
@@ -115,9 +138,12 @@ def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any
     step = max(len(train_set) // calibrate_images, 1)
     picks = range(0, len(train_set), step)[:calibrate_images]
     detectors: dict[str, Any] = {"eager": model.optimize_for_inference(), "onnxruntime": OnnxDetector(fp32, threads=threads)}
-    for name, fc in (("onnxruntime_int8", False), ("onnxruntime_int8_fc", True)):
+    settings = {"onnxruntime_int8": {}, "onnxruntime_int8_fc": {"fc": True}}
+    settings.update({f"int8 {r}": parse_recipe(r) for r in recipes})
+    for index, (name, options) in enumerate(settings.items()):
         images = (train_set[i][0] for i in picks)
-        detectors[name] = OnnxDetector(quantize_onnx(fp32, workdir / f"trained-{name}.onnx", images, fc=fc), threads=threads)
+        path = quantize_onnx(fp32, workdir / f"trained-int8-{index}.onnx", images, **options)
+        detectors[name] = OnnxDetector(path, threads=threads)
     out: dict[str, Any] = {"val_images": len(val_set), "calibration_images": len(picks)}
     for name, detector in detectors.items():
         with torch.inference_mode():
@@ -130,7 +156,7 @@ def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any
     return out
 
 
-def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int) -> dict[str, Any]:
+def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int, recipes: list[str] = ()) -> dict[str, Any]:
     """:func:`int8_accuracy` of a trained run folder on its own data set (train split calibrates, val scores)."""
     from rcnn.build import load_model
     from rcnn.data.build import build_dataset
@@ -139,23 +165,26 @@ def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int) -
     data = loaded.config.data
     train_set = build_dataset(data.root, data.train_split, **data.reader_options())
     val_set = build_dataset(data.root, data.val_split, **data.reader_options())
-    result = int8_accuracy(loaded.model, loaded.class_names, train_set, val_set, workdir, threads, calibrate_images)
+    result = int8_accuracy(loaded.model, loaded.class_names, train_set, val_set, workdir, threads, calibrate_images, recipes)
     return {"run": str(run), "model": loaded.config.model.name, "backbone": loaded.config.model.backbone,
             "data": str(data.root), **result}  # fmt: skip
 
 
 def accuracy_markdown(entries: dict[str, dict[str, Any]]) -> str:
-    names = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime fp32", "onnxruntime_int8": "ONNX Runtime int8 (convolutions)",
-             "onnxruntime_int8_fc": "ONNX Runtime int8 (convolutions + box head fc)"}  # fmt: skip
+    names = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime fp32", "onnxruntime_int8": "ONNX Runtime int8",
+             "onnxruntime_int8_fc": "ONNX Runtime int8 + box head fc"}  # fmt: skip
     rows = []
     for title, e in entries.items():
-        for key, label in names.items():
+        recipes = {k: f"ONNX Runtime {k}" for k in e if k.startswith("int8 ")}
+        for key, label in {**names, **recipes}.items():
             if key in e:
                 delta = e[key]["AP"] - e["onnxruntime"]["AP"]
                 rows.append([title, label, e[key]["AP"], e[key]["AP50"], f"{delta:+.3f}", e[key]["ms_per_image"]])
     return "\n".join([
         "int8 accuracy of trained models (box AP on the val split; the int8 graphs calibrated on images of "
-        "the train split; ms/image include the evaluation's own loading):", "",
+        "the train split; ms/image include the evaluation's own loading). \"int8\" is the library's default "
+        "quantisation (entropy calibration, the FPN float); \"int8 METHOD+keep=...\" rows are other settings: "
+        "the calibration method and the module paths kept float (`+keep=` alone: none):", "",
         table(["trained model", "backend", "AP", "AP@0.5", "AP vs fp32", "ms/image"], rows),
     ])  # fmt: skip
 
@@ -192,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="trained run folders whose AP to measure in eager, ONNX Runtime fp32 and int8 "
                         "(e.g. the demo's demo_out/run); with no speed --only, the speed rows stay as they are")
     parser.add_argument("--calibrate-images", type=int, default=100, help="int8 calibration images for --accuracy")
+    parser.add_argument("--recipes", nargs="+", default=[], metavar="RECIPE",
+                        help="for --accuracy, int8 settings to measure besides the default: "
+                        "METHOD[+fc][+keep=PATH;PATH][+p=PERCENTILE], e.g. minmax+keep= entropy+keep=backbone.fpn")
     parser.add_argument("--notes", default="", help="a line on the conditions, shown under the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -208,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.accuracy:
             title, _, run = spec.rpartition("=") if "=" in spec else (spec, "", spec)
-            accuracy[title] = {**run_accuracy(run, args.threads, Path(tmp), args.calibrate_images), "command": command}
+            accuracy[title] = {**run_accuracy(run, args.threads, Path(tmp), args.calibrate_images, args.recipes),
+                               "command": command}  # fmt: skip
             write_result("backends", result, command)
         for kind, arch, size in chosen:
             row = case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8)

@@ -70,6 +70,11 @@ def _current(path: Path, digest: str, precision: str) -> bool:
         meta = onnx_metadata(path)
     except ValueError:
         return False  # a damaged cache file
+    if precision == "int8":  # made by today's default quantisation settings
+        from rcnn.quantize import recipe
+
+        if meta.get("int8_recipe") != recipe():
+            return False
     return meta.get("weights_sha256") == digest and meta.get("precision") == precision
 
 

@@ -108,6 +108,7 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "precision": props.get("rcnn.precision", "fp32"),
         "has_rpn": props.get("rcnn.has_rpn", str(props.get("rcnn.model") in ("faster_rcnn", "mask_rcnn")).lower()) == "true",
         "weights_sha256": props.get("rcnn.weights_sha256"),
+        "int8_recipe": props.get("rcnn.int8_recipe"),  # how an int8 graph was quantised (rcnn.quantize.recipe)
     }
 
 

@@ -175,6 +175,53 @@ def test_int8_export_calibrates_and_runs(run, shapes_root, tmp_path, capsys):
     assert "--int8 needs --calibrate" in capsys.readouterr().err
 
 
+def float_convolutions(path) -> list[str]:
+    """The weights of an ONNX graph's convolutions that stay float (a quantised one's weight comes
+    through a DequantizeLinear node, not straight from an initializer)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name for i in graph.initializer}
+    return [n.input[1] for n in graph.node if n.op_type == "Conv" and n.input[1] in initializers]
+
+
+def test_int8_calibration_methods_and_float_layers(run, both, shapes_root, tmp_path, capsys):
+    from torchvision.ops import box_iou
+
+    from rcnn.quantize import quantize_onnx, recipe
+
+    fp32 = both[1].checkpoint
+    val = build_dataset(shapes_root, "val")
+    # images of different sizes: the calibration runs image by image, so every method takes them
+    images = [val[0][0], torch.nn.functional.interpolate(val[1][0][None], size=(96, 160))[0], val[2][0]]
+    (reference,) = both[1].model([val[3][0]])
+    for method in ("minmax", "percentile", "entropy"):
+        out = quantize_onnx(fp32, tmp_path / f"{method}.onnx", iter(images), method=method, keep_float=["rpn.head"])
+        assert onnx_metadata(out)["int8_recipe"] == recipe(method=method, keep_float=["rpn.head"])
+        kept = float_convolutions(out)
+        assert kept and all(w.startswith("model.rpn.head.") for w in kept), kept
+        (int8,) = OnnxDetector(out)([val[3][0]])
+        assert len(int8["boxes"]) > 0 and float(box_iou(int8["boxes"][:1], reference["boxes"][:1])) > 0.5, method
+    # the defaults: entropy, the FPN float where there is one (the tiny backbone has none: all int8)
+    out = quantize_onnx(fp32, tmp_path / "default.onnx", iter(images[:1]))
+    assert float_convolutions(out) == [] and onnx_metadata(out)["int8_recipe"] == recipe(method="entropy")
+    with pytest.raises(ValueError, match="'backbone.fpn': no quantisable layer"):  # asked for by name: refused
+        quantize_onnx(fp32, tmp_path / "x.onnx", iter(images[:1]), keep_float=["backbone.fpn"])
+    with pytest.raises(ValueError, match="calibration method 'kl'"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", iter(images[:1]), method="kl")
+    with pytest.raises(ValueError, match="at least one image"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", iter([]))
+    # a glob pattern, from the command line
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8", "--calibrate", str(shapes_root),
+                 "--calibrate-images", "2", "--calibration-method", "percentile", "--keep-float", "rpn.*.bbox_pred"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibration_method"] == "percentile"
+    assert float_convolutions(out) == ["model.rpn.head.bbox_pred.weight"]
+    assert main(["export", "--weights", str(run), "--out", str(out), "--int8", "--calibrate", str(shapes_root),
+                 "--keep-float", "roi_heads.nothing"]) == 2  # fmt: skip
+    assert "'roi_heads.nothing': no quantisable layer" in capsys.readouterr().err
+
+
 def test_precision_int8_quantises_a_run_once_and_caches_it(run, both, shapes_root, tmp_path, capsys):
     import shutil
 
@@ -186,6 +233,13 @@ def test_precision_int8_quantises_a_run_once_and_caches_it(run, both, shapes_roo
     assert onnx_metadata(loaded.checkpoint)["weights_sha256"] == weights_digest((copy / "last").resolve())
     stamp = loaded.checkpoint.stat().st_mtime_ns
     assert load_detector(copy, precision="int8").checkpoint.stat().st_mtime_ns == stamp  # cached, not redone
+    # a cached graph quantised by other settings than today's defaults is made again
+    from rcnn.quantize import quantize_onnx, recipe
+
+    images = [build_dataset(shapes_root, "val")[0][0]]
+    quantize_onnx(loaded.checkpoint.with_name("model.onnx"), loaded.checkpoint, images, method="minmax")
+    assert onnx_metadata(loaded.checkpoint)["int8_recipe"] != recipe()
+    assert onnx_metadata(load_detector(copy, precision="int8", calibrate_images=2).checkpoint)["int8_recipe"] == recipe()
     image, _ = build_dataset(shapes_root, "val")[0]
     (int8,) = loaded.model([image])
     (fp32,) = both[1].model([image])

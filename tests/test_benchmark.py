@@ -183,3 +183,28 @@ def test_eager_profile_stages_add_up_to_the_call():
     assert model_gflop(lambda xs: conv(xs[0][None]), torch.rand(3, 10, 10)) == pytest.approx(2 * 8 * 3 * 9 * 100 / 1e9)
     peak = matmul_peak_gflops(1, n=128, rounds=2)
     assert peak["pytorch"] > 0 and peak["onnxruntime"] > 0 and peak["peak"] == max(peak["pytorch"], peak["onnxruntime"])
+
+
+def test_int8_accuracy_measures_each_recipe(shapes_root, tmp_path):
+    import torch
+
+    from benchmarks.backends import accuracy_markdown, int8_accuracy, parse_recipe
+    from rcnn.data import build_dataset
+    from rcnn.models import faster_rcnn
+
+    assert parse_recipe("entropy+keep=backbone.fpn;rpn.*") == {"method": "entropy", "keep_float": ["backbone.fpn", "rpn.*"]}
+    assert parse_recipe("percentile+p=99.9+fc+keep=") == {"method": "percentile", "percentile": 99.9, "fc": True, "keep_float": []}
+    with pytest.raises(ValueError, match="unknown part 'x'"):
+        parse_recipe("minmax+x")
+    with pytest.raises(ValueError, match="the method must be one of"):
+        parse_recipe("kl")
+    train, val = build_dataset(shapes_root, "train"), build_dataset(shapes_root, "val")
+    torch.manual_seed(0)
+    model = faster_rcnn("tiny", train.num_classes, min_size=128, max_size=128)
+    out = int8_accuracy(model, list(train.class_names), train, val, tmp_path, threads=1, calibrate_images=2,
+                        recipes=["minmax+keep=rpn.head"])  # fmt: skip
+    assert {"eager", "onnxruntime", "onnxruntime_int8", "onnxruntime_int8_fc", "int8 minmax+keep=rpn.head"} <= set(out)
+    assert out["calibration_images"] == 2 and out["val_images"] == len(val)
+    assert abs(out["eager"]["AP"] - out["onnxruntime"]["AP"]) < 1e-3  # the exact backend scores the same
+    text = accuracy_markdown({"tiny": out})
+    assert "ONNX Runtime int8 minmax+keep=rpn.head" in text and "entropy calibration, the FPN float" in text

@@ -33,13 +33,17 @@ def run(args: argparse.Namespace) -> int:
         from rcnn.quantize import calibration_images, quantize_onnx
 
         images = calibration_images(args.calibrate, args.split, args.calibrate_images, loaded.config)
-        path = quantize_onnx(float_path, out, images, fc=args.int8_fc)
-        summary.update(onnx=str(path), fp32=str(float_path), precision="int8", calibration_images=args.calibrate_images)
+        path = quantize_onnx(float_path, out, images, fc=args.int8_fc, method=args.calibration_method,
+                             percentile=args.percentile, keep_float=args.keep_float)  # fmt: skip
+        summary.update(onnx=str(path), fp32=str(float_path), precision="int8", calibration_images=args.calibrate_images,
+                       calibration_method=args.calibration_method)  # fmt: skip
     print(json.dumps(summary))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from rcnn.quantize import CALIBRATION_METHODS, DEFAULT_METHOD, KEEP_FLOAT
+
     parser = subparsers.add_parser(
         "export",
         help="export a trained detector to ONNX (pre- and post-processing inside)",
@@ -61,4 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="split of --calibrate to use (default: the run's train split)")
     parser.add_argument("--calibrate-images", type=int, default=200, help="images to calibrate on (default 200)")
     parser.add_argument("--int8-fc", action="store_true", help="quantise the fully connected box head too")
+    parser.add_argument("--calibration-method", default=DEFAULT_METHOD, choices=CALIBRATION_METHODS,
+                        help=f"how each activation's int8 range is set from the calibration images (default {DEFAULT_METHOD})")
+    parser.add_argument("--percentile", type=float, default=99.999,
+                        help="the percentile of --calibration-method percentile (default 99.999)")
+    parser.add_argument("--keep-float", nargs="*", metavar="MODULE", default=None,
+                        help="module paths or glob patterns whose layers stay float (default: "
+                        f"{' '.join(KEEP_FLOAT)} where the model has it; --keep-float alone: none)")
     parser.set_defaults(func=run)
