@@ -10,7 +10,7 @@ exactly that size) of each backend, interleaved A B C, C B A, ..., best of the r
 (all threads) beside wall; ratios to torchvision's. The models are those of
 ``benchmarks.faster_rcnn`` (torchvision's random initialisation, BatchNorm statistics from random
 images, copied into ours; score threshold 0, so every backend post-processes its 100 best).
-Agreement: the share of the eager model's detections that ONNX Runtime gives too (same label,
+ONNX Runtime runs the graph the ``onnxruntime`` backend caches (float input). Agreement: the share of the eager model's detections that ONNX Runtime gives too (same label,
 box IoU > 0.99, score within 1e-3). Writes ``benchmarks/results/backends.json``.
 """
 
@@ -75,7 +75,8 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
     ours.eval().optimize_for_inference()
     peer.eval()
     names = ["__background__"] + [f"class_{i}" for i in range(1, 91)]
-    onnx_file = export_onnx(for_export, workdir / f"{kind}_{arch}_{size[0]}x{size[1]}.onnx", names, example_size=size)
+    onnx_file = export_onnx(for_export, workdir / f"{kind}_{arch}_{size[0]}x{size[1]}.onnx", names, example_size=size,
+                            input_format="float")  # as the onnxruntime backend caches it
     del for_export
     ort = OnnxDetector(onnx_file, threads=threads)
     image = (torch.rand(3, *size, generator=torch.Generator().manual_seed(1)) * 255).round() / 255  # uint8-exact

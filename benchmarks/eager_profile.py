@@ -231,7 +231,7 @@ def physical_limit(plain: torch.nn.Module, optimized: torch.nn.Module, image: to
     from rcnn.quantize import quantize_onnx
 
     names = ["__background__"] + [f"class_{i}" for i in range(1, plain.num_classes)]
-    fp32 = export_onnx(plain, Path(workdir) / "model.onnx", names, example_size=tuple(image.shape[1:]))
+    fp32 = export_onnx(plain, Path(workdir) / "model.onnx", names, example_size=tuple(image.shape[1:]), input_format="float")
     g = torch.Generator().manual_seed(2)
     pictures = [(torch.rand(*image.shape, generator=g) * 255).round() / 255 for _ in range(8)]
     int8 = quantize_onnx(fp32, Path(workdir) / "model-int8.onnx", pictures)

@@ -152,3 +152,38 @@ def test_fold_batchnorm_keeps_outputs(norm):
     assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in backbone.modules())
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet50_fpn", "mobilenet_v3_fpn"])
+def test_the_pyramid_upsamples_by_a_fixed_factor_only_where_exact(name):
+    """Padded inputs: the strides' ratio (2; 1 for MobileNetV3's two stride-32 maps), as
+    torchvision's size-read upsampling gives; other sizes and other padding: by size."""
+    from rcnn.components.backbones import PyramidNetwork
+
+    backbone, _ = build_backbone(name)
+    fpn = backbone.fpn
+    assert isinstance(fpn, PyramidNetwork) and fpn.factors is None  # a bare backbone knows no padding
+    peer = torchvision.ops.FeaturePyramidNetwork(
+        [b[0].in_channels for b in fpn.inner_blocks], 256, extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelMaxPool()
+    )
+    peer.load_state_dict(fpn.state_dict())
+    fpn.fix_factors(32)
+    assert fpn.factors == {"resnet50_fpn": (2, 2, 2), "mobilenet_v3_fpn": (1,)}[name]
+    backbone.eval()
+    with torch.no_grad():
+        for size in ((128, 160), (97, 131)):  # padded; and a size no padding made (falls back)
+            body = backbone._body_forward(backbone.body, torch.rand(1, 3, *size))
+            maps = {str(i): f for i, f in enumerate(body)}
+            ours, theirs = fpn(maps), peer(maps)
+            assert list(ours) == list(theirs)
+            for a, b in zip(ours.values(), theirs.values()):
+                assert torch.equal(a, b)
+    fpn.fix_factors(1)
+    assert fpn.factors is None
+
+
+def test_a_detector_fixes_its_pyramid_factors_from_its_padding():
+    from rcnn.models import faster_rcnn
+
+    model = faster_rcnn("resnet50_fpn", 3)
+    assert model.transform.size_divisible == 32 and model.backbone.fpn.factors == (2, 2, 2)

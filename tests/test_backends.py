@@ -73,7 +73,17 @@ def test_a_stale_or_damaged_cache_is_exported_afresh(run, tmp_path):
     (copy / "onnx").mkdir()
     (copy / "onnx" / "model.onnx").write_bytes(b"not a graph")
     loaded = load_detector(copy, backend="onnxruntime")
-    assert onnx_metadata(loaded.checkpoint)["weights_sha256"] == weights_digest(copy)
+    meta = onnx_metadata(loaded.checkpoint)
+    assert meta["weights_sha256"] == weights_digest(copy) and meta["input"] == "float"  # the backend's images, as given
+    # a cache of the same weights that takes uint8 images (made by an earlier version) is made again
+    from rcnn.build import load_model
+    from rcnn.export import export_onnx
+
+    model = load_model(copy, for_inference=False)
+    export_onnx(model.model, loaded.checkpoint, model.class_names, metadata={"rcnn.weights_sha256": weights_digest(copy)})
+    assert onnx_metadata(loaded.checkpoint)["input"] == "uint8"
+    again = load_detector(copy, backend="onnxruntime")
+    assert onnx_metadata(again.checkpoint)["input"] == "float"
 
 
 def test_evaluation_gives_the_same_numbers(both, shapes_root):

@@ -224,3 +224,23 @@ def test_multilevel_pooler_uses_assigned_level():
         RoIPooler(2, strides=(4, 16))
     with pytest.raises(ValueError, match="'align' or 'pool'"):
         RoIPooler(2, strides=(4,), kind="max")
+
+
+def test_multilevel_pooler_keeps_the_rois_order():
+    """RoIs of the levels interleaved, and levels with none: the same as torchvision's
+    MultiScaleRoIAlign, row for row."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.rand(1, 3, 64 // 2**i, 64 // 2**i, generator=g) for i in range(3)]
+    sides = torch.tensor([300.0, 20.0, 120.0, 30.0, 250.0, 10.0, 90.0])  # levels 4, 2, 3, 2, 4, 2, 2
+    xy = torch.rand(len(sides), 2, generator=g) * 50
+    boxes = torch.cat((xy, xy + sides[:, None]), dim=1)
+    pooler = RoIPooler(7, strides=(4, 8, 16), kind="align", sampling_ratio=2, aligned=False)
+    peer = MultiScaleRoIAlign(["0", "1", "2"], 7, 2, canonical_scale=224, canonical_level=4)
+    expected = peer({str(i): f for i, f in enumerate(feats)}, [boxes], [(256, 256)])
+    torch.testing.assert_close(pooler(feats, [boxes]), expected, rtol=0, atol=1e-5)
+    small = boxes[sides < 50]  # no RoI on levels 3 and 4
+    expected = peer({str(i): f for i, f in enumerate(feats)}, [small], [(256, 256)])
+    torch.testing.assert_close(pooler(feats, [small]), expected, rtol=0, atol=1e-5)
+    assert pooler(feats, [boxes[:0]]).shape == (0, 3, 7, 7)

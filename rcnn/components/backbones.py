@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import NamedTuple
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -45,6 +47,7 @@ __all__ = [
     "Backbone",
     "BackboneParts",
     "LoadReport",
+    "PyramidNetwork",
     "as_feature_list",
     "build_backbone",
     "default_anchor_sizes",
@@ -134,6 +137,53 @@ def as_feature_list(output: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) ->
     if isinstance(output, Mapping):
         return list(output.values())
     return list(output)
+
+
+class PyramidNetwork(FeaturePyramidNetwork):
+    """torchvision's feature pyramid (same layers, same state-dict keys) whose top-down pathway
+    upsamples by the fixed ratio of the levels' strides when the sizes allow it.
+
+    torchvision's FPN upsamples each coarser map to the finer one's size, read at run time; in an
+    exported graph that is a ``Resize`` to computed sizes, which ONNX Runtime's blocked-layout
+    (NCHWc) optimiser cannot take over, so the map leaves that layout and the sum runs apart from
+    its convolution. When every input image is padded to a multiple of the coarsest stride
+    (:meth:`fix_factors`, called by the detector with its transform's ``size_divisible``), each
+    level is exactly the padded size over its stride, the ratio is 2 (or 1 between equal strides,
+    MobileNetV3's two stride-32 maps: no upsampling at all) and the result is the same.
+    """
+
+    def __init__(self, in_channels_list: Sequence[int], out_channels: int, strides: Sequence[int], **kwargs) -> None:
+        super().__init__(list(in_channels_list), out_channels, **kwargs)
+        if len(strides) != len(in_channels_list):
+            raise ValueError(f"{len(strides)} strides for {len(in_channels_list)} pyramid inputs")
+        self.input_strides = tuple(int(s) for s in strides)
+        self.factors: tuple[int, ...] | None = None
+
+    def fix_factors(self, size_divisible: int) -> None:
+        """Upsample by the strides' ratios from now on if images are padded to multiples of
+        ``size_divisible`` and that is a multiple of the coarsest stride (else by size, as torchvision)."""
+        strides = self.input_strides
+        exact = size_divisible % strides[-1] == 0 and all(b % a == 0 for a, b in zip(strides, strides[1:]))
+        self.factors = tuple(b // a for a, b in zip(strides, strides[1:])) if exact else None
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        names, maps = list(x.keys()), list(x.values())
+        factors = self.factors
+        if factors is not None and not torch.compiler.is_compiling():  # eager: maps of other sizes fall back
+            if any(fine.shape[-2] != coarse.shape[-2] * f or fine.shape[-1] != coarse.shape[-1] * f
+                   for fine, coarse, f in zip(maps, maps[1:], factors)):  # fmt: skip
+                factors = None
+        if factors is None:
+            return super().forward(x)
+        inner = self.get_result_from_inner_blocks(maps[-1], -1)
+        results = [self.get_result_from_layer_blocks(inner, -1)]
+        for idx in range(len(maps) - 2, -1, -1):
+            top = inner if factors[idx] == 1 else F.interpolate(inner, scale_factor=float(factors[idx]), mode="nearest")
+            inner = self.get_result_from_inner_blocks(maps[idx], idx) + top
+            results.insert(0, self.get_result_from_layer_blocks(inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, maps, names)
+        return OrderedDict(zip(names, results))
 
 
 def _power_of_two(value: float) -> bool:
@@ -320,7 +370,7 @@ def _resnet50(norm: str) -> BackboneParts:
 def _resnet50_fpn_backbone(name: str, norm: str, fpn_norm: type[nn.Module] | None) -> Backbone:
     resnet = torchvision.models.resnet50(weights=None, norm_layer=_norm_layer(norm))
     body = _ResNetBody(resnet, 4)
-    fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
+    fpn = PyramidNetwork([256, 512, 1024, 2048], 256, (4, 8, 16, 32), extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
     stages = [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
     return Backbone(
         name, body, _all_outputs, out_channels=256, strides=(4, 8, 16, 32, 64),
@@ -349,7 +399,7 @@ def _mobilenet_v3_fpn(norm: str) -> BackboneParts:
     """
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm))
     body = mobilenet.features
-    fpn = FeaturePyramidNetwork([160, 960], 256, extra_blocks=LastLevelMaxPool())
+    fpn = PyramidNetwork([160, 960], 256, (32, 32), extra_blocks=LastLevelMaxPool())
     bounds = [0, 2, 4, 7, 13, 17]  # stem, then the stages split at each stride-2 block
     stages = [body[a:b] for a, b in zip(bounds, bounds[1:])]
     backbone = Backbone(

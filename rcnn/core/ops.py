@@ -430,8 +430,13 @@ class RoIPooler(nn.Module):
         levels = assign_fpn_levels(
             rois[:, 1:], self.min_level, self.max_level, self.canonical_size, self.canonical_level
         ) - self.min_level  # [R], index into features
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        order, pooled = [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = (levels == level).nonzero().flatten()  # may be empty: pooling no RoI is cheap
-            out[idx] = self._pool(feature, rois[idx], stride).to(out.dtype)
+            order.append(idx)
+            pooled.append(self._pool(feature, rois[idx], stride).to(features[0].dtype))
+        # level by level, then back to the RoIs' order: one copy and one gather (not a zero-filled
+        # [R, C, P, Q] written once per level)
+        out = torch.cat(pooled).index_select(0, torch.argsort(torch.cat(order)))
+        torch._check(out.shape[0] == rois.shape[0])  # every RoI has one level (for torch.export's shapes)
         return out

@@ -235,6 +235,9 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.transform = transform
+        pyramid = getattr(backbone, "fpn", None)
+        if hasattr(pyramid, "fix_factors"):  # padded sizes make the pyramid's upsampling a fixed ratio
+            pyramid.fix_factors(getattr(transform, "size_divisible", 1))
         self.strides = strides
         self.pool_strides = pool_strides
         self.train_mode = "joint"
