@@ -174,19 +174,27 @@ def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int, r
 def accuracy_markdown(entries: dict[str, dict[str, Any]]) -> str:
     names = {"eager": "eager PyTorch", "onnxruntime": "ONNX Runtime fp32", "onnxruntime_int8": "ONNX Runtime int8",
              "onnxruntime_int8_fc": "ONNX Runtime int8 + box head fc"}  # fmt: skip
+    masks = any("mask_AP" in e.get("onnxruntime", {}) for e in entries.values())
     rows = []
     for title, e in entries.items():
         recipes = {k: f"ONNX Runtime {k}" for k in e if k.startswith("int8 ")}
         for key, label in {**names, **recipes}.items():
             if key in e:
                 delta = e[key]["AP"] - e["onnxruntime"]["AP"]
-                rows.append([title, label, e[key]["AP"], e[key]["AP50"], f"{delta:+.3f}", e[key]["ms_per_image"]])
+                row = [title, label, e[key]["AP"], e[key]["AP50"], f"{delta:+.3f}"]
+                if masks:
+                    mask = "mask_AP" in e[key]
+                    row += [e[key]["mask_AP"] if mask else "",
+                            f"{e[key]['mask_AP'] - e['onnxruntime']['mask_AP']:+.3f}" if mask else ""]  # fmt: skip
+                rows.append(row + [e[key]["ms_per_image"]])
+    headers = ["trained model", "backend", "AP", "AP@0.5", "AP vs fp32"]
+    headers += ["mask AP", "mask AP vs fp32"] if masks else []
     return "\n".join([
         "int8 accuracy of trained models (box AP on the val split; the int8 graphs calibrated on images of "
-        "the train split; ms/image include the evaluation's own loading). \"int8\" is the library's default "
+        "the train split; mask AP for Mask R-CNN; ms/image include the evaluation's own loading). \"int8\" is the library's default "
         "quantisation (entropy calibration, the FPN float); \"int8 METHOD+keep=...\" rows are other settings: "
         "the calibration method and the module paths kept float (`+keep=` alone: none):", "",
-        table(["trained model", "backend", "AP", "AP@0.5", "AP vs fp32", "ms/image"], rows),
+        table(headers + ["ms/image"], rows),
     ])  # fmt: skip
 
 

@@ -208,3 +208,14 @@ def test_int8_accuracy_measures_each_recipe(shapes_root, tmp_path):
     assert abs(out["eager"]["AP"] - out["onnxruntime"]["AP"]) < 1e-3  # the exact backend scores the same
     text = accuracy_markdown({"tiny": out})
     assert "ONNX Runtime int8 minmax+keep=rpn.head" in text and "entropy calibration, the FPN float" in text
+
+
+def test_int8_accuracy_table_shows_mask_ap_where_measured():
+    from benchmarks.backends import accuracy_markdown
+
+    box = {"AP": 0.5, "AP50": 0.8, "ms_per_image": 10.0}
+    entries = {"boxes": {k: dict(box) for k in ("eager", "onnxruntime", "onnxruntime_int8")},
+               "masks": {k: {**box, "mask_AP": 0.4 - 0.05 * (k == "onnxruntime_int8")} for k in ("onnxruntime", "onnxruntime_int8")}}  # fmt: skip
+    text = accuracy_markdown(entries)
+    assert "| mask AP | mask AP vs fp32 |" in text and "-0.050" in text
+    assert "mask AP" not in accuracy_markdown({"boxes": entries["boxes"]}).split("\n")[2]
