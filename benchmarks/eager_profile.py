@@ -173,11 +173,13 @@ def options(model: torch.nn.Module, last: torch.nn.Module, image: torch.Tensor, 
     return out
 
 
-def matmul_peak_gflops(threads: int, n: int = 4096, rounds: int = 5) -> dict[str, float]:
+def matmul_peak_gflops(threads: int, n: int = 4096, rounds: int = 15) -> dict[str, float]:
     """The machine's fp32 peak with this process's threads: the best of ``rounds`` n x n products,
     by PyTorch (its BLAS) and by ONNX Runtime (MLAS), GFLOP/s of each and ``peak``, the larger.
     Both are measured as BLAS libraries reach different shares of a CPU's peak (on an AMD EPYC with
-    AVX-512, PyTorch's matrix product runs at half of ONNX Runtime's)."""
+    AVX-512, PyTorch's matrix product runs at half of ONNX Runtime's). 15 rounds: on a shared 2-core
+    machine the best of 5 ONNX Runtime products varied from 178 to 274 GFLOP/s between runs, the best
+    of 15 from 360 to 383."""
     import numpy as np
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper

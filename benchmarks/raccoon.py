@@ -247,8 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--int8", type=int, default=0, metavar="N",
                         help="also the AP of the best-trained rcnn detector as int8 (ONNX Runtime, calibrated on N "
                         "training photographs) beside its fp32 graph")  # fmt: skip
+    parser.add_argument("--recipes", nargs="+", default=[], metavar="RECIPE",
+                        help="with --int8, other int8 settings to measure beside the default "
+                        "(benchmarks.backends' METHOD[+fc][+keep=PATH;PATH][+p=PERCENTILE], e.g. minmax+keep=)")
     parser.add_argument("--notes", default="", help="a line of context for the report (e.g. the machine's load)")
     args = parser.parse_args(argv)
+    if args.recipes and not args.int8:
+        parser.error("--recipes needs --int8 N")
     data = Path(args.data)
     if not (data / "annotations").is_dir():
         raise SystemExit(f"{data}: the raccoon photographs are not there (expected annotations/ and images/)")
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name = max((n for n in models if n != "peer"), key=lambda n: accuracy[n]["AP"])
             train_set = build_dataset(Path(work) / "split", "train")
             accuracy["int8"] = {"model": name, **int8_accuracy(models[name], accuracy["class_names"], train_set, val,
-                                                               Path(work), args.threads, args.int8)}  # fmt: skip
+                                                               Path(work), args.threads, args.int8, args.recipes)}  # fmt: skip
     result: dict[str, Any] = {"accuracy": accuracy}
     if args.picture:
         picture(models, val, ROOT / args.picture)
