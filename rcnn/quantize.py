@@ -16,7 +16,9 @@ quantised too with ``fc=True``, where it measures faster.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import json
 import os
 import tempfile
@@ -147,13 +149,16 @@ def quantize_onnx(
             extra_options={"moving_average": False} if method == "minmax" else {"percentile": percentile},
         )  # fmt: skip
         count = 0
+        quiet = contextlib.redirect_stdout(io.StringIO())  # ONNX Runtime's calibrators print a line per pass
         for image in images:
-            calibrator.collect_data(_OneImage(_image_array(image, meta["input"])))
+            with quiet:
+                calibrator.collect_data(_OneImage(_image_array(image, meta["input"])))
             count += 1
         if count == 0:
             raise ValueError("int8 calibration needs at least one image (--calibrate DATA gave none)")
         ranges = Path(tmp) / "ranges.json"
-        save_tensors_data(calibrator.compute_data(), ranges)
+        with quiet:
+            save_tensors_data(calibrator.compute_data(), ranges)
         del calibrator
         quantized = Path(tmp) / "int8.onnx"
         quantize_static(
