@@ -164,8 +164,9 @@ def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int, r
 
     loaded = load_model(run, for_inference=False)
     data = loaded.config.data
-    train_set = build_dataset(data.root, data.train_split, **data.reader_options())
-    val_set = build_dataset(data.root, data.val_split, **data.reader_options())
+    masks = bool(getattr(loaded.model, "predicts_masks", False))  # Mask R-CNN: mask AP too
+    train_set = build_dataset(data.root, data.train_split, with_masks=masks, **data.reader_options())
+    val_set = build_dataset(data.root, data.val_split, with_masks=masks, **data.reader_options())
     result = int8_accuracy(loaded.model, loaded.class_names, train_set, val_set, workdir, threads, calibrate_images, recipes)
     return {"run": str(run), "model": loaded.config.model.name, "backbone": loaded.config.model.backbone,
             "data": str(data.root), **result}  # fmt: skip
@@ -213,10 +214,16 @@ def markdown(result: dict[str, Any]) -> str:
             table(headers, rows), "",
             "ORT agreement: the share of the eager model's detections that the ONNX Runtime graph gives "
             "too (same label, box IoU > 0.99, score within 1e-3)."]  # fmt: skip
-    if result.get("accuracy"):
-        text += ["", accuracy_markdown(result["accuracy"])]
     if result.get("notes"):
         text += ["", result["notes"]]
+    commands = list(dict.fromkeys(r["command"] for r in result["rows"] if r.get("command")))
+    if commands:
+        text += ["", "The speed rows: " + "; ".join(f"`{c}`" for c in commands) + "."]
+    if result.get("accuracy"):
+        text += ["", accuracy_markdown(result["accuracy"])]
+        commands = list(dict.fromkeys(e["command"] for e in result["accuracy"].values() if e.get("command")))
+        if commands:
+            text += ["", "The accuracy rows: " + "; ".join(f"`{c}`" for c in commands) + "."]
     return "\n".join(text)
 
 
