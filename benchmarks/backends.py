@@ -10,8 +10,9 @@ exactly that size) of each backend, interleaved A B C, C B A, ..., best of the r
 (all threads) beside wall; ratios to torchvision's. The models are those of
 ``benchmarks.faster_rcnn`` (torchvision's random initialisation, BatchNorm statistics from random
 images, copied into ours; score threshold 0, so every backend post-processes its 100 best).
-ONNX Runtime runs the graph the ``onnxruntime`` backend caches (float input). Agreement: the share of the eager model's detections that ONNX Runtime gives too (same label,
-box IoU > 0.99, score within 1e-3). Writes ``benchmarks/results/backends.json``.
+ONNX Runtime runs the graph the ``onnxruntime`` backend caches (float input). Agreement: the share
+of the eager model's detections that ONNX Runtime gives too (same label, box IoU > 0.99, score
+within 1e-3). Writes ``benchmarks/results/backends.json``.
 """
 
 from __future__ import annotations
@@ -216,15 +217,16 @@ def markdown(result: dict[str, Any]) -> str:
             "too (same label, box IoU > 0.99, score within 1e-3)."]  # fmt: skip
     if result.get("notes"):
         text += ["", result["notes"]]
-    commands = list(dict.fromkeys(r["command"] for r in result["rows"] if r.get("command")))
-    if commands:
-        text += ["", "The speed rows: " + "; ".join(f"`{c}`" for c in commands) + "."]
+    text += _commands("The speed rows", result["rows"])
     if result.get("accuracy"):
-        text += ["", accuracy_markdown(result["accuracy"])]
-        commands = list(dict.fromkeys(e["command"] for e in result["accuracy"].values() if e.get("command")))
-        if commands:
-            text += ["", "The accuracy rows: " + "; ".join(f"`{c}`" for c in commands) + "."]
+        text += ["", accuracy_markdown(result["accuracy"])] + _commands("The accuracy rows", result["accuracy"].values())
     return "\n".join(text)
+
+
+def _commands(what: str, entries: Any) -> list[str]:
+    """A paragraph naming the distinct commands that measured ``entries`` (none if none says)."""
+    commands = list(dict.fromkeys(e["command"] for e in entries if e.get("command")))
+    return ["", f"{what}: " + "; ".join(f"`{c}`" for c in commands) + "."] if commands else []
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

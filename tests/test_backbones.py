@@ -167,7 +167,8 @@ def test_the_pyramid_upsamples_by_a_fixed_factor_only_where_exact(name):
         [b[0].in_channels for b in fpn.inner_blocks], 256, extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelMaxPool()
     )
     peer.load_state_dict(fpn.state_dict())
-    fpn.fix_factors(32)
+    inputs = backbone.strides[: len(fpn.inner_blocks)]  # P6 is made by the pyramid
+    fpn.fix_factors(32, inputs)
     assert fpn.factors == {"resnet50_fpn": (2, 2, 2), "mobilenet_v3_fpn": (1,)}[name]
     backbone.eval()
     with torch.no_grad():
@@ -178,8 +179,10 @@ def test_the_pyramid_upsamples_by_a_fixed_factor_only_where_exact(name):
             assert list(ours) == list(theirs)
             for a, b in zip(ours.values(), theirs.values()):
                 assert torch.equal(a, b)
-    fpn.fix_factors(1)
+    fpn.fix_factors(1, inputs)
     assert fpn.factors is None
+    with pytest.raises(ValueError, match="strides for"):
+        fpn.fix_factors(32, backbone.strides)
 
 
 def test_a_detector_fixes_its_pyramid_factors_from_its_padding():

@@ -147,22 +147,20 @@ class PyramidNetwork(FeaturePyramidNetwork):
     exported graph that is a ``Resize`` to computed sizes, which ONNX Runtime's blocked-layout
     (NCHWc) optimiser cannot take over, so the map leaves that layout and the sum runs apart from
     its convolution. When every input image is padded to a multiple of the coarsest stride
-    (:meth:`fix_factors`, called by the detector with its transform's ``size_divisible``), each
-    level is exactly the padded size over its stride, the ratio is 2 (or 1 between equal strides,
-    MobileNetV3's two stride-32 maps: no upsampling at all) and the result is the same.
+    (:meth:`fix_factors`, called by the detector with its transform's ``size_divisible`` and the
+    backbone's strides), each level is exactly the padded size over its stride, the ratio is 2 (or
+    1 between equal strides, MobileNetV3's two stride-32 maps: no upsampling at all) and the result
+    is the same.
     """
 
-    def __init__(self, in_channels_list: Sequence[int], out_channels: int, strides: Sequence[int], **kwargs) -> None:
-        super().__init__(list(in_channels_list), out_channels, **kwargs)
-        if len(strides) != len(in_channels_list):
-            raise ValueError(f"{len(strides)} strides for {len(in_channels_list)} pyramid inputs")
-        self.input_strides = tuple(int(s) for s in strides)
-        self.factors: tuple[int, ...] | None = None
+    factors: tuple[int, ...] | None = None  # by size until the detector fixes them
 
-    def fix_factors(self, size_divisible: int) -> None:
-        """Upsample by the strides' ratios from now on if images are padded to multiples of
-        ``size_divisible`` and that is a multiple of the coarsest stride (else by size, as torchvision)."""
-        strides = self.input_strides
+    def fix_factors(self, size_divisible: int, strides: Sequence[int]) -> None:
+        """Upsample by the ratios of ``strides`` (those of the pyramid's inputs) from now on if images
+        are padded to multiples of ``size_divisible`` and that is a multiple of the coarsest stride
+        (else by size, as torchvision)."""
+        if len(strides) != len(self.inner_blocks):
+            raise ValueError(f"{len(strides)} strides for {len(self.inner_blocks)} pyramid inputs")
         exact = size_divisible % strides[-1] == 0 and all(b % a == 0 for a, b in zip(strides, strides[1:]))
         self.factors = tuple(b // a for a, b in zip(strides, strides[1:])) if exact else None
 
@@ -370,7 +368,7 @@ def _resnet50(norm: str) -> BackboneParts:
 def _resnet50_fpn_backbone(name: str, norm: str, fpn_norm: type[nn.Module] | None) -> Backbone:
     resnet = torchvision.models.resnet50(weights=None, norm_layer=_norm_layer(norm))
     body = _ResNetBody(resnet, 4)
-    fpn = PyramidNetwork([256, 512, 1024, 2048], 256, (4, 8, 16, 32), extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
+    fpn = PyramidNetwork([256, 512, 1024, 2048], 256, extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
     stages = [nn.ModuleList([body.conv1, body.bn1]), body.layer1, body.layer2, body.layer3, body.layer4]
     return Backbone(
         name, body, _all_outputs, out_channels=256, strides=(4, 8, 16, 32, 64),
@@ -399,7 +397,7 @@ def _mobilenet_v3_fpn(norm: str) -> BackboneParts:
     """
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm))
     body = mobilenet.features
-    fpn = PyramidNetwork([160, 960], 256, (32, 32), extra_blocks=LastLevelMaxPool())
+    fpn = PyramidNetwork([160, 960], 256, extra_blocks=LastLevelMaxPool())
     bounds = [0, 2, 4, 7, 13, 17]  # stem, then the stages split at each stride-2 block
     stages = [body[a:b] for a, b in zip(bounds, bounds[1:])]
     backbone = Backbone(

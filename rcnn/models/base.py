@@ -237,7 +237,7 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         self.transform = transform
         pyramid = getattr(backbone, "fpn", None)
         if hasattr(pyramid, "fix_factors"):  # padded sizes make the pyramid's upsampling a fixed ratio
-            pyramid.fix_factors(getattr(transform, "size_divisible", 1))
+            pyramid.fix_factors(getattr(transform, "size_divisible", 1), strides[: len(pyramid.inner_blocks)])
         self.strides = strides
         self.pool_strides = pool_strides
         self.train_mode = "joint"
