@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the file system refused: disk full, permissions, read-only, ...
         print(f"rcnn {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a training says which checkpoint it saved)
+        print(f"rcnn {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
     _end_process_group()
     return int(result or 0)
 

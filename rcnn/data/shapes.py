@@ -35,7 +35,7 @@ from pycocotools import mask as mask_utils
 
 from rcnn.io.files import write_bytes
 
-__all__ = ["SHAPES_CLASSES", "make_shapes", "render_shapes_image", "shapes_paths"]
+__all__ = ["SHAPES_CLASSES", "SHAPES_MARKER", "NotAShapesFolder", "make_shapes", "render_shapes_image", "shapes_paths"]
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
 
@@ -43,6 +43,42 @@ SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexa
 _SPLIT_STREAM = {"train": 0, "val": 1}
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point shift: vertices placed to 1/16 px
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+SHAPES_MARKER = ".rcnn-shapes"  # in every folder make_shapes writes to
+_DESCRIPTION = "rcnn synthetic shapes"
+
+
+class NotAShapesFolder(ValueError):
+    """The folder holds files, and they are not a shapes set: nothing may be generated there."""
+
+
+def _holds_shapes(root: Path) -> bool:
+    """Whether ``root`` holds a shapes set of ours (the marker, or annotation files saying so)."""
+    if (root / SHAPES_MARKER).is_file():
+        return True
+    for split in _SPLIT_STREAM:
+        ann_file = shapes_paths(root, split)[1]
+        try:
+            with ann_file.open("rb") as fh:
+                head = fh.read(200)  # the info block comes first
+        except OSError:
+            continue
+        if _DESCRIPTION.encode() in head:
+            return True
+    return False
+
+
+def _claim_folder(root: Path) -> None:
+    """Make ``root`` a shapes folder, or raise ``NotAShapesFolder`` before writing anything."""
+    if root.exists() and not root.is_dir():
+        raise NotAShapesFolder(f"{root}: is a file; the shapes data set is written into a folder")
+    if root.is_dir() and not _holds_shapes(root) and any(root.iterdir()):
+        raise NotAShapesFolder(
+            f"{root}: is not empty and holds no shapes data set; the synthetic shapes are generated only into a "
+            "new or empty folder (or over an earlier shapes set), never among other files: choose another folder"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / SHAPES_MARKER).is_file():
+        write_bytes(root / SHAPES_MARKER, json.dumps({"format": _DESCRIPTION}).encode("utf-8") + b"\n")
 
 
 def shapes_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -189,7 +225,7 @@ def _make_split(
             stale.unlink()
     dataset = {
         "info": {
-            "description": "rcnn synthetic shapes",
+            "description": _DESCRIPTION,
             "version": "1",
             "split": split,
             "seed": seed,
@@ -223,7 +259,8 @@ def make_shapes(
     ``image_size`` is a side length or ``(height, width)``. ``empty_fraction`` of the images
     (in expectation) have no objects at all, to exercise the images-without-objects path.
     The annotation file of a split is written last (atomically): a split is complete when
-    ``annotations/instances_{split}.json`` exists.
+    ``annotations/instances_{split}.json`` exists. ``NotAShapesFolder`` (a ``ValueError``) when
+    ``root`` holds other files (module docstring).
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
@@ -247,6 +284,7 @@ def make_shapes(
         "empty_fraction": empty_fraction,
     }
     root = Path(root)
+    _claim_folder(root)
     for split, n_images in (("train", n_train), ("val", n_val)):
         _make_split(root, split, n_images, int(seed), (height, width), render_kwargs)
     return root

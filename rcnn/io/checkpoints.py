@@ -19,12 +19,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -32,12 +34,15 @@ from rcnn.io.files import read_json, write_json, write_text
 
 __all__ = [
     "LEGACY_KEYS",
+    "checkpoint_problem",
     "find_checkpoint",
     "load_checkpoint",
     "has_optimizer_state",
     "load_weights",
+    "point_last",
     "read_checkpoint_weights",
     "restore_rng",
+    "resume_checkpoint",
     "rng_state",
     "save_checkpoint",
 ]
@@ -136,7 +141,7 @@ def save_checkpoint(
             rng_tensors, rng_meta = rng_state()
             current = tmp / "optimizer.safetensors"
             save_file({**tensors, **rng_tensors}, str(current))
-            state["optimizer"] = meta
+            state["optimizer"] = {"class": type(optimizer).__name__, **meta}
             state["rng"] = rng_meta
         current = tmp / "state.json"
         write_json(current, state)
@@ -152,15 +157,75 @@ def save_checkpoint(
     except (OSError, SafetensorError) as exc:  # disk full, permissions, ...: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(exc, current, run_dir) from None
+    point_last(run_dir, name)
+    old = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name != name)
+    for path in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def point_last(run_dir: Path, name: str) -> None:
+    """Switch ``run_dir/last`` to the checkpoint folder ``name`` with an atomic rename."""
     link_tmp = run_dir / ".last.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     link_tmp.symlink_to(name)
     os.replace(link_tmp, run_dir / "last")
-    old = sorted(p for p in run_dir.glob("step_*") if p.is_dir() and p.name != name)
-    for path in old[: max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
+
+
+def checkpoint_problem(path: Path, *, training_state: bool = True) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is intact: its
+    ``state.json`` reads, and each safetensors file's header and length agree (a file cut short by
+    a kill or a full disk does not), the optimiser's state included when ``training_state``."""
+    if not path.is_dir():
+        return "missing"
+    try:
+        state = read_json(path / "state.json")
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        return f"{path / 'state.json'}: no iteration"
+    files = ["model.safetensors"]
+    if training_state and "optimizer" in state:
+        files.append("optimizer.safetensors")
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            return f"{path / name}: {exc}"
+    return None
+
+
+def resume_checkpoint(run_dir: str | os.PathLike, log: Callable[[str], None] = print, *, repoint: bool = True) -> Path | None:
+    """The checkpoint a run resumes from: ``last`` when it is intact, else the newest intact
+    ``step_*`` (``last`` is switched to it where ``repoint``, and ``log`` says why); None for a run that has no
+    checkpoint yet. ``ValueError`` when it had checkpoints and none is intact: resuming would
+    start over and overwrite the run's logs."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last"
+    steps = sorted((p for p in run_dir.glob("step_*") if p.is_dir()), reverse=True)
+    if not steps and not last.is_symlink() and not last.exists():
+        return None
+    if last.exists() and checkpoint_problem(last.resolve()) is None:
+        return last.resolve()
+    reasons = []
+    if last.is_symlink() or last.exists():
+        target = os.readlink(last) if last.is_symlink() else "last"
+        reasons.append(f"last -> {target}: {checkpoint_problem(last.resolve()) or 'missing'}")
+    for step in steps:
+        problem = checkpoint_problem(step)
+        if problem is None:
+            if repoint:
+                log(f"{run_dir}: {reasons[0] if reasons else 'no last link'}; resuming from {step.name}, "
+                    "the newest intact checkpoint")  # fmt: skip
+                point_last(run_dir, step.name)
+            return step.resolve()
+        reasons.append(f"{step.name}: {problem}")
+    raise ValueError(
+        f"{run_dir}: no intact checkpoint to resume from ({'; '.join(reasons)}); start over with --overwrite, "
+        "or give another --out"
+    )
 
 
 def _write_error(exc: Exception, file: Path, run_dir: Path) -> OSError:
@@ -256,6 +321,35 @@ def has_optimizer_state(path: str | os.PathLike) -> bool:
     return (find_checkpoint(path) / "optimizer.safetensors").is_file()
 
 
+def _optimizer_kind(meta: dict[str, Any]) -> str:
+    """The optimiser class a checkpoint's state belongs to (older checkpoints: told by its settings)."""
+    if "class" in meta:
+        return str(meta["class"])
+    group = meta["param_groups"][0] if meta.get("param_groups") else {}
+    if "betas" in group:
+        return "AdamW" if group.get("decoupled_weight_decay", True) else "Adam"
+    return "SGD" if "momentum" in group else "unknown"
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], ckpt: Path) -> None:
+    """Load a checkpoint's optimiser state, or say in one line why it does not fit ``optimizer``
+    (another optimiser, other trainable parameters) instead of failing inside torch."""
+    saved, current = _optimizer_kind(state), type(optimizer).__name__
+    if saved != current:
+        raise ValueError(
+            f"{ckpt}: its training state is {saved}'s, and this training uses {current} (train.optimizer): resume "
+            f"with the optimiser it was trained with, or start a new run from its weights with --init-from {ckpt}"
+        )
+    try:
+        optimizer.load_state_dict({"state": state["state"], "param_groups": state["param_groups"]})
+    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise ValueError(
+            f"{ckpt}: its optimiser state does not fit this training ({exc}); were the trainable parameters "
+            f"changed (model.trainable_stages, the model)? Resume with the run's own config, or start a new run "
+            f"from its weights with --init-from {ckpt}"
+        ) from None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -274,7 +368,7 @@ def load_checkpoint(
             raise ValueError(f"{ckpt / 'optimizer.safetensors'}: cannot read the training state ({exc})") from None
         if optimizer is not None:
             optim_tensors = {k: v for k, v in tensors.items() if k.startswith("state.")}
-            optimizer.load_state_dict(_join_optimizer_state(optim_tensors, state["optimizer"]))
+            _load_optimizer_state(optimizer, _join_optimizer_state(optim_tensors, state["optimizer"]), ckpt)
         if restore_rng_state:
             restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
     return state

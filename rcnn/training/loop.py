@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +35,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
-from rcnn.io.checkpoints import find_checkpoint, has_optimizer_state, load_checkpoint, save_checkpoint
+from rcnn.io.checkpoints import has_optimizer_state, load_checkpoint, resume_checkpoint, save_checkpoint
 from rcnn.io.files import write_text
 from rcnn.training.control import RunProgress, TrainingControls, accumulate_gradients, effective_lr
 
-__all__ = ["TrainResult", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
+__all__ = ["InterruptAfterStep", "TrainResult", "TrainingInterrupted", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
 
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 
@@ -239,18 +241,20 @@ def train(
     optimizer = build_optimizer(model, cfg, lr)
     controls = TrainingControls(model, cfg, run_dir, evaluator=evaluator, val_set=val_set, device=device, log=log)
     start = 0
-    if resume and (run_dir / "last").exists() and not has_optimizer_state(run_dir / "last"):
+    # (every process finds the same checkpoint; the first one switches a broken `last` to it)
+    resume_from = resume_checkpoint(run_dir, log, repoint=rank == 0) if resume else None
+    if resume_from is not None and not has_optimizer_state(resume_from):
         # weights without a training state (a converted model): they are where training starts
-        start = int(load_checkpoint(run_dir / "last", model)["iteration"])
-        log(f"{find_checkpoint(run_dir / 'last')} holds weights but no optimiser state: training starts from "
+        start = int(load_checkpoint(resume_from, model)["iteration"])
+        log(f"{resume_from} holds weights but no optimiser state: training starts from "
             f"those weights at iteration {start} with a new optimiser")  # fmt: skip
-    elif resume and (run_dir / "last").exists():
-        state = load_checkpoint(run_dir / "last", model, optimizer=optimizer, restore_rng_state=True)
+    elif resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer=optimizer, restore_rng_state=True)
         start = int(state["iteration"])
-        controls.restore(state, find_checkpoint(run_dir / "last"), model)
+        controls.restore(state, resume_from, model)
         if world > 1:  # each process continues its own random stream
             torch.manual_seed(cfg.seed + rank + 1000 * start)
-        log(f"resumed from {find_checkpoint(run_dir / 'last')} at iteration {start}")
+        log(f"resumed from {resume_from} at iteration {start}")
     elif resume:
         log(f"no checkpoint in {run_dir} yet: starting from scratch")
     train_model: nn.Module = model
@@ -266,6 +270,7 @@ def train(
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
         num_workers=workers,
+        worker_init_fn=_ignore_interrupts if workers > 0 else None,
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
     )
@@ -313,53 +318,62 @@ def train(
 
     iteration = start
     batches = iter(loader)
-    while iteration < total:
-        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
-            log(f"time budget of {cfg.time_budget_s:.0f} s reached at iteration {iteration}")
-            break
-        tic = time.perf_counter()
-        for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
-            group["lr"] = lr * lr_factor(iteration, cfg, elapsed)
-        optimizer.zero_grad(set_to_none=True)
-        losses, bad = accumulate_gradients(
-            train_model, lambda: _to_device(*next(batches), device), cfg.accumulate, scaler, use_amp, device
-        )  # fmt: skip
-        if bad:
-            skipped += 1
-            bad_in_a_row += 1
-            log(f"iteration {iteration}: non-finite loss ({', '.join(bad)}); step skipped, weights unchanged")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise RuntimeError(
-                    f"{bad_in_a_row} non-finite losses in a row at iteration {iteration}: training diverged. "
-                    "Lower train.lr, raise train.warmup_iterations or set train.clip_grad_norm."
-                )
-        else:
-            bad_in_a_row = 0
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            controls.after_step(model)
-            for k, v in losses.items():
-                window.setdefault(k, []).append(float(v.detach()))
-        iteration += 1
-        elapsed += time.perf_counter() - tic
-        bar.step(iteration, elapsed, {k: sum(v) / len(v) for k, v in window.items() if v})
-        if iteration % cfg.log_every == 0 or iteration == total:
-            means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
-            _log_scalars(
-                writer, metrics_log, iteration,
-                {**{f"train/{k}": v for k, v in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                 "train/seconds": elapsed},
+    with InterruptAfterStep(log) as interrupt:  # Ctrl-C: stop after a whole step, with a checkpoint
+        while iteration < total:
+            if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
+                log(f"time budget of {cfg.time_budget_s:.0f} s reached at iteration {iteration}")
+                break
+            tic = time.perf_counter()
+            for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
+                group["lr"] = lr * lr_factor(iteration, cfg, elapsed)
+            optimizer.zero_grad(set_to_none=True)
+            losses, bad = accumulate_gradients(
+                train_model, lambda: _to_device(*next(batches), device), cfg.accumulate, scaler, use_amp, device
             )  # fmt: skip
-            window = {k: v[-cfg.log_every :] for k, v in window.items()}
-        # evaluations before checkpoints: a checkpoint holds the keep-best state of its iteration
-        stop = bool(cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total) and evaluate(iteration)
-        if stop or (iteration % cfg.checkpoint_every == 0 and iteration < total):
-            checkpoint = save(iteration)
-        if stop:
-            break
+            if bad:
+                skipped += 1
+                bad_in_a_row += 1
+                log(f"iteration {iteration}: non-finite loss ({', '.join(bad)}); step skipped, weights unchanged")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} non-finite losses in a row at iteration {iteration}: training diverged. "
+                        "Lower train.lr, raise train.warmup_iterations or set train.clip_grad_norm."
+                    )
+            else:
+                bad_in_a_row = 0
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                controls.after_step(model)
+                for k, v in losses.items():
+                    window.setdefault(k, []).append(float(v.detach()))
+            iteration += 1
+            elapsed += time.perf_counter() - tic
+            bar.step(iteration, elapsed, {k: sum(v) / len(v) for k, v in window.items() if v})
+            if iteration % cfg.log_every == 0 or iteration == total:
+                means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
+                _log_scalars(
+                    writer, metrics_log, iteration,
+                    {**{f"train/{k}": v for k, v in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
+                     "train/seconds": elapsed},
+                )  # fmt: skip
+                window = {k: v[-cfg.log_every :] for k, v in window.items()}
+            # evaluations before checkpoints: a checkpoint holds the keep-best state of its iteration
+            stop = bool(cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total) and evaluate(iteration)
+            if stop or (iteration % cfg.checkpoint_every == 0 and iteration < total):
+                checkpoint = save(iteration)
+            if stop:
+                break
+            if interrupt.requested(device if world > 1 else None):
+                bar.close()
+                if not (checkpoint is not None and checkpoint.name == f"step_{iteration:07d}"):
+                    checkpoint = save(iteration)
+                if writer is not None:
+                    writer.close()
+                saved = f": the checkpoint {checkpoint} is saved; continue with the same command and --resume"
+                raise TrainingInterrupted(f"interrupted at iteration {iteration}{saved if checkpoint else ''}")
     bar.close()
     if not controls.stopped_early:  # (an early stop has just saved its checkpoint)
         checkpoint = save(iteration) or checkpoint
@@ -373,6 +387,51 @@ def train(
     final = {k: sum(v) / len(v) for k, v in window.items() if v}
     best = controls.best.state() if controls.best is not None else None
     return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint, best, stopped_early)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training after a whole step; the message names the checkpoint it saved."""
+
+
+class InterruptAfterStep:
+    """Inside the block, Ctrl-C (SIGINT) asks the loop to stop once the current step is whole
+    (:meth:`requested` turns True), instead of killing it in the middle of an optimiser update
+    with the steps since the last checkpoint lost; a second Ctrl-C stops at once. Outside the
+    main thread (no signal handlers there) it never asks."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.asked = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            raise KeyboardInterrupt("interrupted twice: stopped at once, without a checkpoint")
+        self.asked = True
+        self.log("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)")
+
+    def __enter__(self) -> InterruptAfterStep:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def requested(self, device: torch.device | None = None) -> bool:
+        """Whether to stop now; with ``device`` (under DDP) whether any process was asked, so that
+        all of them stop at the same step."""
+        if device is None:
+            return self.asked
+        flag = torch.tensor([float(self.asked)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """A data-loading process leaves Ctrl-C to the training process, which stops after its step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tensorboard(run_dir: Path, purge_step: int | None = None):

@@ -23,7 +23,7 @@ from rcnn.components.proposals.selective_search import ensure_dataset_proposals
 from rcnn.config import Config, config_to_yaml
 from rcnn.data.build import build_dataset
 from rcnn.data.common import DetectionDataset
-from rcnn.data.shapes import make_shapes
+from rcnn.data.shapes import NotAShapesFolder, make_shapes
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
 from rcnn.evaluation.classes import match_classes
 from rcnn.inference import evaluate_model
@@ -69,7 +69,15 @@ def prepare_data(config: Config, *, need_train: bool = True, need_val: bool = Tr
     root = Path(data.root)
     if data.shapes is not None and not (root / "annotations").is_dir():
         logger.info("generating the shapes data set in %s", root)
-        make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed, image_size=data.shapes.image_size)
+        try:
+            make_shapes(root, data.shapes.n_train, data.shapes.n_val, seed=data.shapes.seed,
+                        image_size=data.shapes.image_size)  # fmt: skip
+        except NotAShapesFolder as exc:
+            raise NotAShapesFolder(
+                f"data.root={root}: holds files but no data set with annotations/, and the config's data.shapes "
+                "would generate the synthetic shapes there; nothing was written. To train on your own data, add "
+                "--set data.shapes=null (and check it with `rcnn data check`); for the shapes, give a new data.root"
+            ) from exc
     with_masks = model_class(config.model.name).predicts_masks
     options = data.reader_options()
     train = build_dataset(data.root, data.train_split, with_masks=with_masks, train=True, **options) if need_train else None
