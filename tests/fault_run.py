@@ -10,7 +10,9 @@ process sends itself SIGKILL in the middle of writing the weights file of its N-
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -23,8 +25,34 @@ from rcnn.data.shapes import shapes_paths
 from rcnn.data.transforms import RandomHorizontalFlip
 from rcnn.models import faster_rcnn
 from rcnn.training.datasets import TrainingSet
+from tiny_runs import SMALL, TWO_STAGE
 
 QUIET = dict(progress=False, log=lambda s: None)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train_args(shapes_root: Path, out: Path, *extra: str, iterations: int = 2) -> list[str]:
+    """``rcnn train`` of a tiny Faster R-CNN for ``iterations`` steps, without evaluation."""
+    sets = [f"data.root={shapes_root}", "data.shapes=null", *SMALL, *TWO_STAGE, f"train.iterations={iterations}"]
+    return ["train", "--config", "faster_rcnn_tiny_shapes", "--out", str(out), "--no-eval",
+            *(a for s in sets for a in ("--set", s)), *extra]  # fmt: skip
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_error_line(err: str) -> str:
+    """The one error line of a command (progress bars aside), with no traceback."""
+    lines = [line for line in re.split(r"[\r\n]+", err) if line.startswith("rcnn ") or "Error" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def small_model(num_classes: int, seed: int = 0):

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fault_run import QUIET, cfg, small_model, training_set
+from fault_run import QUIET, REPO, cfg, child_env, one_error_line, rows, small_model, train_args, training_set
 from rcnn.cli import describe_os_error, main
 from rcnn.config import load_config
 from rcnn.data.coco import CocoDetection
@@ -36,35 +36,10 @@ from rcnn.io.runs import claim_run_folder
 from rcnn.training.loop import train
 from tiny_runs import SMALL, TWO_STAGE, tiny_run
 
-REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).parent / "data" / "bad"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train_args(shapes_root: Path, out: Path, *extra: str, iterations: int = 2) -> list[str]:
-    """``rcnn train`` of a tiny Faster R-CNN for ``iterations`` steps, without evaluation."""
-    sets = [f"data.root={shapes_root}", "data.shapes=null", *SMALL, *TWO_STAGE, f"train.iterations={iterations}"]
-    return ["train", "--config", "faster_rcnn_tiny_shapes", "--out", str(out), "--no-eval",
-            *(a for s in sets for a in ("--set", s)), *extra]  # fmt: skip
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
-    env.pop("PYTEST_XDIST_WORKER", None)
-    return env
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def one_error_line(err: str) -> str:
-    """The one error line of a command (progress bars aside), with no traceback."""
-    lines = [line for line in re.split(r"[\r\n]+", err) if line.startswith("rcnn ") or "Error" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
