@@ -34,6 +34,7 @@ from rcnn.build import build_model
 from rcnn.config import Config, config_from_dict, config_to_yaml
 from rcnn.io.checkpoints import save_checkpoint
 from rcnn.io.files import read_json, write_json
+from rcnn.io.runs import claim_run_folder
 from rcnn.io.tensors import read_state_dict
 
 __all__ = ["TORCHVISION_ARCHS", "ConversionReport", "TorchvisionArch", "convert_torchvision", "torchvision_state_dict"]
@@ -235,6 +236,9 @@ def convert_torchvision(
     ``class_names``: a ``.txt`` (one per line) or ``.json`` list of the classes (background
     first or not); default COCO's for 91-class files, else ``class_1`` ...
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # before the work, not after
+        raise ValueError(f"{out_dir}: exists and is not empty; a converted model goes into a new or empty run folder")
     state = read_state_dict(checkpoint, "torchvision checkpoint")
     num_classes = _num_classes(state, str(checkpoint))
     config = model_config(arch, num_classes)
@@ -242,11 +246,11 @@ def convert_torchvision(
     weights, report = torchvision_state_dict(state, arch, model.state_dict(), str(checkpoint))
     model.load_state_dict(weights)
     names, categories = _class_names(class_names, num_classes)
-    out_dir = Path(out_dir)
-    save_checkpoint(
-        out_dir, 0, model, config_yaml=config_to_yaml(config), class_names=names, categories=categories,
-        extra_state={"converted_from": {"file": str(checkpoint), "arch": arch}},
-    )  # fmt: skip
-    write_json(out_dir / "conversion.json", {"file": str(checkpoint), **report.as_dict()})
+    with claim_run_folder(out_dir):  # a run folder of ours, which `rcnn train --resume` may continue
+        save_checkpoint(
+            out_dir, 0, model, config_yaml=config_to_yaml(config), class_names=names, categories=categories,
+            extra_state={"converted_from": {"file": str(checkpoint), "arch": arch}},
+        )  # fmt: skip
+        write_json(out_dir / "conversion.json", {"file": str(checkpoint), **report.as_dict()})
     log(str(report))
     return report

@@ -232,3 +232,15 @@ def test_ctrl_c_saves_a_checkpoint_after_the_step_and_says_how_to_resume(shapes_
     assert max(r["iteration"] for r in rows(run)) == iteration
     assert main([*train_args(shapes_root, run, "--resume", iterations=iteration + 1)]) == 0
     assert json.loads((run / "last" / "state.json").read_text())["iteration"] == iteration + 1
+
+
+def test_a_conversion_never_writes_into_a_folder_that_holds_files(shapes_root, tmp_path, capsys):
+    run = tmp_path / "run"  # a run's older checkpoints would have been pruned by the conversion's
+    assert main(train_args(shapes_root, run, *keep_every_step(2))) == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    for out in (run, tmp_path):
+        assert main(["convert", "torchvision", str(tmp_path / "any.pth"), "--arch", "fasterrcnn_resnet50_fpn",
+                     "--out", str(out)]) == 2  # fmt: skip
+        assert f"{out}: exists and is not empty" in one_error_line(capsys.readouterr().err)
+    assert_unchanged(before, tmp_path)
