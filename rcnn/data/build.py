@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcnn.data.coco import CocoDetection
+from rcnn.data.coco import CocoDetection, image_name
 from rcnn.data.common import DetectionDataset, ImageRecord, Transform
 from rcnn.data.cvat import find_cvat_file, is_cvat_file, read_cvat
 from rcnn.data.labelimg import is_labelimg_folder, read_labelimg
@@ -342,7 +342,7 @@ def dataset_splits(
 
 def coco_keys(records: Sequence[ImageRecord], images_dir: Path) -> list[str]:
     """The keys of COCO images for on-the-fly splits: ``file_name`` without the extension."""
-    return [r.path.relative_to(images_dir).with_suffix("").as_posix() for r in records]
+    return [os.path.splitext(image_name(r.path, images_dir))[0] for r in records]
 
 
 def layout_index(source: DatasetSource, raw: RawSet | None = None, *, require_masks: bool = False) -> LayoutIndex:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rcnn.data.build import DatasetSource, coco_keys, dataset_splits, layout_index, resolve_dataset
-from rcnn.data.coco import read_coco
+from rcnn.data.coco import image_name, read_coco
 from rcnn.data.common import ImageRecord, Problem, check_images, skip_broken_images
 from rcnn.data.layouts import RawSet
 from rcnn.data.splits import split_positions
@@ -68,7 +68,7 @@ def check_split(
         if source.format == "coco":
             index = read_coco(source.images_dir, source.ann_file, check_masks=True)
             records, problems = index.records, list(index.problems)
-            names = [str(r.path.relative_to(source.images_dir)) for r in records]
+            names = [image_name(r.path, source.images_dir) for r in records]  # type: ignore[arg-type]
             if source.val_fraction is not None:
                 classes = [{index.class_names[label - 1] for label in r.labels.tolist()} for r in records]
                 keep = split_positions(coco_keys(records, source.images_dir), classes, source.split,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from rcnn.data.common import (
     Problem,
     Transform,
     check_box,
+    repeated_images,
     settle_problems,
 )
 
@@ -38,8 +40,10 @@ __all__ = [
     "CocoIndex",
     "check_segmentation",
     "decode_masks",
+    "image_name",
     "polygon_area",
     "read_coco",
+    "rle_string_totals",
     "segmentation_to_mask",
 ]
 
@@ -104,8 +108,116 @@ def _tag(problems: list[Problem], start: int, image: str | None) -> None:
             problems[k] = replace(problems[k], image=image)
 
 
+# COCO's compressed RLE string (pycocotools' rleToString / rleFrString): the run lengths of a
+# column-major mask, alternately background and object, each written as 5-bit groups, least
+# significant first, in characters offset by 48 ('0'). Bit 0x20 of a character says another
+# group of the same number follows; bit 0x10 of a number's last character is its sign. From the
+# fourth run on, the number written is the difference to the run two before (runs of one colour
+# are alike, so the differences are short).
+_RLE_OFFSET = 48  # '0'
+_RLE_VALUE = 0x1F
+_RLE_SIGN = 0x10
+_RLE_MORE = 0x20
+_RLE_MAX_GROUPS = 7  # 35 bits, far beyond any image's pixel count: a longer number is corruption
+_RLE_ALPHABET = "has characters outside COCO's RLE alphabet ('0' to 'o')"
+_RLE_CHUNK = 1 << 22  # characters parsed at once: bounds the memory of the arrays below
+
+
+def rle_string_totals(strings: Sequence[str]) -> list[int | str]:
+    """For each COCO compressed RLE string, the pixels its runs cover, or why it cannot be read.
+
+    A valid mask of an ``H x W`` image covers exactly ``H * W`` pixels. The strings are parsed
+    together, a few million characters at a time, in a few array passes: no pixel is decoded and
+    no Python loop runs per character, so checking every RLE of a large file costs little next to
+    reading the file.
+    """
+    out: list[int | str] = []
+    start = 0
+    while start < len(strings):
+        stop, size = start, 0
+        while stop < len(strings) and (stop == start or size + len(strings[stop]) <= _RLE_CHUNK):
+            size += len(strings[stop])
+            stop += 1
+        out += _rle_totals(strings[start:stop])
+        start = stop
+    return out
+
+
+def _rle_totals(strings: Sequence[str]) -> list[int | str]:
+    """:func:`rle_string_totals` of strings parsed at once.
+
+    Shorthand: S strings, C characters in all, R run lengths in all.
+    """
+    count = len(strings)
+    why: list[str | None] = [None if text.isascii() else _RLE_ALPHABET for text in strings]
+    texts = [text if reason is None else "" for text, reason in zip(strings, why)]
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=count)  # [S]
+    string_end = np.cumsum(lengths)  # [S] one past each string's last character
+    chars = np.frombuffer("".join(texts).encode("ascii"), dtype=np.uint8) - np.uint8(_RLE_OFFSET)  # [C]
+    outside = chars > 2 * _RLE_MORE - 1  # [C] below '0' wraps around to a large value
+
+    def strings_with(positions: np.ndarray) -> np.ndarray:  # [S] bool: a string holds one of the positions
+        return np.bincount(np.searchsorted(string_end, positions, side="right"), minlength=count)[:count] > 0
+
+    bad_char = strings_with(np.flatnonzero(outside))
+    more = (chars & _RLE_MORE) != 0  # [C] another group of the same number follows
+    last = string_end[lengths > 0] - 1  # the last character of each non-empty string
+    unfinished = np.zeros(count, dtype=bool)
+    unfinished[lengths > 0] = more[last]
+    more[last] = False  # no number runs on into the next string
+    ends = np.flatnonzero(~more)  # [R] the last character of each number
+    starts = np.concatenate(([0], ends[:-1] + 1))[: len(ends)]  # [R]
+    groups = ends - starts + 1  # [R] characters of each number
+    terminal = (~more).view(np.uint8)  # [C]
+    runs = np.zeros(count, dtype=np.int64)  # [S] numbers in each string
+    runs[lengths > 0] = np.add.reduceat(terminal, string_end[lengths > 0] - lengths[lengths > 0], dtype=np.int64)
+    run_owner = np.repeat(np.arange(count), runs)  # [R]
+    too_long = np.zeros(count, dtype=bool)
+    too_long[run_owner[groups > _RLE_MAX_GROUPS]] = True
+    values = (chars[starts] & _RLE_VALUE).astype(np.int64)  # [R] the first group
+    for g in range(1, min(int(groups.max(initial=0)), _RLE_MAX_GROUPS)):
+        has = np.flatnonzero(groups > g)
+        values[has] += (chars[starts[has] + g] & _RLE_VALUE).astype(np.int64) << (5 * g)
+    signed = (chars[ends] & _RLE_SIGN) != 0  # [R]
+    values[signed] -= np.left_shift(1, 5 * np.minimum(groups[signed], _RLE_MAX_GROUPS))
+    first_run = np.cumsum(runs) - runs  # [S]
+    index = np.arange(len(ends)) - first_run[run_owner]  # [R] position of each run in its string
+    # Undo the differences: a run is the sum of the numbers written for it and for every run
+    # before it of the same parity, back to run 1 (odd runs) or run 2 (even runs; run 0 stands alone).
+    odd = index % 2 == 1  # [R]
+    decoded = values.copy()  # [R]
+    for chain in (odd, ~odd & (index >= 2)):
+        summed = np.cumsum(np.where(chain, values, 0))  # [R]
+        before = np.concatenate(([0], summed))[first_run]  # [S] the chain's sum before each string
+        decoded = np.where(chain, summed - before[run_owner], decoded)
+    negative = np.zeros(count, dtype=bool)
+    negative[run_owner[decoded < 0]] = True
+    totals = np.zeros(count, dtype=np.int64)  # [S]
+    has_runs = runs > 0
+    if has_runs.any():
+        totals[has_runs] = np.add.reduceat(decoded, first_run[has_runs])
+    out: list[int | str] = totals.tolist()
+    for s in np.flatnonzero(bad_char | unfinished | too_long | negative | np.array([w is not None for w in why])):
+        if why[s] is not None or bad_char[s]:
+            out[s] = _RLE_ALPHABET
+        elif unfinished[s]:
+            out[s] = "ends inside a run length (the string is cut short)"
+        elif too_long[s]:
+            out[s] = f"has a run length longer than {5 * _RLE_MAX_GROUPS} bits"
+        else:
+            out[s] = "decodes to a negative run length"
+    return out
+
+
 def check_segmentation(
-    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem], box: Any = None
+    seg: Any,
+    hw: tuple[int, int],
+    file: str,
+    where: str,
+    problems: list[Problem],
+    box: Any = None,
+    *,
+    rle_total: int | str | None = None,
 ) -> tuple[str, Any]:
     """Validate a COCO segmentation: ``("ok", seg)``, ``("degenerate", None)`` or ``("error", None)``.
 
@@ -115,8 +227,13 @@ def check_segmentation(
     (x1, y1, x2, y2, clipped), against it: a polygon point beyond the image by more than a box may
     overhang, a mask covering no pixel, and a mask whose extent does not match the box (IoU under
     ``MASK_BOX_MIN_IOU``) are errors.
+
+    An RLE must be of the image's size and its runs must cover exactly ``H * W`` pixels (pycocotools
+    refuses to decode it otherwise, or decodes a shifted mask); this is checked on the run lengths,
+    without decoding a pixel. ``rle_total``: what :func:`rle_string_totals` gave for a compressed
+    RLE's ``counts`` (:func:`read_coco` parses every string of a file at once); computed if absent.
     """
-    status, seg = _check_segmentation_format(seg, hw, file, where, problems)
+    status, seg = _check_segmentation_format(seg, hw, file, where, problems, rle_total)
     if status != "ok":
         return status, seg
     height, width = hw
@@ -175,9 +292,10 @@ def _iou(a: list[float], b: list[float]) -> float:
 
 
 def _check_segmentation_format(
-    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem]
+    seg: Any, hw: tuple[int, int], file: str, where: str, problems: list[Problem], rle_total: int | str | None = None
 ) -> tuple[str, Any]:
-    """The format checks of :func:`check_segmentation`: polygons of numbers, RLE of the image's size."""
+    """The format checks of :func:`check_segmentation`: polygons of numbers, RLE of the image's size
+    whose runs cover exactly its pixels (``rle_total``: of a compressed RLE, computed already)."""
     height, width = hw
     if isinstance(seg, list):
         kept = []
@@ -197,17 +315,32 @@ def _check_segmentation_format(
         return ("ok", kept) if kept else ("degenerate", None)
     if isinstance(seg, dict):
         counts, size = seg.get("counts"), seg.get("size")
-        if size != [height, width]:
+        if not (isinstance(size, list) and all(_is_int(v) for v in size)) or size != [height, width]:
             problems.append(
                 Problem("error", file, f"RLE size {size!r} does not match the image size [{height}, {width}] (H, W)", where)
             )
             return "error", None
         if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                problems.append(Problem("error", file, f"uncompressed RLE counts do not sum to {height}*{width}", where))
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                problems.append(Problem("error", file, "uncompressed RLE counts must be non-negative integers", where))
                 return "error", None
-        elif not isinstance(counts, str):
+            total: int | str = sum(counts)
+            kind = "uncompressed"
+        elif isinstance(counts, str):
+            total = rle_string_totals([counts])[0] if rle_total is None else rle_total
+            kind = "compressed"
+            if isinstance(total, str):
+                problems.append(Problem("error", file, f"the compressed RLE 'counts' {total}; the mask is corrupt: "
+                                        "export it again", where))  # fmt: skip
+                return "error", None
+        else:
             problems.append(Problem("error", file, "RLE 'counts' must be a string or a list of integers", where))
+            return "error", None
+        if total != height * width:
+            problems.append(Problem(
+                "error", file, f"the {kind} RLE 'counts' cover {total} pixels but its size {height}x{width} (H x W) "
+                f"has {height * width}; the mask is corrupt: export it again", where,
+            ))  # fmt: skip
             return "error", None
         return "ok", seg
     problems.append(Problem("error", file, f"segmentation must be polygons or RLE, got {type(seg).__name__}", where))
@@ -245,6 +378,63 @@ def decode_masks(record: ImageRecord, keep: np.ndarray) -> np.ndarray:
     return np.stack(masks).astype(np.uint8, copy=False)  # [N, H, W]
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, and ``False`` for a name no file can have (a NUL character in it)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def image_name(path: Path, images_dir: Path) -> str:
+    """How reports and split keys name a COCO image: its ``file_name``, i.e. its path below
+    ``images_dir``, or, for an absolute ``file_name``, that path (images outside ``images_dir``
+    are read like the others)."""
+    try:
+        return path.relative_to(images_dir).as_posix()  # lexical: "../x.png" stays "../x.png"
+    except ValueError:
+        return path.as_posix()
+
+
+def _one_entry_per_image(images: dict[int, dict[str, Any]], file: str) -> list[Problem]:
+    """An error for each image file that more than one entry of ``images`` names; those entries
+    are removed from ``images`` (their annotations are then left out with them).
+
+    Each entry holds part of the image's objects, so a reader would see each part as an image
+    whose other objects are background, and an evaluation would score the image once per entry.
+    """
+    entries = list(images)
+    problems = []
+    for positions in repeated_images([images[image_id]["path"] for image_id in entries]):
+        ids = [entries[k] for k in positions]
+        names = list(dict.fromkeys(images[i]["file_name"] for i in ids))
+        if len(names) == 1:
+            spelled = f"file_name {names[0]!r} appears in each"
+        else:
+            spelled = f"file_names {' and '.join(map(repr, names))} name one image file"
+        listed = ", ".join(str(i) for i in ids[:-1]) + f" and {ids[-1]}"
+        others = "entries'" if len(ids) > 2 else "entry's"
+        problems.append(Problem(
+            "error", file, f"{spelled}: one image listed {len(ids)} times, its objects split between the entries; "
+            f"merge them into one entry (keep id {ids[0]} and set the image_id of the other {others} annotations "
+            f"to {ids[0]})", f"image ids {listed}", image=str(images[ids[0]]["path"]),
+        ))  # fmt: skip
+        for image_id in ids:
+            del images[image_id]
+    return problems
+
+
+def _compressed_rle_totals(annotations: list[Any]) -> dict[int, int | str]:
+    """:func:`rle_string_totals` of every compressed RLE segmentation, by position in ``annotations``."""
+    found = [
+        (i, ann["segmentation"]["counts"])
+        for i, ann in enumerate(annotations)
+        if isinstance(ann, dict) and isinstance(ann.get("segmentation"), dict)
+        and isinstance(ann["segmentation"].get("counts"), str)
+    ]  # fmt: skip
+    return dict(zip((i for i, _ in found), rle_string_totals([counts for _, counts in found])))
+
+
 def read_coco(
     images_dir: str | os.PathLike,
     ann_file: str | os.PathLike,
@@ -256,8 +446,13 @@ def read_coco(
 
     Unreadable or structurally broken files (not JSON, no ``categories``) raise at once.
     Everything else is collected in ``CocoIndex.problems``; annotations with an error are
-    left out of the records. ``check_masks`` validates segmentations; ``require_masks``
-    also makes a missing or degenerate segmentation a problem (as loading masks needs).
+    left out of the records. ``check_masks`` validates segmentations (an RLE's run lengths
+    against its image, without decoding: :func:`check_segmentation`); ``require_masks`` also
+    makes a missing or degenerate segmentation a problem (as loading masks needs).
+
+    A ``file_name`` is relative to ``images_dir``; an absolute one, or one starting with ``../``,
+    is read where it points. Entries that name one image file (the same ``file_name``, or two
+    spellings of it) are an error, and none of them gives a record.
     """
     images_dir, ann_file = Path(images_dir), Path(ann_file)
     if not images_dir.is_dir():
@@ -280,19 +475,23 @@ def read_coco(
         if img["id"] in images:
             problems.append(Problem("error", file, "image id appears twice in 'images'", where))
             continue
+        # An absolute file_name, or one that starts with ../, names an image outside images_dir:
+        # it is read like any other (nothing is ever written where a file_name points).
         path = images_dir / img["file_name"]
         height, width = img.get("height"), img.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             message = f"needs positive integer 'height' and 'width', got {height!r} x {width!r}"
             problems.append(Problem("error", file, message, where, image=str(path)))
             continue
-        if not path.is_file():
+        if not _is_file(path):
             problems.append(
                 Problem("error", file, f"image file not found: {path}", where, missing_file=True, image=str(path))
             )
             continue
-        images[img["id"]] = {"path": path, "hw": (height, width), "anns": []}
+        images[img["id"]] = {"path": path, "hw": (height, width), "anns": [], "file_name": img["file_name"]}
     known_ids = {img.get("id") for img in data["images"] if isinstance(img, dict)}
+    problems += _one_entry_per_image(images, file)
+    rle_totals = _compressed_rle_totals(data["annotations"]) if check_masks else {}
 
     seen_ann_ids: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
@@ -343,7 +542,9 @@ def read_coco(
                         problems.append(Problem("error", file, "has no 'segmentation', needed to load masks", where))
                         continue
                 else:
-                    status, seg = check_segmentation(seg, hw, file, where, problems, box)
+                    status, seg = check_segmentation(
+                        seg, hw, file, f"{where} (image id {image_id})", problems, box, rle_total=rle_totals.get(i)
+                    )
                     if status == "error":
                         continue
                     if status == "degenerate":

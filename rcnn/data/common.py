@@ -54,7 +54,9 @@ __all__ = [
     "check_images",
     "image_size",
     "load_image",
+    "repeated_images",
     "report_problems",
+    "same_file_key",
     "settle_problems",
     "size_mismatch",
     "skip_broken_images",
@@ -194,6 +196,24 @@ def check_box(
             )
         )
     return clipped
+
+
+def same_file_key(path: os.PathLike | str, cwd: str) -> str:
+    """What two spellings of one file name share (``a.jpg``, ``./a.jpg``, ``sub/../a.jpg``, the
+    absolute path): the absolute path with ``.`` and ``..`` resolved lexically, cased as the system
+    compares names. Symbolic links are not followed: that costs a look-up per image."""
+    return os.path.normcase(os.path.normpath(os.path.join(cwd, path)))
+
+
+def repeated_images(paths: Sequence[os.PathLike | str | None]) -> list[list[int]]:
+    """The positions in ``paths`` that name one image file (compared by :func:`same_file_key`),
+    a list for each file named more than once, in order; ``None`` entries are no file."""
+    cwd = os.getcwd()
+    by_file: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        if path is not None:
+            by_file.setdefault(same_file_key(path, cwd), []).append(i)
+    return [positions for positions in by_file.values() if len(positions) > 1]
 
 
 def size_mismatch(path: str | os.PathLike, image_hw: tuple[int, int], annotated_hw: tuple[int, int]) -> str:

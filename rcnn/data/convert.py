@@ -19,7 +19,13 @@ What is written, for each split of the source (its own, ``all`` for a layout wit
 Box coordinates are written as the shortest decimals that give back the same float32 values, so a
 round trip through any of the three gives the same boxes and classes (YOLO's to the precision
 written). Images are copied (bytes unchanged, EXIF included) or, with ``link``, symlinked; an
-image keeps its file name unless two images share one (then ``_2``, ``_3`` ... are added).
+image keeps its base name (whatever folder its annotation names, ``../`` or absolute: nothing is
+written outside ``OUT``) unless two images share one (then ``_2``, ``_3`` ... are added).
+
+The source is never written to: every split is read first, and an ``OUT`` that holds any file the
+source is read from (an annotation file, an image, the folder given; compared as written and with
+symbolic links resolved) is refused before anything is written, ``force`` or not. Written there,
+the copies would replace the source's own files, and links would point at themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +41,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rcnn.data.build import build_dataset, dataset_splits
+from rcnn.data.build import build_dataset, dataset_splits, read_raw, resolve_dataset
 from rcnn.data.common import DetectionDataset, ImageRecord
+from rcnn.data.layouts import RawSet
 from rcnn.io.files import atomic_write, write_json, write_text
 
 __all__ = ["CONVERT_FORMATS", "ConvertReport", "convert_dataset"]
@@ -242,6 +249,71 @@ def _yolo_split(dataset: DetectionDataset, out: Path, split: str, names: _Names,
     return written, dropped
 
 
+def _source_files(
+    source: str | os.PathLike | Mapping[str, Any],
+    datasets: Sequence[tuple[str, DetectionDataset]],
+    raw: RawSet | None,
+    *,
+    images_dir: str | os.PathLike | None,
+    val_fraction: float | None,
+) -> Iterator[Path]:
+    """Every file (and folder given as the source) that ``source`` is read from: the path given, the
+    annotation and split files of each converted split, every image a layout lists, every image
+    read. Folders among them count with everything inside them."""
+    if isinstance(source, Mapping):
+        yield from (Path(source[key]) for key in ("root", "annotations", "images", "splits") if source.get(key))
+    else:
+        yield Path(source)
+    for split, dataset in datasets:
+        found = resolve_dataset(source, split, images_dir, val_fraction=val_fraction)
+        if found.format == "coco":
+            yield found.ann_file  # type: ignore[misc]
+        elif found.format == "voc":
+            root = found.root
+            yield from (root / "ImageSets" / "Main" / f"{split}.txt", root / "classes.txt")  # type: ignore[operator]
+            yield from (root / "Annotations" / f"{name}.xml" for name in getattr(dataset, "image_names", []))  # type: ignore[operator]
+        else:
+            layout = raw = raw if raw is not None else read_raw(found)  # one parse serves every split
+            yield layout.root
+            if found.options.get("splits"):
+                yield found.options["splits"]
+            for image in layout.images:
+                yield Path(image.file)
+                if image.path is not None:
+                    yield image.path
+        yield from (record.path for record in dataset.records)
+
+
+def _refuse_the_source_inside(out: Path, files: Iterable[Path]) -> None:
+    """``ValueError`` when a file the source is read from lies in ``out`` (or is ``out``): writing
+    there would replace the source's own files, or with ``link`` turn them into links to themselves.
+
+    Paths are compared as written (made absolute) and with symbolic links resolved, either side:
+    ``out`` may be a link to the source's folder, the source may be reached through one, and an
+    image may be a link (a ``--link`` conversion's output converted back)."""
+    sep = os.sep
+    outs = {os.path.normcase(os.path.abspath(out)), os.path.normcase(os.path.realpath(out))}
+    prefixes = tuple(o.rstrip(sep) + sep for o in outs)
+    real_parents: dict[str, str] = {}
+    seen: set[str] = set()
+    for file in files:
+        absolute = os.path.abspath(file)
+        if absolute in seen:
+            continue
+        seen.add(absolute)
+        parent, name = os.path.split(absolute)
+        if parent not in real_parents:
+            real_parents[parent] = os.path.realpath(parent)
+        real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(real_parents[parent], name)
+        for form in {os.path.normcase(absolute), os.path.normcase(real)}:
+            if form in outs or form.startswith(prefixes):
+                raise ValueError(
+                    f"{out}: the output folder holds {file}, which the source is read from; converting into it would "
+                    "overwrite the source's own files (with --link, turn them into links to themselves), even with "
+                    "--force: choose an output folder outside the source"
+                )
+
+
 def convert_dataset(
     source: str | os.PathLike | Mapping[str, Any],
     out: str | os.PathLike,
@@ -257,26 +329,35 @@ def convert_dataset(
 ) -> ConvertReport:
     """Write ``source`` (every split, or ``splits``) to ``out`` in the format ``to`` (module docstring).
 
-    The source is read and validated as ``build_dataset`` reads it (``skip_broken`` likewise).
-    ``out`` must be empty or new unless ``force``.
+    The source is read and validated as ``build_dataset`` reads it (``skip_broken`` likewise), every
+    split before anything is written. ``out`` must be empty or new unless ``force``, and must never
+    hold a file the source is read from (an annotation file, an image, the folder given): that is
+    refused, ``force`` or not, before anything is written.
     """
     if to not in CONVERT_FORMATS:
         raise ValueError(f"unknown output format {to!r} (one of {', '.join(CONVERT_FORMATS)})")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ValueError(f"{out}: exists and is not empty; choose a new folder, or pass --force to write into it")
-    if not isinstance(source, Mapping) and Path(source).resolve() == out.resolve():
-        raise ValueError(f"{out}: the output folder is the source itself")
-    chosen = list(splits) if splits else dataset_splits(source, images_dir=images_dir, val_fraction=val_fraction)[0]
-    report = ConvertReport(out, to)
-    names = _Names()
-    written_splits = []
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose a new folder for the output")
+    if splits:
+        chosen, raw = list(splits), None
+    else:
+        chosen, raw = dataset_splits(source, images_dir=images_dir, val_fraction=val_fraction)
+    datasets = []
     for split in chosen:
         dataset = build_dataset(
             source, split, images_dir=images_dir, val_fraction=val_fraction, split_seed=split_seed, skip_broken=skip_broken
         )
-        if report.class_names and dataset.class_names[1:] != report.class_names:
+        if datasets and dataset.class_names != datasets[0][1].class_names:
             raise ValueError(f"{source}: split {split!r} has other classes than the first split; convert it on its own")
+        datasets.append((split, dataset))
+    _refuse_the_source_inside(out, _source_files(source, datasets, raw, images_dir=images_dir, val_fraction=val_fraction))
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"{out}: exists and is not empty; choose a new folder, or pass --force to write into it")
+    report = ConvertReport(out, to)
+    names = _Names()
+    written_splits = []
+    for split, dataset in datasets:
         report.class_names = dataset.class_names[1:]
         split_name = split or "all"  # a COCO file's own split is "" when named after nothing
         if to == "coco":

@@ -44,6 +44,7 @@ from rcnn.data.common import (
     Transform,
     check_box,
     image_size,
+    repeated_images,
     settle_problems,
 )
 from rcnn.data.splits import (
@@ -215,6 +216,11 @@ def find_image(
     return None
 
 
+def _entry(raw: RawImage) -> str:
+    """An image's entry for messages: its annotation file, and where in it when one file holds many."""
+    return f"{raw.file} ({raw.where})" if raw.where else raw.file
+
+
 def _polygon_problem(polygon: Sequence[float]) -> str | None:
     """What is wrong with one polygon ``[x1, y1, x2, y2, ...]``, or ``None``."""
     if len(polygon) % 2:
@@ -237,14 +243,28 @@ def build_records(
     """Validate parsed images (``(image_id, RawImage)`` pairs) into records, without raising.
 
     An image with a parse error gives no record. Objects with an error are left out (the error is
-    reported); every problem is tagged with its image for ``skip_broken``. ``require_masks``
-    makes a box without a polygon an error (masks need outlines).
+    reported); every problem is tagged with its image for ``skip_broken``. ``require_masks`` makes
+    a box without a polygon an error (masks need outlines). Two entries (annotation files, or
+    entries of one file) that describe one image file are an error and give no record: each holds
+    its own part of the image's objects, which training would learn as background of the other.
     """
     label_of = {name: label for label, name in enumerate(class_names, start=1)}
     known = ", ".join(class_names) or "none"
     records: list[ImageRecord] = []
     problems: list[Problem] = []
-    for image_id, raw in images:
+    repeated: set[int] = set()  # positions of images that another entry describes too
+    for positions in repeated_images([raw.path for _, raw in images]):
+        first, *others = (images[k][1] for k in positions)
+        problems.append(
+            Problem("error", first.file, f"describes the image {first.path}, which "
+                    f"{' and '.join(_entry(raw) for raw in others)} describe{'s' if len(others) == 1 else ''} too: "
+                    "an image has one list of objects: merge the entries into one and remove the other",
+                    first.where, image=first.ident)
+        )  # fmt: skip
+        repeated.update(positions)
+    for position, (image_id, raw) in enumerate(images):
+        if position in repeated:
+            continue
         found = list(raw.problems)
         if raw.path is None or any(p.severity == "error" for p in found):
             problems += [replace(p, image=raw.ident) for p in found]

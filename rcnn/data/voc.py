@@ -26,6 +26,7 @@ from rcnn.data.common import (
     Problem,
     Transform,
     check_box,
+    repeated_images,
     settle_problems,
 )
 
@@ -159,6 +160,7 @@ def read_voc(
     for line in split_file.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip():
             names.append(line.split()[0])
+    names = list(dict.fromkeys(names))  # a name listed twice is one image (as split files of the layouts)
     problems: list[Problem] = []
     parsed = []
     for name in names:
@@ -178,6 +180,19 @@ def read_voc(
         problems += [replace(p, image=str(image_path or xml_path)) for p in found]
         if image_path is not None:
             parsed.append((name, xml_path, image_path, hw, objects))
+
+    # Two XML files whose <filename> is one image: each holds part of its objects.
+    repeated = repeated_images([image_path for _, _, image_path, _, _ in parsed])
+    for positions in repeated:
+        (_, first_xml, image_path, _, _), *others = (parsed[k] for k in positions)
+        also = " and ".join(str(other[1]) for other in others)
+        problems.append(
+            Problem("error", str(first_xml), f"describes the image {image_path}, which {also} "
+                    f"describe{'s' if len(others) == 1 else ''} too: an image has one list of objects: merge the files "
+                    "into one and remove the others from the split list", image=str(image_path))
+        )  # fmt: skip
+    left_out = {k for positions in repeated for k in positions}
+    parsed = [entry for k, entry in enumerate(parsed) if k not in left_out]
 
     if class_names is None:
         classes_file = root / "classes.txt"
