@@ -20,6 +20,12 @@ for the fp32 graph; int8 changes the numbers, its AP is measured in ``docs/bench
   graph takes the float ``[3, H, W]`` image the backend is given (``input_format="float"``): no
   conversion to uint8 and back, 3% less CPU time for R50-FPN at 800x1066 than a uint8 graph.
   R-CNN has no ONNX form (see :mod:`rcnn.export`); it runs eager only.
+
+An ONNX file is checked when it is loaded (:func:`rcnn.export.check_graph`, run by
+:class:`rcnn.export.OnnxDetector` for every way in: ``--model``, ``rcnn serve``, the cache): rcnn
+metadata that does not fit the graph — fewer or more class names than its classifier has classes,
+a foreign graph with other inputs or outputs given rcnn's metadata — is one ``ValueError`` naming
+the file and what does not fit, never an ``IndexError`` or ``KeyError`` in the middle of a prediction.
 """
 
 from __future__ import annotations

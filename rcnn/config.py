@@ -14,6 +14,10 @@ model (``model.mask`` for ``faster_rcnn``) is refused, naming it.
 Packaged configs can be given by name: ``--config faster_rcnn_tiny_shapes`` finds
 ``rcnn/configs/faster_rcnn_tiny_shapes.yaml`` (also reachable as ``configs/`` in a checkout).
 Run folders written by rcnn 0.1 (``model.extra``, every model's fields present) are read too.
+
+Every number has a range, stated where the field is declared (docs/configs.md lists them), and
+NaN and infinities are refused in every section: ``--set train.momentum=nan`` is
+"train.momentum: Input should be a finite number".
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rcnn.components.backbones import BACKBONES
-from rcnn.components.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from rcnn.components.settings import (
+    ImageSide,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    Probability,
+    Seed,
+    validation_problems,
+)
 from rcnn.evaluation.coco import COCO_STAT_NAMES
 from rcnn.models import MODELS
 
@@ -53,8 +65,16 @@ MODEL_NAMES = tuple(MODELS)
 SHAPES_CONFIGS = {name: f"{name}_tiny_shapes" for name in MODEL_NAMES}
 
 
+# Upper bounds of counts: far beyond any real use, low enough that a slip of the keyboard (an extra
+# zero or three) is caught when the config is read rather than after hours or in an allocation.
+MAX_ITERATIONS = 1_000_000_000  # steps: ~30 years at a step a second (10**9 is the "never" of checkpoint_every)
+MAX_BATCH = 1024  # images per step of one process (a 32 GB device holds ~64 at 800 px)
+MAX_WORKERS = 256  # data loader processes
+MAX_IMAGES = 10_000_000  # generated images (a shapes set of 128 px images: ~50 KB each)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCommon(_Section):
@@ -75,7 +95,7 @@ class ModelCommon(_Section):
     pretrained_backbone: str | None = None
     trainable_stages: NonNegativeInt | None = None
     backbone_norm: Literal["frozen", "bn"] | None = None
-    num_classes: int | None = Field(default=None, ge=2)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)  # LVIS has 1203 classes
 
     @field_validator("backbone")
     @classmethod
@@ -94,7 +114,7 @@ def _model_section(cls: type) -> type[ModelCommon]:
     namespace = {
         "__annotations__": {"name": Literal[cls.name]},  # type: ignore[name-defined]
         "name": cls.name,
-        "model_config": ConfigDict(extra="forbid", validate_assignment=True, frozen=False),
+        "model_config": ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False),
         "__module__": __name__,
         "__doc__": f"The ``model`` section for {cls.__name__}: :class:`ModelCommon` and {cls.options.__name__}.",
     }
@@ -108,10 +128,10 @@ ModelConfig = Annotated[Union[tuple(MODEL_SECTIONS.values())], Field(discriminat
 class ShapesSpec(_Section):
     """Generate the synthetic shapes data set at ``data.root`` if it is not there yet."""
 
-    n_train: PositiveInt = 400
-    n_val: NonNegativeInt = 100
-    seed: int = 0
-    image_size: int = Field(default=128, ge=32)
+    n_train: int = Field(default=400, gt=0, le=MAX_IMAGES)
+    n_val: int = Field(default=100, ge=0, le=MAX_IMAGES)
+    seed: Seed = 0
+    image_size: ImageSide = 128
 
 
 class DataConfig(_Section):
@@ -126,10 +146,10 @@ class DataConfig(_Section):
     proposals_train: str | None = None  # proposals files (Fast R-CNN, R-CNN)
     proposals_val: str | None = None
     val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)  # split a set without splits on the fly
-    split_seed: NonNegativeInt = 0  # the seed of that split (stratified by class)
+    split_seed: Seed = 0  # the seed of that split (stratified by class)
     skip_broken: bool = False  # list unreadable images / annotations and use the rest (default: refuse the set)
     hflip: Probability = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
-    workers: NonNegativeInt = 2  # data loader processes
+    workers: int = Field(default=2, ge=0, le=MAX_WORKERS)  # data loader processes
 
     def reader_options(self) -> dict[str, Any]:
         """What :func:`rcnn.data.build.build_dataset` takes from this section besides the root and split."""
@@ -140,9 +160,9 @@ class DataConfig(_Section):
 class AlternatingConfig(_Section):
     """Iterations of each step of Faster R-CNN's 4-step alternating training (§3.2)."""
 
-    rpn_iterations: PositiveInt = 1000  # steps 1 and 3
-    detector_iterations: PositiveInt = 1000  # steps 2 and 4
-    lr_factor_steps_3_4: PositiveFloat = 1.0  # learning-rate factor for the fine-tuning steps
+    rpn_iterations: int = Field(default=1000, gt=0, le=MAX_ITERATIONS)  # steps 1 and 3
+    detector_iterations: int = Field(default=1000, gt=0, le=MAX_ITERATIONS)  # steps 2 and 4
+    lr_factor_steps_3_4: float = Field(default=1.0, gt=0.0, le=1.0)  # learning-rate factor for the fine-tuning steps
 
 
 class TrainConfig(_Section):
@@ -150,33 +170,34 @@ class TrainConfig(_Section):
 
     scheme: Literal["joint", "alternating"] = "joint"
     init_from: str | None = None  # start from another run's weights (its class-specific layers only if the classes match)
-    iterations: PositiveInt = 1000
-    time_budget_s: PositiveFloat | None = None  # stop early once this much training time has passed
-    batch_size: PositiveInt = 2  # images per step (per process under DDP)
-    lr: PositiveFloat = 0.01
-    lr_batch_size: PositiveInt | None = None  # ``lr`` is for this total batch; scaled linearly (default: batch_size x accumulate)
-    accumulate: PositiveInt = 1  # micro-batches of batch_size images whose gradients make one step
+    iterations: int = Field(default=1000, gt=0, le=MAX_ITERATIONS)
+    time_budget_s: float | None = Field(default=None, gt=0.0, le=366 * 86_400.0)  # stop early once this much training time has passed (a year at most)
+    batch_size: int = Field(default=2, gt=0, le=MAX_BATCH)  # images per step (per process under DDP)
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)  # above 10 every loss here diverges
+    # ``lr`` is for this total batch; scaled linearly (default: batch_size x accumulate)
+    lr_batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH * 1024)
+    accumulate: int = Field(default=1, gt=0, le=1024)  # micro-batches of batch_size images whose gradients make one step
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     schedule: Literal["step", "cosine", "constant"] = "step"
     steps: list[PositiveFloat] = [0.67, 0.89]  # step schedule: fractions of ``iterations`` (or absolute if > 1)
-    gamma: PositiveFloat = 0.1
-    warmup_iterations: NonNegativeInt = 100
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)  # the step schedule's decay factor
+    warmup_iterations: int = Field(default=100, ge=0, le=MAX_ITERATIONS)
     warmup_factor: float = Field(default=0.001, ge=0.0, le=1.0)
     clip_grad_norm: PositiveFloat | None = None
     amp: Literal["auto", "on", "off"] = "auto"  # mixed precision, on CUDA only
-    log_every: PositiveInt = 20
-    checkpoint_every: PositiveInt = 500
-    keep_checkpoints: PositiveInt = 2
-    eval_every: PositiveInt | None = None  # evaluate on the val split every N iterations (and at the end)
+    log_every: int = Field(default=20, gt=0, le=MAX_ITERATIONS)
+    checkpoint_every: int = Field(default=500, gt=0, le=MAX_ITERATIONS)
+    keep_checkpoints: int = Field(default=2, gt=0, le=10_000)
+    eval_every: int | None = Field(default=None, gt=0, le=MAX_ITERATIONS)  # evaluate on the val split every N iterations (and at the end)
     val_loss: bool | None = None  # the losses on the val split at each evaluation (None: wherever the trainer can)
     keep_best: str | None = None  # keep RUN/best, the checkpoint best by this val metric (bbox_AP, segm_AP, val_loss ...)
-    patience: PositiveInt | None = None  # stop after this many evaluations without improvement of keep_best
+    patience: int | None = Field(default=None, gt=0, le=MAX_ITERATIONS)  # stop after this many evaluations without improvement of keep_best
     min_delta: NonNegativeFloat = 0.0  # the least change of keep_best that counts as an improvement
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)  # an exponential moving average of the weights
-    max_bad_steps: PositiveInt = 20  # consecutive non-finite losses before giving up
-    seed: int = 0
+    max_bad_steps: int = Field(default=20, gt=0, le=MAX_ITERATIONS)  # consecutive non-finite losses before giving up
+    seed: Seed = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     alternating: AlternatingConfig = Field(default_factory=AlternatingConfig)
 
@@ -284,7 +305,7 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
 
 def _format_error(source: str, error: ValidationError) -> str:
     lines = []
-    for item in error.errors():
+    for item in validation_problems(error):
         loc = [str(p) for p in item["loc"]]
         model_name = None
         if len(loc) >= 2 and loc[0] == "model" and loc[1] in MODEL_SECTIONS:

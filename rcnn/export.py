@@ -25,7 +25,10 @@ the per-box mask pasting have no ONNX form; ``rcnn.core`` switches with
 translation of ``torchvision::roi_pool`` does not run).
 
 The run folder's class names travel in the file's metadata (``rcnn.class_names``, JSON), with
-the generation and the input format. R-CNN cannot be exported: it runs the CNN once per warped
+the generation and the input format. A file is checked when it is loaded (:class:`OnnxDetector`):
+metadata that does not fit the graph (fewer class names than its classifier has classes, other
+inputs or outputs than an rcnn graph's, a foreign graph given rcnn's metadata) is refused with
+one ``ValueError`` naming the file and what does not fit. R-CNN cannot be exported: it runs the CNN once per warped
 region in chunks whose number depends on the proposals, and scores them with its SVMs.
 """
 
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 
 from rcnn.io.files import atomic_write
 
-__all__ = ["OnnxDetector", "export_onnx", "onnx_metadata"]
+__all__ = ["OnnxDetector", "check_graph", "export_onnx", "onnx_metadata"]
 
 _INPUTS = ("uint8", "float")
 
@@ -97,19 +100,77 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     props = {p.key: p.value for p in model.metadata_props}
     if "rcnn.class_names" not in props:
         raise ValueError(f"{path}: not an ONNX file exported by rcnn (no rcnn metadata)")
+    decoded = {}
+    for key in ("rcnn.class_names", "rcnn.categories"):
+        if key in props:
+            try:
+                decoded[key] = json.loads(props[key])
+            except ValueError:
+                raise ValueError(f"{path}: its {key} metadata is not valid JSON; export the model again") from None
+    names = decoded["rcnn.class_names"]
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: its rcnn.class_names metadata must list the background and at least one class "
+                         f"name, got {props['rcnn.class_names'][:200]}")  # fmt: skip
     return {
-        "class_names": json.loads(props["rcnn.class_names"]),
+        "class_names": names,
         "model": props.get("rcnn.model"),
         "input": props.get("rcnn.input", "uint8"),
         "needs_proposals": props.get("rcnn.needs_proposals") == "true",
         "predicts_masks": props.get("rcnn.predicts_masks") == "true",
-        "categories": json.loads(props["rcnn.categories"]) if "rcnn.categories" in props else None,
+        "categories": decoded.get("rcnn.categories"),
         "config": props.get("rcnn.config"),  # the run's config, YAML
         "precision": props.get("rcnn.precision", "fp32"),
         "has_rpn": props.get("rcnn.has_rpn", str(props.get("rcnn.model") in ("faster_rcnn", "mask_rcnn")).lower()) == "true",
         "weights_sha256": props.get("rcnn.weights_sha256"),
         "int8_recipe": props.get("rcnn.int8_recipe"),  # how an int8 graph was quantised (rcnn.quantize.recipe)
+        "graph_num_classes": _graph_num_classes(model),
     }
+
+
+def _graph_num_classes(model: Any) -> int | None:
+    """K + 1 of an exported graph, read from its box classifier (``...cls_score.bias [K + 1]``, or
+    ``...cls_score.weight [K + 1, C]`` where the exporter folded away a bias of zeros); None where
+    it cannot be told (no such initializer; the labels are then checked as they come)."""
+    found = {}
+    for init in model.graph.initializer:
+        for part in ("cls_score.bias", "cls_score.weight"):
+            if part in init.name and part not in found:
+                found[part] = [int(d) for d in init.dims]
+    if len(found.get("cls_score.bias", [])) == 1:
+        return found["cls_score.bias"][0]
+    if len(found.get("cls_score.weight", [])) == 2:  # Gemm's weight [out, in] (transB)
+        return found["cls_score.weight"][0]
+    return None
+
+
+def check_graph(path: str | os.PathLike, meta: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """``ValueError`` naming ``path`` when its rcnn metadata ``meta`` (:func:`onnx_metadata`) does not
+    fit the graph: its input and output names, its number of classes, the categories."""
+    again = "export the model again with rcnn export"
+    model = meta.get("model") or "rcnn"
+    expected_inputs = ["image", "proposals"] if meta["needs_proposals"] else ["image"]
+    if sorted(inputs) != sorted(expected_inputs):
+        raise ValueError(f"{path}: its rcnn metadata describes a {model} graph with inputs {expected_inputs}, but the "
+                         f"graph's inputs are {list(inputs)}: not a graph of rcnn export, or its metadata was edited; "
+                         f"{again}")  # fmt: skip
+    expected_outputs = ["boxes", "labels", "scores", *(["masks"] if meta["predicts_masks"] else [])]
+    if sorted(outputs) != sorted(expected_outputs):
+        raise ValueError(f"{path}: its rcnn metadata describes a {model} graph with outputs {expected_outputs}, but the "
+                         f"graph's outputs are {list(outputs)}: not a graph of rcnn export, or its metadata was edited; "
+                         f"{again}")  # fmt: skip
+    if meta["input"] not in _INPUTS:
+        raise ValueError(f"{path}: its rcnn.input metadata is {meta['input']!r}, not one of {_INPUTS}; {again}")
+    names, graph_classes = meta["class_names"], meta.get("graph_num_classes")
+    if graph_classes is not None and graph_classes != len(names):
+        raise ValueError(f"{path}: its rcnn.class_names metadata lists {len(names)} names (background included) but the "
+                         f"graph's classifier has {graph_classes} classes; {again}")  # fmt: skip
+    categories = meta.get("categories")
+    if categories is not None and not (
+        isinstance(categories, list) and len(categories) == len(names)
+        and all(isinstance(c, dict) and "id" in c and "name" in c for c in categories)
+    ):  # fmt: skip
+        raise ValueError(f"{path}: its rcnn.categories metadata must hold one {{\"id\", \"name\"}} per class name "
+                         f"({len(names)}, background included); {again}")  # fmt: skip
 
 
 def export_onnx(
@@ -220,6 +281,7 @@ class OnnxDetector:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # a damaged or foreign file: name it
             raise ValueError(f"{path}: ONNX Runtime cannot load it ({exc})") from None
+        check_graph(path, meta, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         self.path = path
         self.class_names: list[str] = meta["class_names"]
         self.input_format: str = meta["input"]
@@ -253,6 +315,9 @@ class OnnxDetector:
                 feeds["proposals"] = proposals[i].detach().cpu().to(torch.float32).numpy()
             values = self.session.run(self.outputs, feeds)
             out = {name: torch.from_numpy(np.asarray(v)) for name, v in zip(self.outputs, values)}
+            if len(out["labels"]) and not 0 < int(out["labels"].min()) <= int(out["labels"].max()) < self.num_classes:
+                raise ValueError(f"{self.path}: the graph gave labels {sorted(set(out['labels'].tolist()))[:10]} but its "
+                                 f"metadata names {self.num_classes - 1} classes (1..{self.num_classes - 1})")  # fmt: skip
             if "masks" in out:
                 out["masks"] = out["masks"][:, None]  # [D, 1, H, W], as the eager model's
             results.append(out)

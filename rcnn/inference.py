@@ -7,6 +7,7 @@ Shape shorthand:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.classes import match_classes
 from rcnn.evaluation.coco import evaluate_coco
 from rcnn.evaluation.voc import evaluate_voc
-from rcnn.tiling import as_float, predict_tiled
+from rcnn.tiling import MAX_TILES, MERGES, as_float, check_tiling, predict_tiled, tile_count
 from rcnn.io.images import MAX_PIXELS, DecodedImage, read_image
 
 T = TypeVar("T")
@@ -33,6 +34,8 @@ T = TypeVar("T")
 __all__ = [
     "Prediction",
     "Tiling",
+    "check_limit",
+    "check_score_thresh",
     "detect_timed",
     "evaluate_model",
     "model_device",
@@ -42,6 +45,7 @@ __all__ = [
     "predict_images",
     "predict_stream",
     "reset_peak_memory",
+    "score_range",
 ]
 
 ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original coordinates
@@ -56,6 +60,36 @@ def model_device(model: nn.Module) -> torch.device:
             if first is not None:
                 return first.device
     return torch.device("cpu")
+
+
+def score_range(model: Any) -> tuple[float, float]:
+    """The range of ``model``'s detection scores: ``(0, 1)`` for softmax probabilities; unbounded
+    for R-CNN, whose detector (trained in stages) scores with SVM margins (0: the decision boundary)."""
+    if getattr(model, "trains_in_stages", False):
+        return -math.inf, math.inf
+    return 0.0, 1.0
+
+
+def check_score_thresh(value: float | None, model: Any, what: str = "score_thresh") -> float | None:
+    """``value`` as a float, or ``ValueError`` naming ``what`` when it is NaN, infinite or outside the
+    range of ``model``'s scores (:func:`score_range`); None stays None (the model's default)."""
+    if value is None:
+        return None
+    value = float(value)
+    low, high = score_range(model)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {value}: a score threshold must be a finite number")
+    if not low <= value <= high:
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(f"{what} {value:g}: {name}'s scores are probabilities; give a threshold in [{low:g}, {high:g}]")
+    return value
+
+
+def check_limit(limit: int | None, what: str = "limit") -> int | None:
+    """``limit`` (images to use), or ``ValueError`` naming ``what`` unless it is None or a whole number >= 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{what} must be a whole number of images >= 1 (or left out for all), got {limit}")
+    return limit
 
 
 def _run(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> list[dict[str, Tensor]]:
@@ -78,6 +112,7 @@ def predict_dataset(
 
     The time counts the model call only (resizing and post-processing included, data loading not).
     """
+    check_limit(limit)
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -131,6 +166,7 @@ def evaluate_model(
     "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
     with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
     """
+    check_limit(limit)
     mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
     outputs, seconds = predict_dataset(model, dataset, proposals=proposals, limit=limit, progress=progress)
     if mapping is not None and not mapping.identity:
@@ -178,13 +214,31 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled prediction settings (:func:`rcnn.tiling.predict_tiled`)."""
+    """Tiled prediction settings (:func:`rcnn.tiling.predict_tiled`; their ranges: :mod:`rcnn.tiling`)."""
 
     tile: int
     overlap: float = 0.2
     whole: bool = False  # also run the whole image, downscaled, and merge its detections
     merge: str = "nms"
     merge_threshold: float = 0.5
+    max_tiles: int = MAX_TILES  # refuse an image that would make more tiles
+
+    def __post_init__(self) -> None:
+        check_tiling(self.tile, self.overlap, self.max_tiles)
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        if not 0.0 <= self.merge_threshold <= 1.0:  # NaN fails too
+            raise ValueError(f"merge_threshold must be in [0, 1], got {self.merge_threshold}")
+
+    def check(self, height: int, width: int, where: str) -> None:
+        """``ValueError`` naming ``where`` when an ``H x W`` image would make more than ``max_tiles`` tiles."""
+        count = tile_count(height, width, self.tile, self.overlap)
+        if count > self.max_tiles:
+            raise ValueError(
+                f"{where}: its {width}x{height} pixels cut into {self.tile}-px tiles overlapping by {self.overlap:g} make "
+                f"{count} tiles, more than the limit of {self.max_tiles} (one model call each); use a larger --tile or "
+                "a smaller --overlap, or raise --max-tiles"
+            )
 
 
 def model_input_size(model: Any) -> tuple[int, int] | None:
@@ -275,7 +329,7 @@ def predict_stream(
                 whole = whole.to(device)
             output = predict_tiled(
                 model, decoded.image.to(device), tiling.tile, tiling.overlap, whole=whole, merge=tiling.merge,
-                merge_threshold=tiling.merge_threshold, batch_size=batch_size,
+                merge_threshold=tiling.merge_threshold, batch_size=batch_size, max_tiles=tiling.max_tiles,
             )  # fmt: skip
             yield _prediction(key, decoded, output)
         return

@@ -17,6 +17,16 @@ least their size; the cut copies are removed by the merge:
 Optionally the whole image, downscaled as the model's resize does, adds the large objects that no
 tile holds whole; its detections join the merge.
 
+The settings are bounded, as the cost is the number of tiles, one model call each:
+
+- a tile is 64..4096 px: 64 is twice the coarsest feature stride (32), the least that gives the
+  deepest map more than one cell in each direction (a smaller tile is only upscaled by the model's
+  resize: no detail is gained, the calls multiply); 4096 is the largest model input
+  (``rcnn.components.settings.MAX_IMAGE_SIDE``);
+- the overlap is 0..0.9 of a tile: at 0.9 each pixel is already seen by 100 tiles;
+- an image is cut into at most ``max_tiles`` tiles (2048 by default: ~17 min at 0.5 s a tile);
+  more is refused before any is run, saying how many the settings would make.
+
 Shape shorthand:
     H, W: image height and width;  D: detections;  T: tiles
 """
@@ -26,12 +36,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rcnn.components.settings import MAX_IMAGE_SIDE
 from rcnn.core.boxes import box_area
 from rcnn.core.ops import batched_nms
 
-__all__ = ["MERGES", "as_float", "merge_detections", "predict_tiled", "tile_count", "tile_windows"]
+__all__ = ["MAX_OVERLAP", "MAX_TILE", "MAX_TILES", "MERGES", "MIN_TILE", "as_float", "check_tiling", "merge_detections",
+           "predict_tiled", "tile_count", "tile_windows"]  # fmt: skip
 
 MERGES = ("nms", "ios")
+MIN_TILE = 64  # px: twice the coarsest feature stride (module docstring)
+MAX_TILE = MAX_IMAGE_SIDE
+MAX_OVERLAP = 0.9
+MAX_TILES = 2048  # per image, by default
 
 
 def _starts(length: int, tile: int, step: int) -> list[int]:
@@ -41,20 +57,37 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return [*starts, length - tile]  # the last tile flush with the far edge
 
 
-def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
+def check_tiling(tile: int, overlap: float, max_tiles: int = MAX_TILES) -> None:
+    """``ValueError`` unless ``tile`` (px), ``overlap`` (fraction of a tile) and ``max_tiles`` are in
+    their ranges (module docstring)."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or not MIN_TILE <= tile <= MAX_TILE:
+        raise ValueError(f"tile must be a whole number of pixels in {MIN_TILE}..{MAX_TILE}, got {tile}")
+    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap <= MAX_OVERLAP):  # NaN fails too
+        raise ValueError(f"overlap must be in [0, {MAX_OVERLAP}] (a fraction of a tile), got {overlap}")
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
+        raise ValueError(f"max_tiles must be a whole number >= 1, got {max_tiles}")
+
+
+def tile_windows(
+    height: int, width: int, tile: int, overlap: float, max_tiles: int | None = MAX_TILES
+) -> list[tuple[int, int, int, int]]:
     """Tiles ``(y0, x0, y1, x1)`` of ``tile x tile`` pixels covering an ``H x W`` image, neighbours
     overlapping by at least ``overlap`` of a tile (the last row and column flush with the edges;
-    one tile of the image's size on a side shorter than ``tile``)."""
-    if tile < 1:
-        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    one tile of the image's size on a side shorter than ``tile``).
+
+    ``ValueError`` for settings out of range (:func:`check_tiling`) or when the image would make
+    more than ``max_tiles`` tiles (None: no cap), saying how many and what to change."""
+    check_tiling(tile, overlap, max_tiles if max_tiles is not None else MAX_TILES)
     step = max(1, int(tile * (1.0 - overlap)))
-    return [
-        (y0, x0, min(y0 + tile, height), min(x0 + tile, width))
-        for y0 in _starts(height, tile, step)
-        for x0 in _starts(width, tile, step)
-    ]
+    rows, columns = _starts(height, tile, step), _starts(width, tile, step)
+    count = len(rows) * len(columns)
+    if max_tiles is not None and count > max_tiles:
+        raise ValueError(
+            f"a {width}x{height} image cut into {tile}-px tiles overlapping by {overlap:g} makes {count} tiles "
+            f"({len(columns)} x {len(rows)}), more than the limit of {max_tiles} per image (one model call each); "
+            f"use larger tiles or less overlap, or raise the limit (rcnn predict: --tile, --overlap, --max-tiles)"
+        )
+    return [(y0, x0, min(y0 + tile, height), min(x0 + tile, width)) for y0 in rows for x0 in columns]
 
 
 def _suppress_ios(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float) -> Tensor:
@@ -111,6 +144,7 @@ def predict_tiled(
     merge_threshold: float = 0.5,
     batch_size: int = 4,
     max_detections: int | None = None,
+    max_tiles: int | None = MAX_TILES,
 ) -> dict[str, Tensor]:
     """Detections of ``model`` on ``image [3, H, W]`` (uint8 0..255 or float 0..1; kept as it is,
     each tile converted to float on its own) from overlapping ``tile``-pixel tiles.
@@ -118,13 +152,14 @@ def predict_tiled(
     ``whole``: the same image, downscaled (e.g. decoded reduced), run once more as a whole; its
     boxes are scaled to ``H x W`` and join the merge. Tiles are run ``batch_size`` at a time.
     ``max_detections`` caps the merged detections (default: no cap beyond each tile's own, as a
-    large image may hold far more objects than one model input).
+    large image may hold far more objects than one model input). ``max_tiles``: refuse an image
+    that would make more tiles (:func:`tile_windows`).
     Returns ``boxes [D, 4]`` in ``image``'s pixels, ``labels``, ``scores`` and, for a model that
     predicts masks, ``masks [D, 1, H, W]`` uint8 (binary).
     """
     height, width = image.shape[1], image.shape[2]
     device = image.device
-    windows = tile_windows(height, width, tile, overlap)
+    windows = tile_windows(height, width, tile, overlap, max_tiles)
     boxes, scores, labels, masks, places = [], [], [], [], []
     has_masks = False
     for start in range(0, len(windows), batch_size):
@@ -170,6 +205,8 @@ def predict_tiled(
 
 
 def tile_count(height: int, width: int, tile: int, overlap: float) -> int:
-    """How many tiles :func:`tile_windows` cuts an ``H x W`` image into."""
-    return len(tile_windows(height, width, tile, overlap))
+    """How many tiles :func:`tile_windows` cuts an ``H x W`` image into (whatever the cap)."""
+    check_tiling(tile, overlap)
+    step = max(1, int(tile * (1.0 - overlap)))
+    return len(_starts(height, tile, step)) * len(_starts(width, tile, step))
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from rcnn.core.masks import MASK_THRESHOLD
 from rcnn.io.files import atomic_write
 
-__all__ = ["class_colour", "draw_detections", "save_grid", "to_pil"]
+__all__ = ["PNG_MARK", "class_colour", "draw_detections", "is_rcnn_png", "png_info", "save_grid", "save_png", "to_pil"]
 
 # Distinct, saturated colours (Kelly's list of maximum contrast), indexed by label.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -29,6 +29,30 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
     (241, 58, 19), (35, 44, 22),
 )  # fmt: skip
 MASK_ALPHA = 0.45
+# The PNG text chunk that marks a picture as drawn by rcnn: a later run may overwrite such a file
+# (rcnn.commands.common.guard_output), never a picture of the user's own that happens to be in the way.
+PNG_MARK = ("Software", "rcnn")
+
+
+def png_info() -> PngImagePlugin.PngInfo:
+    """The PNG metadata of every picture rcnn saves (:data:`PNG_MARK`)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*PNG_MARK)
+    return info
+
+
+def save_png(picture: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``picture`` as a PNG marked as rcnn's (:data:`PNG_MARK`), atomically."""
+    return atomic_write(Path(path), lambda tmp: picture.save(tmp, format="PNG", pnginfo=png_info()))
+
+
+def is_rcnn_png(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that rcnn saved (it carries :data:`PNG_MARK`)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(PNG_MARK[0]) == PNG_MARK[1]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -97,8 +121,8 @@ def draw_detections(
             region = binary[d]
             pixels[region] = (1 - MASK_ALPHA) * pixels[region] + MASK_ALPHA * colour
     canvas = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
-    if scale != 1.0:
-        canvas = canvas.resize((round(width * scale), round(height * scale)), Image.NEAREST)
+    if scale != 1.0:  # every side at least 1 px: a 10000 x 10 image drawn 420 px wide is 420 x 1
+        canvas = canvas.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     line = max(1, round(min(canvas.size) / 200))
@@ -146,4 +170,5 @@ def save_grid(
         grid.paste(tile, (pad + col * (cell_w + pad), pad + row * (cell_h + pad)))
     path = Path(path)
     file_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    return atomic_write(path, lambda tmp: grid.save(tmp, format=file_format))
+    extra = {"pnginfo": png_info()} if file_format == "PNG" else {}
+    return atomic_write(path, lambda tmp: grid.save(tmp, format=file_format, **extra))

@@ -103,7 +103,9 @@ def test_predict_bad_inputs_name_them(run: Path, tmp_path: Path, capsys) -> None
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     assert main(["predict", "--weights", str(run), str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "o")]) == 2
     assert "bad.mp4: cannot open the video" in capsys.readouterr().err
-    assert main(["predict", "--weights", str(run), str(tmp_path), "--out", str(tmp_path / "o"), "--stride", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a range error of the command line: argparse's exit 2
+        main(["predict", "--weights", str(run), str(tmp_path), "--out", str(tmp_path / "o"), "--stride", "0"])
+    assert exit_.value.code == 2 and "argument --stride: expected a whole number in 1..100000, got 0" in capsys.readouterr().err
 
 
 def _video(shapes_root: Path, path: Path, frames: int) -> list[np.ndarray]:

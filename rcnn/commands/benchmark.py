@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from rcnn.commands.common import MAX_THREADS, float_range, int_range
+
+MAX_BUDGET_S = 7 * 86_400.0  # training seconds per model: a week
+
 
 def run(args: argparse.Namespace) -> int:
     from rcnn.training.lineage import markdown, run_lineage
@@ -33,11 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--models", default="rcnn,fast_rcnn,faster_rcnn,mask_rcnn", help="comma-separated generations")
     parser.add_argument("--quick", action="store_true", help="smaller data set and budget (90 s per model)")
-    parser.add_argument("--budget", type=float, help="training seconds per model (default 600, quick 90)")
+    parser.add_argument("--budget", type=float_range(0.0, MAX_BUDGET_S, low_open=True),
+                        help="training seconds per model, at most a week (default 600, quick 90)")  # fmt: skip
     parser.add_argument("--data", default="data/shapes", help="shapes data root (generated if absent)")
     parser.add_argument("--pretrained", help="pre-trained tiny backbone weights (default: pre-train one first)")
     parser.add_argument("--no-random-init", action="store_true", help="skip Faster R-CNN from a random init")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per model (default 2)")
+    parser.add_argument("--threads", type=int_range(1, MAX_THREADS), default=2, help="torch threads per model (default 2)")
     parser.add_argument("--out", default="runs/lineage", help="folder for the runs, lineage.json and the plots")
     parser.add_argument("--results", help="where lineage.json goes (default: --out)")
     parser.add_argument("--img", help="where the plots go (default: --out)")

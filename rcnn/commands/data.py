@@ -12,6 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 
+from rcnn.commands.common import float_range, int_range
+from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
+MAX_SEED = 2**32 - 1  # what numpy's generators take, as data.split_seed
+MAX_LEVELS = 8  # feature levels of a pyramid: the FPN backbones have 5; 8 reach stride 512
+
 
 def _run_shapes(args: argparse.Namespace) -> int:
     from rcnn.data.shapes import make_shapes, shapes_paths
@@ -96,8 +102,11 @@ def _split_arguments(parser: argparse.ArgumentParser, default_fraction: float | 
         help_text = "split the data set on the fly into train and val, this fraction for val (as data.val_fraction)"
     else:
         help_text = f"fraction of the images for val (default {default_fraction})"
-    parser.add_argument("--val-fraction", type=float, default=default_fraction, help=help_text)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument(
+        "--val-fraction", type=float_range(0.0, 1.0, low_open=True, high_open=True), default=default_fraction,
+        help=help_text + " (between 0 and 1)",
+    )
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="seed of the split (default 0)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -148,10 +157,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--suggest-anchors", action="store_true",
         help="suggest model.anchor_sizes and model.aspect_ratios for these boxes, after the model's rescaling",
     )
-    anchors.add_argument("--min-size", type=int, default=600, help="model.min_size the anchors are for (default 600)")
-    anchors.add_argument("--max-size", type=int, default=1000, help="model.max_size the anchors are for (default 1000)")
+    side = int_range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)  # as model.min_size / model.max_size
+    anchors.add_argument("--min-size", type=side, default=600, help="model.min_size the anchors are for (default 600)")
+    anchors.add_argument("--max-size", type=side, default=1000, help="model.max_size the anchors are for (default 1000)")
     anchors.add_argument(
-        "--levels", type=int, default=5,
+        "--levels", type=int_range(1, MAX_LEVELS), default=5,
         help="feature levels: 5 for an FPN backbone (one size per level), 1 for a single map (3 sizes); default 5",
     )
     check.set_defaults(func=_run_check)

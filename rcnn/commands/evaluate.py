@@ -8,7 +8,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcnn.commands.common import add_backend_arguments, add_config_arguments
+from rcnn.commands.common import (
+    add_backend_arguments,
+    add_config_arguments,
+    add_force_argument,
+    guard_output,
+    guard_outputs,
+    int_range,
+    is_metrics,
+    is_our_png,
+    score_threshold,
+    small_json,
+)
+
+MAX_WORST = 1000  # images in the --analysis gallery (one picture of them all)
+# What ``--analysis DIR`` writes (rcnn.evaluation.analysis.analyse); the folder is rcnn's when its
+# analysis.json is (the plots are matplotlib's, unmarked).
+ANALYSIS_FILES = ("pr_curves.png", "confusion_matrix.png", "confusion_matrix.csv", "tide.png", "worst_images.png",
+                  "analysis.json", "summary.txt")  # fmt: skip
+
+
+def _is_analysis(path: Path) -> bool:
+    """``analysis.json`` of ``rcnn evaluate --analysis``."""
+    data = small_json(path)
+    return isinstance(data, dict) and {"tide", "confusion_matrix", "worst_images"} <= data.keys()
+
+
+def _guard(args: argparse.Namespace) -> None:
+    """Refuse, before the evaluation runs, to write over files in the way that rcnn did not write."""
+    if args.out:
+        guard_output(args.out, is_metrics, "--out", "a metrics file", args.force)
+    if args.analysis is not None:
+        folder = Path(args.analysis)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--analysis: {folder} is a file; give a folder")
+        guard_output(folder / "analysis.json", _is_analysis, "--analysis", "an error analysis", args.force)
+        ours = (folder / "analysis.json").is_file() and _is_analysis(folder / "analysis.json")
+        guard_outputs([(folder / name, lambda p: ours or (p.suffix == ".png" and is_our_png(p)),
+                        "a file of an error analysis") for name in ANALYSIS_FILES], "--analysis", args.force)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,12 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.commands.common import detector_from_args
     from rcnn.config import apply_overrides, config_from_dict, config_to_yaml, load_config
     from rcnn.data.build import build_dataset
-    from rcnn.inference import evaluate_model
+    from rcnn.inference import check_score_thresh, evaluate_model
     from rcnn.io.checkpoints import find_checkpoint
     from rcnn.io.files import write_json
     from rcnn.training.datasets import proposal_source
 
+    _guard(args)
     model, config, class_names = detector_from_args(args)
+    check_score_thresh(args.score_thresh, model, "--score-thresh")
     if args.config is not None or args.overrides:  # data settings from another config / --set
         base = args.config or (find_checkpoint(args.weights) / "config.yaml" if args.weights else None)
         if base is None and config is None:
@@ -73,11 +112,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="data set path (default: the config's data.root)")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
     parser.add_argument("--proposals", help="proposals file for Fast R-CNN / R-CNN (default: data.proposals_val)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
-    parser.add_argument("--out", help="write all metrics to this JSON file")
+    parser.add_argument("--limit", type=int_range(1), help="evaluate only the first N images (N >= 1)")
+    parser.add_argument("--out", help="write all metrics to this JSON file (an existing file is replaced only if it "
+                        "is a metrics file)")  # fmt: skip
     parser.add_argument("--analysis", metavar="DIR", help="write the error analysis into DIR: PR curves, confusion "
                         "matrix, TIDE breakdown, worst images (see docs/evaluation.md)")  # fmt: skip
-    parser.add_argument("--score-thresh", type=float, help="with --analysis: the confusion matrix's and the "
-                        "gallery's score threshold (default 0.5; 0 for R-CNN)")  # fmt: skip
-    parser.add_argument("--worst", type=int, default=8, help="with --analysis: images in the gallery (default 8)")
+    parser.add_argument("--score-thresh", type=score_threshold, help="with --analysis: the confusion matrix's and the "
+                        "gallery's score threshold, in [0, 1] (default 0.5; R-CNN: any number, default 0)")  # fmt: skip
+    parser.add_argument("--worst", type=int_range(0, MAX_WORST), default=8,
+                        help=f"with --analysis: images in the gallery, 0..{MAX_WORST} (default 8)")  # fmt: skip
+    add_force_argument(parser)
     parser.set_defaults(func=run)

@@ -10,20 +10,48 @@ import argparse
 import json
 from pathlib import Path
 
+from rcnn.commands.common import add_force_argument, guard_output, int_range, is_our_png, score_threshold
+
+MAX_INDEX = 100_000_000  # --index: beyond any data set's size (the split's own size is checked when it is read)
+
+
+def _is_page(path: Path) -> bool:
+    """``explain.html`` of ``rcnn explain`` (it carries the generator tag)."""
+    from rcnn.explain.report import GENERATOR
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return GENERATOR in fh.read(4096)
+    except OSError:
+        return False
+
+
+def _guard(out: Path, force: bool) -> None:
+    """Refuse to write the page or its pictures over files in ``out`` that rcnn did not write."""
+    guard_output(out / "explain.html", _is_page, "--out", "an explanation page", force)
+    if out.is_dir():
+        for picture in sorted(out.glob("[0-9][0-9]_*.png")):
+            guard_output(picture, is_our_png, "--out", "a picture of an explanation", force)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from rcnn.build import load_model
     from rcnn.explain import dataset_ground_truth, explain, load_ground_truth
+    from rcnn.inference import check_score_thresh
     from rcnn.io.images import load_image
 
     if (args.image is None) == (args.data is None):
         raise ValueError("give either an IMAGE file or --data ROOT [--split S] --index N (an image of a data set)")
     if args.data is not None and args.gt is not None:
         raise ValueError("--gt is for an IMAGE file; an image of --data brings its own annotation")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} is a file; give a folder")
+    _guard(Path(args.out), args.force)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model, _, class_names = load_model(args.weights, device)
+    check_score_thresh(args.score_thresh, model, "--score-thresh")
     gt = None
     if args.data is not None:
         from rcnn.data.build import build_dataset
@@ -58,10 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--data", help="a data set (COCO or VOC root, or COCO json) to take the image and its annotation from")
     parser.add_argument("--split", default="val", help="split of --data (default val)")
-    parser.add_argument("--index", type=int, default=0, help="image index in --data's split (default 0)")
+    parser.add_argument("--index", type=int_range(0, MAX_INDEX), default=0, help="image index in --data's split (default 0)")
     parser.add_argument(
-        "--score-thresh", type=float,
-        help="detections scoring at least this count as found (default 0.5; 0 for R-CNN, whose scores are SVM values)",
+        "--score-thresh", type=score_threshold,
+        help="detections scoring at least this count as found, in [0, 1] (default 0.5; R-CNN: any number, default 0, "
+        "its scores are SVM values)",
     )  # fmt: skip
+    add_force_argument(parser)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.set_defaults(func=run)

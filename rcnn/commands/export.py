@@ -9,6 +9,16 @@ import argparse
 import json
 from pathlib import Path
 
+from rcnn.commands.common import (
+    MAX_CALIBRATION_IMAGES,
+    add_force_argument,
+    float_range,
+    guard_output,
+    int_range,
+    is_our_onnx,
+)
+from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
 
 def run(args: argparse.Namespace) -> int:
     from rcnn.build import load_model
@@ -16,15 +26,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format != "onnx":
         raise ValueError(f"--format {args.format}: only onnx is supported")
-    loaded = load_model(args.weights, for_inference=False)  # unfolded BatchNorm: ONNX Runtime fuses it itself
     if args.int8 and not args.calibrate:
         raise ValueError("--int8 needs --calibrate DATA: the activations' ranges come from images like the model's own")
     if args.calibrate and not args.int8:
         raise ValueError("--calibrate is for --int8")
-    if args.int8 and args.calibrate_images < 1:
-        raise ValueError(f"--calibrate-images must be at least 1, got {args.calibrate_images}")
     out = Path(args.out)
     float_path = out.with_name(out.stem + "-fp32.onnx") if args.int8 else out
+    for path in dict.fromkeys([out, float_path]):
+        guard_output(path, is_our_onnx, "--out", "an ONNX file", args.force)
+    loaded = load_model(args.weights, for_inference=False)  # unfolded BatchNorm: ONNX Runtime fuses it itself
     path = export_onnx(loaded.model, float_path, loaded.class_names, input_format=args.input,
                        example_size=tuple(args.example_size), categories=loaded.categories, config=loaded.config)  # fmt: skip
     summary = {"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
@@ -56,20 +66,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="the format (onnx)")
     parser.add_argument("--out", required=True, help="file to write (.onnx)")
     parser.add_argument("--input", default="uint8", choices=["uint8", "float"], help="the image input's format")
-    parser.add_argument("--example-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
-                        help="size of the example image the capture runs on (any size works afterwards)")  # fmt: skip
+    parser.add_argument("--example-size", type=int_range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), nargs=2, default=(480, 640),
+                        metavar=("H", "W"), help="size of the example image the capture runs on, each side "
+                        f"{MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} (any size works afterwards)")  # fmt: skip
     parser.add_argument("--int8", action="store_true",
                         help="also quantise to int8 (static, per-channel weights; the convolutions): --out gets the "
                         "int8 graph, OUT-fp32.onnx the float one")
     parser.add_argument("--calibrate", metavar="DATA", help="data set root (or a folder of images) to calibrate int8 on")
     parser.add_argument("--split", help="split of --calibrate to use (default: the run's train split)")
-    parser.add_argument("--calibrate-images", type=int, default=200, help="images to calibrate on (default 200)")
+    parser.add_argument("--calibrate-images", type=int_range(1, MAX_CALIBRATION_IMAGES), default=200,
+                        help="images to calibrate on (default 200)")  # fmt: skip
     parser.add_argument("--int8-fc", action="store_true", help="quantise the fully connected box head too")
     parser.add_argument("--calibration-method", default=DEFAULT_METHOD, choices=CALIBRATION_METHODS,
                         help=f"how each activation's int8 range is set from the calibration images (default {DEFAULT_METHOD})")
-    parser.add_argument("--percentile", type=float, default=99.999,
-                        help="the percentile of --calibration-method percentile (default 99.999)")
+    parser.add_argument("--percentile", type=float_range(0.0, 100.0, low_open=True), default=99.999,
+                        help="the percentile of --calibration-method percentile, in (0, 100] (default 99.999)")
     parser.add_argument("--keep-float", nargs="*", metavar="MODULE", default=None,
                         help="module paths or glob patterns whose layers stay float (default: "
                         f"{' '.join(KEEP_FLOAT)} where the model has it; --keep-float alone: none)")
+    add_force_argument(parser)
     parser.set_defaults(func=run)

@@ -10,7 +10,26 @@ import json
 import time
 from pathlib import Path
 
-from rcnn.commands.common import add_backend_arguments, detector_from_args
+from rcnn.commands.common import (
+    add_backend_arguments,
+    add_force_argument,
+    detector_from_args,
+    float_range,
+    guard_output,
+    guard_outputs,
+    int_range,
+    is_coco_results,
+    is_images_list,
+    is_our_png,
+    is_prediction_record,
+    is_video_records,
+    score_threshold,
+)
+from rcnn.tiling import MAX_OVERLAP, MAX_TILE, MAX_TILES, MERGES, MIN_TILE
+
+MAX_BATCH = 256  # images (or tiles) per model call: beyond it only memory grows
+MAX_STRIDE = 100_000  # video frames: one frame an hour at 30 fps
+MAX_PIXELS_LIMIT = 10_000_000_000  # --max-pixels: 10 gigapixels (30 GB decoded)
 
 
 def _detections(output, class_names, keep) -> list[dict]:  # noqa: ANN001
@@ -29,33 +48,51 @@ def _original_masks(prediction):  # noqa: ANN001 - binary masks [D, H, W] at the
     return (masks[:, 0] >= 0.5).numpy()
 
 
+def _guard_outputs(out: Path, sources: list, coco_results: str | None, force: bool) -> None:  # noqa: ANN001
+    """Refuse, before anything is written, to replace a file in the way that rcnn did not write."""
+    files = []
+    for source in sources:
+        if source.kind == "video":
+            records = out / f"{source.name}.jsonl"
+            files += [(records, is_video_records, "a predictions file (.jsonl)"),
+                      (out / f"{source.name}.detections.mp4", lambda _, r=records: r.is_file() and is_video_records(r),
+                       "a video of detections")]  # fmt: skip
+        else:
+            files += [(out / f"{source.name}.png", is_our_png, "a picture of detections"),
+                      (out / f"{source.name}.json", is_prediction_record, "a predictions file")]  # fmt: skip
+    guard_outputs(files, "--out", force)
+    if coco_results:
+        guard_output(coco_results, is_coco_results, "--coco-results", "a COCO results file (a JSON list of detections)",
+                     force)  # fmt: skip
+        guard_output(out / "images.json", is_images_list, "--out", "the images list of --coco-results", force)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from rcnn.evaluation.coco import result_entries
-    from rcnn.inference import Tiling, model_input_size, predict_stream
+    from rcnn.inference import Tiling, check_score_thresh, model_input_size, predict_stream
     from rcnn.io.files import write_json, write_text
     from rcnn.io.images import read_image
     from rcnn.io.sources import VideoWriter, expand_sources, read_video_frames, video_info
-    from rcnn.tiling import MERGES
-    from rcnn.viz import draw_detections
+    from rcnn.viz import draw_detections, save_png
 
-    if args.stride < 1:
-        raise ValueError(f"--stride must be >= 1, got {args.stride}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.tile is not None and args.merge not in MERGES:
-        raise ValueError(f"--merge must be one of {', '.join(MERGES)}")
     out = Path(args.out)
+    tiling = (Tiling(args.tile, args.overlap, args.tile_whole, args.merge, max_tiles=args.max_tiles)
+              if args.tile is not None else None)  # fmt: skip
+    sources = expand_sources(args.inputs, exclude=out)
+    _guard_outputs(out, sources, args.coco_results, args.force)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     loaded = detector_from_args(args, device)
-    sources = expand_sources(args.inputs, exclude=out)
     model, class_names = loaded.model, loaded.class_names
-    tiling = Tiling(args.tile, args.overlap, args.tile_whole, args.merge) if args.tile is not None else None
+    check_score_thresh(args.score_thresh, model, "--score-thresh")
     fit = None if tiling is not None or args.full_resolution else model_input_size(model)
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
     videos = {s.path: video_info(s.path) for s in sources if s.kind == "video"}
+    if tiling is not None:
+        for path, info in videos.items():
+            tiling.check(info.size[0], info.size[1], str(path))
     total = sum(1 for s in sources if s.kind == "image") + sum(-(-v.frames // args.stride) for v in videos.values())
 
     def items():  # (key, decoded image), in order; keys: (source, frame index or None)
@@ -67,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
                     yield (source, index), DecodedImage(frame, (frame.shape[1], frame.shape[2]))
             else:
                 dtype = torch.uint8 if tiling is not None else torch.float32
-                yield (source, None), read_image(source.path, fit=fit, max_pixels=max_pixels, dtype=dtype)
+                decoded = read_image(source.path, fit=fit, max_pixels=max_pixels, dtype=dtype)
+                if tiling is not None:  # before any tile is run
+                    tiling.check(*decoded.original_size, str(source.path))
+                yield (source, None), decoded
 
     def whole_image(key):  # noqa: ANN001 - the downscaled whole image for --tile-whole
         source, _ = key
@@ -114,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             picture = draw_detections(prediction.image, drawn, class_names, score_threshold=threshold)
             if frame is None:
                 (out / source.name).parent.mkdir(parents=True, exist_ok=True)
-                picture.save(out / f"{source.name}.png")
+                save_png(picture, out / f"{source.name}.png")
                 record = {"image": source.name, "source": str(source.path), "image_id": image_id,
                           "size": list(prediction.original_size), "detections": detections}  # fmt: skip
                 write_json(out / f"{source.name}.json", record)
@@ -162,21 +202,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--score-thresh", type=float,
-        help="draw and list detections scoring at least this (default 0.5; 0 for R-CNN, whose scores are SVM values)",
+        "--score-thresh", type=score_threshold,
+        help="draw and list detections scoring at least this, in [0, 1] (default 0.5; R-CNN: any number, default 0, "
+        "its scores are SVM values)",
     )  # fmt: skip
     parser.add_argument("--coco-results", metavar="FILE", help="also write every detection as one COCO results JSON "
-                        "(image ids as in OUT/images.json)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per model call (default 1)")
-    parser.add_argument("--stride", type=int, default=1, help="videos: predict every Nth frame (default 1)")
-    parser.add_argument("--tile", type=int, metavar="SIZE", help="cut images into SIZE x SIZE tiles at full resolution")
-    parser.add_argument("--overlap", type=float, default=0.2, help="tiles overlap by this fraction (default 0.2)")
+                        "(image ids as in OUT/images.json); an existing file is replaced only if it is a results list")  # fmt: skip
+    parser.add_argument("--batch-size", type=int_range(1, MAX_BATCH), default=1,
+                        help=f"images (or tiles) per model call, 1..{MAX_BATCH} (default 1)")  # fmt: skip
+    parser.add_argument("--stride", type=int_range(1, MAX_STRIDE), default=1,
+                        help="videos: predict every Nth frame (default 1)")  # fmt: skip
+    parser.add_argument("--tile", type=int_range(MIN_TILE, MAX_TILE), metavar="SIZE",
+                        help=f"cut images into SIZE x SIZE tiles at full resolution ({MIN_TILE}..{MAX_TILE} px)")  # fmt: skip
+    parser.add_argument("--overlap", type=float_range(0.0, MAX_OVERLAP), default=0.2,
+                        help=f"tiles overlap by this fraction, 0..{MAX_OVERLAP} (default 0.2)")  # fmt: skip
+    parser.add_argument("--max-tiles", type=int_range(1, 1_000_000), default=MAX_TILES,
+                        help=f"with --tile: refuse an image that would make more tiles than this (default {MAX_TILES})")  # fmt: skip
     parser.add_argument("--tile-whole", action="store_true", help="with --tile: also run the whole image, downscaled")
-    parser.add_argument("--merge", default="nms", help="with --tile: how tiles' detections merge: nms or ios (default nms)")
-    parser.add_argument("--max-pixels", type=int, default=180_000_000,
+    parser.add_argument("--merge", default="nms", choices=MERGES,
+                        help="with --tile: how tiles' detections merge: nms or ios (default nms)")  # fmt: skip
+    parser.add_argument("--max-pixels", type=int_range(1, MAX_PIXELS_LIMIT, special={0: "no limit"}), default=180_000_000,
                         help="refuse images of more pixels than this, from their header (default 180e6; 0: no limit)")  # fmt: skip
     parser.add_argument("--full-resolution", action="store_true",
                         help="decode images whole even when the model shrinks them (default: decode reduced)")  # fmt: skip
+    add_force_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.set_defaults(func=run)

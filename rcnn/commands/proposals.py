@@ -12,6 +12,13 @@ import argparse
 import json
 import time
 
+from rcnn.commands.common import add_force_argument, float_range, guard_output, int_range
+
+MAX_PROPOSALS = 100_000  # boxes per image: selective search's quality mode gives ~10k
+MAX_REGION_SIDE = 4096.0  # --min-size: a box side in pixels (the largest image side a model takes)
+MAX_SEARCH_SIDE = 8192  # --max-side: selective search's time grows with the pixels
+MAX_SEARCH_WORKERS = 256
+
 
 def _run_selective_search(args: argparse.Namespace) -> int:
     from rcnn.data import build_dataset
@@ -58,9 +65,20 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_proposals(path) -> bool:  # noqa: ANN001
+    from rcnn.components.proposals.io import load_proposals
+
+    try:
+        load_proposals(path)
+    except (ValueError, OSError):
+        return False
+    return path.suffix.lower() == ".safetensors"
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     from rcnn.components.proposals.io import convert_proposals, load_proposals
 
+    guard_output(args.out, _is_proposals, "--out", "a proposals file", args.force)
     settings = {"method": args.method} if args.method else None
     out = convert_proposals(args.source, args.out, settings)
     print(f"{out}: {len(load_proposals(out))} images")
@@ -89,12 +107,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--images", help="images folder of a COCO .json file (default: found next to it)")
     search.add_argument("--out", required=True, help="proposals file to write (.safetensors)")
     search.add_argument("--mode", choices=("fast", "quality"), default="fast", help="strategy set (default fast, as R-CNN)")
-    search.add_argument("--max-proposals", type=int, default=2000, help="boxes per image at most (default 2000)")
-    search.add_argument("--min-size", type=float, default=4.0, help="drop boxes smaller than this, px (default 4)")
+    search.add_argument("--max-proposals", type=int_range(1, MAX_PROPOSALS), default=2000,
+                        help=f"boxes per image at most, 1..{MAX_PROPOSALS} (default 2000)")  # fmt: skip
+    search.add_argument("--min-size", type=float_range(0.0, MAX_REGION_SIDE), default=4.0,
+                        help="drop boxes smaller than this, px (default 4)")  # fmt: skip
     search.add_argument(
-        "--max-side", type=int, default=500, help="shrink larger images to this longer side first (default 500; 0: never)"
-    )
-    search.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 0: in this process)")
+        "--max-side", type=int_range(32, MAX_SEARCH_SIDE, special={0: "never"}), default=500,
+        help=f"shrink larger images to this longer side first, 32..{MAX_SEARCH_SIDE} (default 500; 0: never)",
+    )  # fmt: skip
+    search.add_argument("--workers", type=int_range(0, MAX_SEARCH_WORKERS), default=2,
+                        help="worker processes (default 2; 0: in this process)")  # fmt: skip
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(func=_run_selective_search)
 
@@ -119,6 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("source", help="proposals file to read")
     convert.add_argument("--out", required=True, help=".safetensors file to write")
     convert.add_argument("--method", help="record this method name in the file's settings")
+    add_force_argument(convert)
     convert.set_defaults(func=_run_convert)
 
     def _usage(args: argparse.Namespace) -> int:

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.common import add_precision_arguments
+from rcnn.commands.common import MAX_THREADS, add_precision_arguments, float_range, int_range
+
+# The ranges of the options are those of rcnn.serve.ServeSettings (kept here as numbers: the
+# server's module loads FastAPI, which ``rcnn --help`` need not).
+MAX_UPLOAD_MB = 1024.0  # a request is held in memory: 1 GiB at most
+MAX_WORKERS = 64
+MAX_QUEUE = 10_000
+MAX_TIMEOUT_S = 86_400.0  # a day
 
 
 def served_models(specs: list[str], device: str, backend: str | None = None, threads: int | None = None,
@@ -65,14 +72,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=["eager", "onnxruntime"],
                         help="run the run folders in PyTorch (eager, the default) or in ONNX Runtime (exported once and "
                         "cached; detections only, no stage-by-stage page); .onnx files always run in ONNX Runtime")
-    parser.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    parser.add_argument("--threads", type=int_range(1, MAX_THREADS), help="CPU threads per model (default: all cores)")
     add_precision_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request accepted (default 20 MB)")
-    parser.add_argument("--workers", type=int, default=1, help="inferences running at once (default 1)")
-    parser.add_argument("--queue", type=int, default=8, help="requests waiting beyond those; more get 503 (default 8)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request before a 504 (default 60)")
+    parser.add_argument("--port", type=int_range(1, 65535), default=8000, help="TCP port, 1..65535 (default 8000)")
+    parser.add_argument("--max-upload-mb", type=float_range(0.0, MAX_UPLOAD_MB, low_open=True), default=20.0,
+                        help=f"largest request accepted, in (0, {MAX_UPLOAD_MB:g}] MB (default 20 MB)")  # fmt: skip
+    parser.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=1,
+                        help=f"inferences running at once, 1..{MAX_WORKERS} (default 1)")  # fmt: skip
+    parser.add_argument("--queue", type=int_range(0, MAX_QUEUE), default=8,
+                        help=f"requests waiting beyond those, 0..{MAX_QUEUE}; more get 503 (default 8)")  # fmt: skip
+    parser.add_argument("--timeout", type=float_range(0.0, MAX_TIMEOUT_S, low_open=True), default=60.0,
+                        help="seconds per request before a 504, at most a day (default 60)")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.set_defaults(func=run)

@@ -10,6 +10,10 @@ refusing unknown names. The same declaration serves three ways in:
   the field;
 - the command line: ``--set model.rpn.nms_thresh=0.6``.
 
+Every number has a range, and NaN and infinities are refused everywhere (``allow_inf_nan=False``
+in the model config of every settings class): ``--set model.rpn.nms_thresh=nan`` is "Input should
+be a finite number", not a model that silently keeps nothing.
+
 A settings section in a config or a builder call states only what differs from the defaults,
 which may depend on the backbone (FPN or not): :meth:`Settings.overrides` is the class of such
 partial settings, and :meth:`Settings.merged` applies one to a full settings object.
@@ -17,6 +21,7 @@ partial settings, and :meth:`Settings.merged` applies one to a full settings obj
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Annotated, Any, Optional
@@ -24,6 +29,9 @@ from typing import Annotated, Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
 
 __all__ = [
+    "MAX_IMAGE_SIDE",
+    "MIN_IMAGE_SIDE",
+    "ImageSide",
     "IoU",
     "NonNegativeFloat",
     "NonNegativeInt",
@@ -31,23 +39,61 @@ __all__ = [
     "PositiveFloat",
     "PositiveInt",
     "Probability",
+    "Seed",
     "Settings",
     "format_validation_error",
+    "validation_problems",
     "validate_options",
 ]
 
-IoU = Annotated[float, Field(ge=0.0, le=1.0)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+IoU = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
+# The sides of the images a model is given (the resize's ``min_size`` / ``max_size``, the example
+# image of an export, a tile): 32 px at least, the coarsest feature stride of the backbones (C5 and
+# the FPN's P5 are stride 32; the batch is padded to a multiple of 32), so that the deepest map has
+# a cell; 4096 px at most: a 4096 x 4096 input already needs ~1 GiB for one 256-channel stride-4
+# FPN map, several GiB for a forward pass. Larger images are cut into tiles (``rcnn predict --tile``).
+MIN_IMAGE_SIDE = 32
+MAX_IMAGE_SIDE = 4096
+ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)]
+# A random seed: what numpy's and torch's generators both take (0 .. 2**32 - 1).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+# The tag pydantic puts in an error's location for each branch of a union (``int | list[int]``):
+# ``constrained-int``, ``list[constrained-int]``, ``int``, ``function-after[...]``. Field names have
+# no brackets or dashes and are never these type names.
+_BRANCH_TAG = re.compile(r"[\w-]*\[.*\]|constrained-\w+|int|float|str|bool|bytes|none")
+_CONTAINER_TYPES = ("list_type", "tuple_type", "set_type", "dict_type", "iterable_type")
+
+
+def validation_problems(error: ValidationError) -> list[dict[str, Any]]:
+    """``error.errors()`` with the union-branch tags taken out of each location and, for a value
+    that no branch of a union takes, only the errors of the branch of its kind: for ``min_size:
+    int | list[int]``, ``5000`` is "less than or equal to 4096", not also "a valid list", and
+    ``[100, 5000]`` is ``min_size.1``'s problem, not also "a valid integer"."""
+    kept = []
+    for item in error.errors():
+        loc = [p for p in item["loc"] if not (isinstance(p, str) and _BRANCH_TAG.fullmatch(p))]
+        if len(loc) < len(item["loc"]):  # an error of one branch of a union
+            given_container = isinstance(item.get("input"), (list, tuple, dict, set))
+            if item["type"] in _CONTAINER_TYPES and not given_container:
+                continue  # a scalar was given: the container branch's "should be a list" is noise
+            if item["type"] not in _CONTAINER_TYPES and given_container and item["type"].endswith(("_type", "_parsing")):
+                continue  # a container was given: the scalar branch's "should be a number" is noise
+        kept.append({**item, "loc": tuple(loc)})
+    return kept or error.errors()
+
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     """One line per problem, ``prefix.field.subfield: message`` (unknown fields said plainly)."""
     lines = []
-    for item in error.errors():
+    for item in validation_problems(error):
         where = ".".join(str(p) for p in item["loc"])
         where = ".".join(part for part in (prefix, where) if part) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
@@ -61,7 +107,7 @@ class Overrides(BaseModel):
     """Base of the partial settings classes made by :meth:`Settings.overrides`: every field
     optional, and only the fields that were given are dumped (so YAML keeps what the user wrote)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -81,9 +127,10 @@ class Overrides(BaseModel):
 
 
 class Settings(BaseModel):
-    """Base of every settings class: typed fields, unknown names refused, immutable."""
+    """Base of every settings class: typed fields, unknown names refused, NaN and infinities
+    refused, immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def overrides(cls) -> type[Overrides]:

@@ -14,6 +14,7 @@ Shape shorthand:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from rcnn.core.boxes import check_boxes
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_boxes, resize_image, resize_masks, resized_shape
 
@@ -114,7 +116,9 @@ class DetectionTransform(nn.Module):
     Args:
         min_size: shorter side after resizing; a tuple draws one per image in training
             (multi-scale training, Fast R-CNN §5.2).
-        max_size: cap on the longer side.
+        max_size: cap on the longer side, at least every ``min_size``; every size in 32..4096
+            (``rcnn.components.settings.ImageSide``: the coarsest stride, and the memory a forward
+            pass needs).
         image_mean, image_std: per-channel normalisation of the backbone (ImageNet's).
         size_divisible: the padded batch's height and width are multiples of this (32 suits
             every backbone's largest stride but P6's).
@@ -133,10 +137,17 @@ class DetectionTransform(nn.Module):
         torchvision: bool = False,
     ) -> None:
         super().__init__()
-        self.min_sizes = (int(min_size),) if isinstance(min_size, (int, float)) else tuple(int(s) for s in min_size)
+        sizes = (min_size,) if isinstance(min_size, numbers.Real) else tuple(min_size)
+        for name, value in [*(("min_size", s) for s in sizes), ("max_size", max_size)]:
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value == int(value)
+                    and MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE):  # fmt: skip
+                raise ValueError(f"{name} must be a whole number of pixels in {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, got {value}")
+        if not sizes:
+            raise ValueError("min_size: give at least one size")
+        if max_size < max(sizes):
+            raise ValueError(f"max_size {max_size} is smaller than min_size {max(sizes)}; give max_size >= min_size")
+        self.min_sizes = tuple(int(s) for s in sizes)
         self.max_size = int(max_size)
-        if not self.min_sizes or min(self.min_sizes) <= 0 or self.max_size <= 0:
-            raise ValueError(f"min_size and max_size must be positive, got {min_size} and {max_size}")
         self.register_buffer("image_mean", torch.tensor(image_mean).reshape(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
         self.size_divisible = int(size_divisible)

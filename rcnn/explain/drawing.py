@@ -173,7 +173,7 @@ def colour_of(label: int) -> tuple[int, int, int]:
 def upscale(image: Tensor | Image.Image, side: int) -> Image.Image:
     """A small image (a warped crop, an m x m mask) enlarged to ``side`` pixels (nearest)."""
     picture = to_pil(image) if not isinstance(image, Image.Image) else image
-    return picture.resize((side, round(side * picture.size[1] / picture.size[0])), Image.NEAREST)
+    return picture.resize((side, max(1, round(side * picture.size[1] / picture.size[0]))), Image.NEAREST)
 
 
 def blend(a: Image.Image, b: Image.Image, alpha: float) -> Image.Image:

@@ -10,8 +10,12 @@ import io
 from PIL import Image
 
 from rcnn.explain.stages import Explanation
+from rcnn.viz import png_info
 
-__all__ = ["png_bytes", "render_html"]
+__all__ = ["GENERATOR", "png_bytes", "render_html"]
+
+# The page's generator tag: a later run may overwrite a page that carries it (rcnn explain --out).
+GENERATOR = '<meta name="generator" content="rcnn explain">'
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; color: #222; padding: 0 1em; }
@@ -31,7 +35,7 @@ th { background: #f3f3f3; }
 def png_bytes(picture: Image.Image) -> bytes:
     """A picture as PNG bytes."""
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
+    picture.save(buffer, format="PNG", optimize=True, pnginfo=png_info())  # marked as rcnn's
     return buffer.getvalue()
 
 
@@ -54,6 +58,7 @@ def render_html(explanation: Explanation, title: str = "", pngs: list[bytes] | N
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        GENERATOR,
         f"<title>{html.escape(heading)}: stage by stage</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(heading)}, stage by stage</h1>",

@@ -51,7 +51,7 @@ from rcnn.explain.drawing import (
     tile_row, upscale,
 )  # fmt: skip
 from rcnn.explain.truth import MATCH_IOU, ErrorAnalysis, GroundTruth, analyse_errors
-from rcnn.inference import model_device
+from rcnn.inference import check_score_thresh, model_device
 from rcnn.models import RCNN, TwoStageDetector
 from rcnn.viz import draw_detections
 
@@ -627,6 +627,7 @@ def explain_model(
         raise ValueError(f"explain: the image must be a float tensor [3, H, W] in 0..1, got {image.dtype} {list(image.shape)}")
     if len(class_names) != model.num_classes:
         raise ValueError(f"explain: {len(class_names)} class names for a model of {model.num_classes} classes (background included)")
+    check_score_thresh(score_thresh, model, "explain: score_thresh")
     model.eval()
     thresh = float(model.display_score_thresh if score_thresh is None else score_thresh)
     image = image.to(model_device(model))

@@ -38,7 +38,7 @@ from rcnn.components.backbones import BackboneParts, as_feature_list, build_back
 from rcnn.components.box_heads import MLPHead
 from rcnn.components.proposals.rpn import RegionProposalNetwork
 from rcnn.components.roi_heads import BoxPredictor, RoIHeads, RoIHeadSettings, default_roi_settings
-from rcnn.components.settings import NonNegativeInt, PositiveInt, Settings, validate_options
+from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageSide, NonNegativeInt, Settings, validate_options
 from rcnn.components.transform import DetectionTransform, ImageBatch, validate_images, validate_inputs
 from rcnn.core.images import resize_boxes
 from rcnn.core.ops import RoIPooler
@@ -150,6 +150,8 @@ class DetectorOptions(Settings):
     Attributes:
         min_size, max_size: image rescaling, shorter side / longer side at most (600 / 1000,
             Fast R-CNN §2.3); a list of ``min_size`` draws one per image in training (multi-scale).
+            Each between 32 and 4096 px (``rcnn.components.settings.ImageSide``), ``max_size`` at
+            least every ``min_size``.
         pooler: ``"pool"`` (RoI max pooling) or ``"align"`` (RoIAlign); default per backbone
             (pooling on one level, RoIAlign on an FPN) and model (Mask R-CNN: RoIAlign).
         sampling_ratio: RoIAlign's samples per bin side (2; 0 adapts to the bin size).
@@ -161,8 +163,8 @@ class DetectorOptions(Settings):
             mask pasting. Implies ``aligned: false``; an explicit ``aligned: true`` is refused.
     """
 
-    min_size: PositiveInt | list[PositiveInt] = 600
-    max_size: PositiveInt = 1000
+    min_size: ImageSide | list[ImageSide] = 600
+    max_size: ImageSide = 1000
     pooler: str | None = None
     sampling_ratio: NonNegativeInt = 2
     aligned: bool = True
@@ -199,6 +201,18 @@ class DetectorOptions(Settings):
     def _some_size(cls, value: int | list[int]) -> int | list[int]:
         if isinstance(value, list) and not value:
             raise ValueError("a list of min_size needs at least one size")
+        return value
+
+    @field_validator("max_size")
+    @classmethod
+    def _caps_the_shorter_side(cls, value: int, info: Any) -> int:
+        min_size = info.data.get("min_size")  # absent when it was refused itself
+        largest = max(min_size) if isinstance(min_size, list) and min_size else min_size
+        if isinstance(largest, int) and value < largest:
+            raise ValueError(
+                f"max_size {value} is smaller than min_size {largest}: the longer side would be capped below the "
+                f"shorter side's target; give max_size >= min_size (both in {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE})"
+            )
         return value
 
 

@@ -66,7 +66,7 @@ class RCNNSettings(Settings):
     """R-CNN's hyper-parameters; defaults from the paper and its code (``rcnn_train.m`` and friends).
 
     Attributes:
-        warp_size: side S of the warped regions (227 for AlexNet; smaller for small networks).
+        warp_size: side S of the warped regions (227 for AlexNet; smaller for small networks; 8..1024).
         warp_mode: ``"anisotropic"`` (the paper's choice), ``"isotropic_context"`` or
             ``"isotropic_pad"`` (``rcnn.components.warp``).
         context_padding: p, output pixels of image context around the box (16 at 227, App. A).
@@ -85,12 +85,13 @@ class RCNNSettings(Settings):
         bbox_min_iou: regression examples have IoU >= 0.6 with a gt (App. C).
         bbox_lambdas: the ridge penalties cross-validation chooses from (around the paper's 1000).
         nms_thresh: per-class NMS IoU at test time (0.3, §2.2).
-        svm_score_thresh: regions whose SVM score is below this are dropped (-1: the margin).
+        svm_score_thresh: regions whose SVM score is below this are dropped (-1: the margin); any
+            finite value (SVM scores are margins, not probabilities: no natural bound).
         softmax_score_thresh: the same for softmax probabilities (before the SVMs are trained).
         detections_per_image: at most this many detections per image.
     """
 
-    warp_size: int = Field(default=227, ge=8)
+    warp_size: int = Field(default=227, ge=8, le=1024)  # 1024: 128 regions per pass are already 1.6 GB of input
     warp_mode: Literal[WARP_MODES] = "anisotropic"  # type: ignore[valid-type]
     context_padding: NonNegativeInt = 16
     fg_iou_thresh: IoU = 0.5

@@ -14,7 +14,9 @@ Bounded work (:class:`rcnn.serve.limits.WorkQueue`): a request size limit, ``con
 inferences at once in worker threads (one at a time per model: a model's timing hooks and
 caches are not shared between threads), ``queue_size`` waiting, a per-request timeout. Every
 error is JSON ``{"error": code, "detail": what is wrong and how to fix it}`` with a 4xx/5xx status;
-a bad request never stops the server.
+a bad request never stops the server. Query parameters are range-checked (``score_thresh``: a
+finite number, in [0, 1] for models whose scores are probabilities): 422 naming the parameter.
+A client that disconnects during its upload costs one line in the log, not a traceback.
 
 Shape shorthand:
     D: detections;  H, W: image size
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import math
 import os
 import tempfile
 import threading
@@ -44,15 +48,27 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from rcnn.data.shapes import render_shapes_image
 from rcnn.explain import GENERATIONS, explain_html
-from rcnn.inference import detect_timed
+from rcnn.inference import check_score_thresh, detect_timed
 from rcnn.io.files import write_bytes
 from rcnn.io.images import image_size, load_image
 from rcnn.serve.limits import ApiError, WorkQueue
 
 __all__ = ["ServeSettings", "ServedModel", "create_app", "sample_images"]
+
+# The server's own log lines go where uvicorn's go (its "uvicorn.error" logger is the server log).
+LOG = logging.getLogger("uvicorn.error")
+
+# The bounds of the settings (rcnn serve's options): a request of at most 1 GiB (held in memory),
+# images of at most 1 gigapixel (3 GB decoded), 64 inferences at once, 10000 waiting, a day per request.
+MAX_UPLOAD_BYTES = 1 << 30
+MAX_PIXELS = 1_000_000_000
+MAX_CONCURRENCY = 64
+MAX_QUEUE = 10_000
+MAX_TIMEOUT_S = 86_400.0
 
 
 @dataclass
@@ -74,6 +90,16 @@ class ServeSettings:
     queue_size: int = 8
     request_timeout_s: float = 60.0
     retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        ranges = {"max_upload_bytes": (1, MAX_UPLOAD_BYTES), "max_pixels": (1, MAX_PIXELS),
+                  "concurrency": (1, MAX_CONCURRENCY), "queue_size": (0, MAX_QUEUE),
+                  "request_timeout_s": (1e-3, MAX_TIMEOUT_S), "retry_after_s": (0, 3600)}  # fmt: skip
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:  # fmt: skip
+                raise ValueError(f"ServeSettings.{name}: must be a number in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass
@@ -206,11 +232,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"the request has {int(declared)} bytes; the limit is {limit} (max_upload_bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the request exceeds the limit of {limit} bytes (max_upload_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"the request exceeds the limit of {limit} bytes (max_upload_bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # an aborted upload: one line in the log, no traceback, the server goes on
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        LOG.info("%s %s: %s disconnected during the upload (after %d bytes); request dropped",
+                 request.method, request.url.path, client, size)  # fmt: skip
+        raise ApiError(400, "client_disconnected", f"the client disconnected during the upload (after {size} bytes)") from None
     return b"".join(chunks)
 
 
@@ -374,6 +406,12 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
+    def checked_thresh(value: float | None, target: ServedModel) -> float | None:
+        try:
+            return check_score_thresh(value, target.model, "score_thresh")
+        except ValueError as exc:
+            raise ApiError(422, "invalid_parameter", f"query parameter {exc} (model {target.id!r})") from None
+
     def chosen(model: str | None) -> list[ServedModel]:
         if model is None:
             return list(models)
@@ -386,9 +424,14 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
     async def predict(
         request: Request,
         model: str | None = Query(None, description="a served model's id (GET /model); default: every model"),
-        score_thresh: float | None = Query(None, description="return only detections scoring at least this (default: all)"),
+        score_thresh: float | None = Query(
+            None, allow_inf_nan=False,
+            description="return only detections scoring at least this, in [0, 1] (R-CNN: any number; default: all)",
+        ),
     ) -> dict[str, Any]:
         targets = chosen(model)
+        for target in targets:
+            checked_thresh(score_thresh, target)
         data, name = await upload_bytes(request, settings.max_upload_bytes)
 
         def work() -> dict[str, Any]:
@@ -403,9 +446,13 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
     async def explain(
         request: Request,
         model: str | None = Query(None, description="a served model's id; default: the first"),
-        score_thresh: float | None = Query(None, description="detections scoring at least this count (default: the model's)"),
+        score_thresh: float | None = Query(
+            None, allow_inf_nan=False,
+            description="detections scoring at least this count, in [0, 1] (R-CNN: any number; default: the model's)",
+        ),
     ) -> HTMLResponse:
         target = chosen(model)[0]
+        checked_thresh(score_thresh, target)
         if not target.explainable:
             raise ApiError(400, "not_explainable", f"model {target.id!r} runs in ONNX Runtime, which gives only its detections; "
                            "serve the run folder with --backend eager to explain it stage by stage")  # fmt: skip
