@@ -132,6 +132,13 @@ OUT_OF_RANGE = [
     (["proposals", "selective-search", "d", "--out", "p", "--max-proposals", "0"], "--max-proposals", "1..100000"),
     (["proposals", "selective-search", "d", "--out", "p", "--max-side", "10"], "--max-side", "or 0 (never)"),
     (["proposals", "selective-search", "d", "--out", "p", "--workers", "-1"], "--workers", "0..256"),
+    (["pretrain", "--out", "p", "--size", "5"], "--size", "32..4096"),
+    (["pretrain", "--out", "p", "--iterations", "0"], "--iterations", "1..1000000000"),
+    (["pretrain", "--out", "p", "--lr", "0"], "--lr", "(0, 10]"),
+    (["pretrain", "--out", "p", "--batch-size", "100000"], "--batch-size", "1..1024"),
+    (["data", "shapes", "d", "--size", "100000"], "--size", "32..4096"),
+    (["data", "shapes", "d", "--train", "-1"], "--train", "0..1000000"),
+    (["data", "shapes", "d", "--empty-fraction", "1.5"], "--empty-fraction", "[0, 1]"),
 ]  # fmt: skip
 
 

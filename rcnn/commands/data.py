@@ -13,9 +13,9 @@ import argparse
 import time
 
 from rcnn.commands.common import float_range, int_range
-from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+from rcnn.components.settings import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 
-MAX_SEED = 2**32 - 1  # what numpy's generators take, as data.split_seed
+MAX_SHAPES_IMAGES = 1_000_000  # per split of the synthetic set: far beyond a demo or a test
 MAX_LEVELS = 8  # feature levels of a pyramid: the FPN backbones have 5; 8 reach stride 512
 
 
@@ -126,13 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "The same arguments give the same bytes.",
     )
     shapes.add_argument("root", help="output folder")
-    shapes.add_argument("--train", type=int, default=400, help="training images (default 400)")
-    shapes.add_argument("--val", type=int, default=100, help="validation images (default 100)")
-    shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    shapes.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    shapes.add_argument("--max-objects", type=int, default=5, help="objects per image at most (default 5)")
+    shapes.add_argument("--train", type=int_range(0, MAX_SHAPES_IMAGES), default=400, help="training images (default 400)")
+    shapes.add_argument("--val", type=int_range(0, MAX_SHAPES_IMAGES), default=100, help="validation images (default 100)")
+    shapes.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default 0)")
+    shapes.add_argument("--size", type=int_range(32, MAX_IMAGE_SIDE), default=128, help="image side in pixels (default 128)")
+    shapes.add_argument("--max-objects", type=int_range(1, 100), default=5, help="objects per image at most (default 5)")
     shapes.add_argument(
-        "--empty-fraction", type=float, default=0.0, help="fraction of images without objects (default 0)"
+        "--empty-fraction", type=float_range(0.0, 1.0), default=0.0, help="fraction of images without objects (default 0)"
     )
     shapes.set_defaults(func=_run_shapes)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from rcnn.commands.common import float_range, int_range
+from rcnn.components.settings import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from rcnn.io.files import dumps_json
 
 
@@ -59,11 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--background", action="store_true",
                         help="with --data: add a background class of regions away from the objects (needed for one class)")
     parser.add_argument("--out", required=True, help="run directory; the weights go to OUT/backbone.safetensors")
-    parser.add_argument("--size", type=int, default=64, help="crop / image side in pixels (default 64)")
-    parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int_range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), default=64,
+                        help="crop / image side in pixels (default 64)")
+    parser.add_argument("--iterations", type=int_range(1, 10**9), default=1000, help="training steps (default 1000)")
+    parser.add_argument("--batch-size", type=int_range(1, 1024), default=64, help="images per step (default 64)")
+    parser.add_argument("--lr", type=float_range(0.0, 10.0, low_open=True), default=0.02,
+                        help="learning rate (default 0.02)")
+    parser.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last")
     parser.add_argument("--overwrite", action="store_true", help="OUT holds an earlier run: delete it and start over")
     parser.set_defaults(func=run)

@@ -62,7 +62,8 @@ MIN_IMAGE_SIDE = 32
 MAX_IMAGE_SIDE = 4096
 ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)]
 # A random seed: what numpy's and torch's generators both take (0 .. 2**32 - 1).
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 # The tag pydantic puts in an error's location for each branch of a union (``int | list[int]``):
