@@ -207,7 +207,7 @@ def test_cli_train_evaluate_predict(shapes_root, tmp_path, capsys):
     assert names == ["__background__", "circle", "square", "triangle", "star", "hexagon"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(run)]) == 2
     assert "nope.yaml not found" in capsys.readouterr().err
-    assert main(["predict", "--weights", str(tmp_path), "x.png", "--out", str(tmp_path)]) == 2
+    assert main(["predict", "--weights", str(tmp_path), str(images[0]), "--out", str(tmp_path / "p2")]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
 
 

@@ -143,8 +143,16 @@ class SelectiveSearch:
             search.switchToSelectiveSearchFast(self.base_k, self.inc_k, self.sigma)
         else:
             search.switchToSelectiveSearchQuality(self.base_k, self.inc_k, self.sigma)
-        _seed_c_rand(self.seed)
-        rects = np.asarray(search.process(), dtype=np.int64).reshape(-1, 4)  # [M, 4] x, y, w, h
+        # One OpenCV thread: the strategies' random ranks come from one C rand() stream, which
+        # threads would draw from in the order the scheduler runs them (another order of the
+        # proposals on a busy machine, seen under load).
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            _seed_c_rand(self.seed)
+            rects = np.asarray(search.process(), dtype=np.int64).reshape(-1, 4)  # [M, 4] x, y, w, h
+        finally:
+            cv2.setNumThreads(threads)
         # duplicates: the same rectangle found by several strategies; keep the first (best-ranked)
         _, first = np.unique(rects, axis=0, return_index=True)
         rects = rects[np.sort(first)]
