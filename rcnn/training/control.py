@@ -1,31 +1,27 @@
-"""Controls of long training runs, driven by the one loop (``rcnn.training.loop.train``).
+"""The parts the training hooks (:mod:`rcnn.training.hooks`) are made of, each usable alone.
 
-- **Gradient accumulation** (``train.accumulate: N``): each optimiser step sums the gradients of
-  N micro-batches of ``batch_size`` images, each loss divided by N, so that one step sees the
-  images, augmentation, learning rate and mean gradient of one batch of ``N x batch_size``
-  (the sampler hands out the big batch in N slices, see ``loop._BatchSampler``). Under DDP the
-  first N - 1 micro-steps run in ``no_sync()``: gradients are all-reduced once per step.
-- **Validation loss** (``train.val_loss``): the training losses on the val split at each
-  evaluation, with BatchNorm and dropout as in inference and the random sampling of anchors and
+- **Validation loss** (``train.val_loss``, :func:`validation_loss`): the training losses on the
+  val split, with BatchNorm and dropout as in inference and the random sampling of anchors and
   RoIs seeded on its own, so that it neither changes the training run nor varies between calls.
-- **Keep the best** (``train.keep_best: bbox_AP``): after each evaluation that improves the
-  metric, the evaluated weights go to ``RUN/best_<iteration>/`` and the ``RUN/best`` link is
-  switched to it atomically (the previous best is then removed). A ``*loss*`` metric is
-  minimised, the others maximised.
-- **Early stopping** (``train.patience: P``): stop after P evaluations in a row without an
-  improvement of the ``keep_best`` metric by more than ``train.min_delta``.
-- **Weight EMA** (``train.ema_decay: d``): ``torch.optim.swa_utils.AveragedModel`` keeps
-  ``W_ema <- d W_ema + (1 - d) W`` (parameters and buffers) after each optimiser step. The EMA
-  weights are the ones evaluated, kept as best and written to each checkpoint's
-  ``model.safetensors`` (what ``rcnn evaluate``, ``predict``, ``export`` load); the training
-  weights go beside them to ``training_model.safetensors``, read only when resuming.
-- **Progress by the time budget**: with ``train.time_budget_s`` the bar follows the fraction of
-  the run done — the larger of iterations / ``iterations`` and training time / budget, the rule
-  of the learning-rate schedule — and shows the time left by whichever ends the run first.
+- **Keep the best** (``train.keep_best: bbox_AP``, :class:`BestKeeper`): after each evaluation
+  that improves the metric, the evaluated weights go to ``RUN/best_<iteration>/`` and the
+  ``RUN/best`` link is switched to it atomically (the previous best is then removed). A ``*loss*``
+  metric is minimised, the others maximised.
+- **Early stopping** (``train.patience: P``, also :class:`BestKeeper`): stop after P evaluations in
+  a row without an improvement of the ``keep_best`` metric by more than ``train.min_delta``.
+- **Weight EMA** (``train.ema_decay: d``, :class:`WeightAverage`):
+  ``torch.optim.swa_utils.AveragedModel`` keeps ``W_ema <- d W_ema + (1 - d) W`` (parameters and
+  buffers) after each optimiser step. The EMA weights are the ones evaluated, kept as best and
+  written to each checkpoint's ``model.safetensors`` (what ``rcnn evaluate``, ``predict``,
+  ``export`` load); the training weights go beside them to ``training_model.safetensors``
+  (:data:`TRAINING_WEIGHTS`), read only when resuming.
+- **Progress by the time budget** (:class:`RunProgress`): with ``train.time_budget_s`` the bar
+  follows the fraction of the run done — the larger of iterations / ``iterations`` and training
+  time / budget, the rule of the learning-rate schedule — and shows the time left by whichever
+  ends the run first.
 
-Everything the controls hold (the EMA, the best value, the evaluations without improvement)
-goes into each checkpoint, so a resumed run ends with the same weights, the same best and the
-same stopping point as an uninterrupted one.
+Gradient accumulation (``train.accumulate``) is part of the step itself
+(:meth:`rcnn.training.trainer.Trainer.step`).
 """
 
 from __future__ import annotations
@@ -35,90 +31,31 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
-from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
-from rcnn.io.checkpoints import load_weights
 from rcnn.io.files import write_json, write_text
+from rcnn.training.trainer import compute_losses, to_device
 
 __all__ = [
+    "TRAINING_WEIGHTS",
     "BestKeeper",
     "RunProgress",
-    "TrainingControls",
     "WeightAverage",
-    "accumulate_gradients",
-    "effective_lr",
+    "flat_numbers",
     "time_left",
     "validation_loss",
 ]
 
 TRAINING_WEIGHTS = "training_model.safetensors"  # beside the EMA weights in a checkpoint
-Batch = tuple[list[Tensor], list[dict[str, Any]], list[Tensor] | None]  # images, targets, proposals
-
-
-def effective_lr(cfg: TrainConfig, world: int) -> float:
-    """The learning rate of a step: ``lr`` scaled linearly from ``lr_batch_size`` (default: the
-    effective batch ``batch_size x accumulate``) to ``batch_size x processes x accumulate``."""
-    effective = cfg.batch_size * cfg.accumulate
-    return cfg.lr * effective * world / (cfg.lr_batch_size or effective)
-
-
-def _run(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    images, targets, proposals = batch
-    return model(images, targets, proposals) if proposals is not None else model(images, targets)
-
-
-def accumulate_gradients(
-    train_model: nn.Module,
-    fetch: Callable[[], Batch],
-    steps: int,
-    scaler: torch.amp.GradScaler,
-    use_amp: bool,
-    device: torch.device,
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Forward and backward ``steps`` micro-batches into the gradients (zeroed by the caller).
-
-    Returns the mean of each loss over the micro-batches (the loss of the big batch where every
-    image weighs the same, see docs/training.md) and the names of the non-finite losses (empty
-    when all are finite). A non-finite loss stops the backward passes of the step, whose update
-    the caller then skips; every micro-batch is still drawn and run forward, so that the data
-    order is kept and, under DDP, every process makes the same collective calls; the processes
-    agree before the last backward pass, which is the one that all-reduces the gradients.
-    """
-    distributed = isinstance(train_model, nn.parallel.DistributedDataParallel)
-    means: dict[str, Tensor] = {}
-    bad: list[str] = []
-    for micro in range(steps):
-        last = micro == steps - 1
-        batch = fetch()
-        sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = _run(train_model, batch)
-            loss = sum(losses.values())
-            if not bad and not torch.isfinite(loss):
-                bad = [k for k, v in losses.items() if not torch.isfinite(v)] or ["loss"]
-            if last and distributed:  # one bad process skips the step for all of them
-                flag = torch.tensor([float(bool(bad))], device=loss.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and not bad:
-                    bad = ["(another process)"]
-            if bad:
-                continue
-            scaler.scale(loss / steps).backward()
-        for key, value in losses.items():
-            means[key] = means.get(key, 0.0) + value.detach() / steps
-    return means, bad
 
 
 class WeightAverage:
@@ -256,11 +193,9 @@ def validation_loss(
     count = 0
     with _losses_as_in_inference(model, seed):
         for lo in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
-            images, targets = collate_fn([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])  # type: ignore[arg-type]
-            images = [im.to(device) for im in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            proposals = [t.pop("proposals") for t in targets] if targets and "proposals" in targets[0] else None
-            losses = _run(model, (images, targets, proposals))
+            items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]  # type: ignore[arg-type]
+            images, targets, proposals = to_device(collate_fn(items), device)
+            losses = compute_losses(model, (images, targets, proposals))
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * len(images)
             count += len(images)
@@ -270,125 +205,15 @@ def validation_loss(
     return {"loss": sum(means.values()), **means}
 
 
-def _flat(data: dict[str, Any], prefix: str = "", sep: str = "_") -> dict[str, float]:
+def flat_numbers(data: dict[str, Any], prefix: str = "", sep: str = "_") -> dict[str, float]:
     """Finite numbers of nested dicts, their keys joined by ``sep`` (``bbox_AP``)."""
     out: dict[str, float] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}{sep}", sep))
+            out.update(flat_numbers(value, f"{prefix}{key}{sep}", sep))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[f"{prefix}{key}"] = float(value)
     return out
-
-
-class TrainingControls:
-    """What the loop asks of the controls: the model to evaluate and save, the EMA update after
-    each step, the evaluation (metrics, val loss, keep-best, early stopping), the state that goes
-    into each checkpoint and comes back on resume."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: TrainConfig,
-        run_dir: Path,
-        *,
-        evaluator: Callable[[nn.Module], dict[str, Any]] | None,
-        val_set: Dataset | None,
-        device: torch.device,
-        log: Callable[[str], None],
-    ) -> None:
-        self.cfg, self.device, self.log = cfg, device, log
-        self.evaluator = evaluator
-        if cfg.val_loss and val_set is None:
-            raise ValueError("train.val_loss: true, but there is no val split to compute it on")
-        self.val_set = val_set if cfg.val_loss is not False else None
-        self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
-        self.best = BestKeeper(cfg.keep_best, run_dir, cfg.patience, cfg.min_delta) if cfg.keep_best else None
-        if cfg.keep_best:
-            needs_loss = cfg.keep_best.startswith("val_")
-            if needs_loss and self.val_set is None:
-                raise ValueError(
-                    f"train.keep_best: {cfg.keep_best} needs the val loss: a val split, and train.val_loss not false"
-                )
-            if not needs_loss and evaluator is None:
-                raise ValueError(
-                    f"train.keep_best: {cfg.keep_best} needs evaluations on a val split (data.val_split; "
-                    "not with --no-eval)"
-                )
-        self.evaluates = evaluator is not None or self.val_set is not None
-        self.stopped_early = False
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The weights that are evaluated and saved: the EMA's, or the model's own."""
-        return self.ema.module if self.ema is not None else model
-
-    def after_step(self, model: nn.Module) -> None:
-        if self.ema is not None:
-            self.ema.update(model)
-
-    def evaluate(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, float]]:
-        """Metrics of the evaluated weights (with ``"val": {"loss", ...}``) and the scalars to log."""
-        target = self.eval_model(model)
-        result: dict[str, Any] = {}
-        if self.evaluator is not None:
-            target.eval()
-            try:
-                result = dict(self.evaluator(target))
-            finally:
-                target.train()
-        scalars = {f"eval/{k}": v for k, v in _flat(result, sep="/").items()}
-        if self.val_set is not None:
-            result["val"] = validation_loss(
-                target, self.val_set, batch_size=self.cfg.batch_size, device=self.device, seed=self.cfg.seed
-            )  # fmt: skip
-            scalars.update({f"val/{k}": v for k, v in result["val"].items()})
-        return result, scalars
-
-    def judge(self, iteration: int, result: dict[str, Any], save_best: Callable[[nn.Module], Path]) -> bool:
-        """Keep-best and early stopping after an evaluation; True when training should stop."""
-        if self.best is None:
-            return False
-        numbers = _flat({k: v for k, v in result.items() if k != "val"})
-        numbers.update({f"val_{k}" if k != "loss" else "val_loss": v for k, v in result.get("val", {}).items()})
-        if self.best.update(iteration, numbers):
-            path = save_best(self.best)
-            self.log(f"iteration {iteration}: new best {self.best.metric} = {self.best.best:.4f}, kept in {path}")
-        if self.best.should_stop:
-            self.stopped_early = True
-            self.log(
-                f"iteration {iteration}: {self.best.metric} has not improved for {self.best.stale} evaluations "
-                f"(best {self.best.best:.4f} at iteration {self.best.best_iteration}): stopping early"
-            )
-        return self.stopped_early
-
-    def state(self) -> dict[str, Any]:
-        """What goes into a checkpoint's ``state.json``."""
-        state: dict[str, Any] = {}
-        if self.best is not None:
-            state["best"] = self.best.state()
-        if self.ema is not None:
-            state["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
-        return state
-
-    def extra_files(self, model: nn.Module) -> dict[str, dict[str, Tensor]] | None:
-        """With an EMA: the training weights, beside the EMA's in ``model.safetensors``."""
-        return {TRAINING_WEIGHTS: dict(model.state_dict())} if self.ema is not None else None
-
-    def restore(self, state: dict[str, Any], checkpoint: Path, model: nn.Module) -> None:
-        """After ``load_checkpoint`` put the checkpoint's ``model.safetensors`` into ``model``:
-        with an EMA in the checkpoint, that was the EMA; the training weights come from beside it."""
-        if self.best is not None:
-            self.best.restore(state.get("best"))
-        has_ema = (checkpoint / TRAINING_WEIGHTS).is_file()
-        if has_ema and self.ema is not None:
-            self.ema.load(model.state_dict(), int(state.get("ema", {}).get("updates", 1)))
-        elif self.ema is not None:
-            self.log(f"{checkpoint} holds no weight average: the EMA starts from the current weights")
-        if has_ema:
-            load_weights(model, load_file(str(checkpoint / TRAINING_WEIGHTS)), checkpoint / TRAINING_WEIGHTS)
-            if self.ema is None:
-                self.log(f"{checkpoint} was trained with a weight average, train.ema_decay is unset: training "
-                         "continues from the training weights")  # fmt: skip
 
 
 def time_left(iteration: int, start: int, total: int, elapsed: float, budget: float | None) -> float | None:

@@ -1,4 +1,4 @@
-"""The one training loop every model of the library uses.
+"""The one training loop every model of the library uses: :func:`train`.
 
 SGD with momentum and weight decay (or AdamW), linear warm-up then a step or cosine schedule,
 optional gradient clipping, mixed precision on CUDA, a tqdm progress bar with live losses,
@@ -6,23 +6,19 @@ TensorBoard scalars and a ``metrics.jsonl`` log, periodic evaluation, atomic che
 ``checkpoint_every`` iterations, exact resumption (``resume=True`` continues from ``last`` with
 the same weights, optimiser, schedule, RNG and data order as if never stopped), a guard that
 skips and reports non-finite losses, and DDP when launched with ``torchrun`` (gloo on CPU, NCCL
-on CUDA), each process taking its own share of every global batch. The controls of long runs —
-gradient accumulation, validation loss, keep-best, early stopping, weight EMA, progress by the
-time budget — live in :mod:`rcnn.training.control`.
+on CUDA), each process taking its own share of every global batch; the controls of long runs —
+gradient accumulation, validation loss, keep-best, early stopping, weight EMA, the time budget.
 
-The learning rate scales linearly with the total batch (Goyal et al., 2017): ``lr`` is meant for
-``lr_batch_size`` images per step (default: ``batch_size x accumulate``), and the loop uses
-``lr * batch_size * world_size * accumulate / lr_batch_size``.
+:func:`train` builds a :class:`~rcnn.training.trainer.Trainer` (the step: forward, backward,
+optimiser) and its hooks (:mod:`rcnn.training.hooks`: everything else), resumes them, and runs
+them. This module adds what is particular to a training from a data set: the optimiser, the
+device and the process group, and the endless, deterministic data order.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +31,31 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rcnn.config import TrainConfig
 from rcnn.data.transforms import collate_fn
-from rcnn.io.checkpoints import has_optimizer_state, load_checkpoint, resume_checkpoint, save_checkpoint
-from rcnn.io.files import write_text
-from rcnn.training.control import RunProgress, TrainingControls, accumulate_gradients, effective_lr
+from rcnn.io.checkpoints import has_optimizer_state, load_checkpoint, resume_checkpoint
+from rcnn.training.hooks import (
+    Checkpoints,
+    Evaluation,
+    InterruptAfterStep,
+    MetricsLog,
+    Progress,
+    StopOnInterrupt,
+    TimeBudget,
+    WeightEMA,
+    load_training_weights,
+)
+from rcnn.training.trainer import Hook, Trainer, TrainingInterrupted, effective_lr, lr_factor
 
-__all__ = ["InterruptAfterStep", "TrainResult", "TrainingInterrupted", "build_optimizer", "distributed_context", "lr_factor", "resolve_device", "train"]
+__all__ = [
+    "InterruptAfterStep",
+    "TrainResult",
+    "TrainingInterrupted",
+    "build_optimizer",
+    "build_trainer",
+    "distributed_context",
+    "lr_factor",
+    "resolve_device",
+    "train",
+]
 
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 
@@ -86,30 +102,6 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def lr_factor(iteration: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
-    """Multiplier of the base learning rate at ``iteration``: warm-up, then the schedule.
-
-    The schedule follows the fraction of training done: ``iteration / iterations``, or, with a
-    ``time_budget_s``, the larger of that and ``elapsed / time_budget_s``, so that a run cut by its
-    time budget still goes through its whole schedule. (Such a run resumes with the schedule of its
-    iteration count, as elapsed time is not replayed.)
-    """
-    progress = iteration / cfg.iterations
-    if cfg.time_budget_s:
-        progress = max(progress, elapsed / cfg.time_budget_s)
-    if cfg.schedule == "step":
-        milestones = [s if s <= 1 else s / cfg.iterations for s in cfg.steps]
-        factor = cfg.gamma ** sum(progress >= m - 1e-12 for m in milestones)
-    elif cfg.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    else:
-        factor = 1.0
-    if iteration < cfg.warmup_iterations:
-        alpha = iteration / cfg.warmup_iterations
-        factor *= cfg.warmup_factor * (1 - alpha) + alpha
-    return factor
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -188,15 +180,6 @@ class _SeededItems(Dataset):
             return self.dataset[index]
 
 
-def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device) -> tuple:
-    images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    proposals = None
-    if targets and "proposals" in targets[0]:
-        proposals = [t.pop("proposals") for t in targets]
-    return images, targets, proposals
-
-
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -229,42 +212,127 @@ def train(
         config_yaml, class_names: stored with each checkpoint so it can be used on its own.
         iterations: overrides ``cfg.iterations`` (the schedule still follows ``cfg.iterations``).
         workers: data-loading processes.
+
+    Raises :class:`~rcnn.training.trainer.TrainingInterrupted` after Ctrl-C, once the step it fell
+    in is checkpointed. :func:`build_trainer` gives the same training with hooks of your own.
+    """
+    trainer = build_trainer(
+        model, dataset, cfg, run_dir, evaluator=evaluator, val_set=val_set, resume=resume, config_yaml=config_yaml,
+        class_names=class_names, iterations=iterations, workers=workers, progress=progress, log=log,
+    )  # fmt: skip
+    trainer.run()
+    if trainer.world > 1:
+        dist.barrier()
+    return _result(trainer)
+
+
+def build_trainer(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    evaluator: Evaluator | None = None,
+    val_set: Dataset | None = None,
+    resume: bool = False,
+    config_yaml: str | None = None,
+    class_names: Sequence[str] | None = None,
+    iterations: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    hooks: Sequence[Hook] = (),
+) -> Trainer:
+    """The trainer :func:`train` runs (same arguments), its hooks built and, with ``resume``, restored.
+
+    ``hooks``: your own, run after each step between the evaluation and the checkpoint of that step
+    (so that a checkpoint holds their ``state()`` after its step; they are restored on resume like
+    the library's). ``trainer.run()`` trains; under DDP end with ``torch.distributed.barrier()``,
+    as :func:`train` does.
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     rank, world = distributed_context(device)
-    total = iterations or cfg.iterations
     torch.manual_seed(cfg.seed + rank)
     model.to(device)
     model.train()
     lr = effective_lr(cfg, world)
     optimizer = build_optimizer(model, cfg, lr)
-    controls = TrainingControls(model, cfg, run_dir, evaluator=evaluator, val_set=val_set, device=device, log=log)
-    start = 0
-    # (every process finds the same checkpoint; the first one switches a broken `last` to it)
-    resume_from = resume_checkpoint(run_dir, log, repoint=rank == 0) if resume else None
-    if resume_from is not None and not has_optimizer_state(resume_from):
-        # weights without a training state (a converted model): they are where training starts
-        start = int(load_checkpoint(resume_from, model)["iteration"])
-        log(f"{resume_from} holds weights but no optimiser state: training starts from "
-            f"those weights at iteration {start} with a new optimiser")  # fmt: skip
-    elif resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer=optimizer, restore_rng_state=True)
-        start = int(state["iteration"])
-        controls.restore(state, resume_from, model)
-        if world > 1:  # each process continues its own random stream
-            torch.manual_seed(cfg.seed + rank + 1000 * start)
-        log(f"resumed from {resume_from} at iteration {start}")
-    elif resume:
-        log(f"no checkpoint in {run_dir} yet: starting from scratch")
-    train_model: nn.Module = model
+    ema = WeightEMA(model, cfg.ema_decay, log) if cfg.ema_decay is not None else None
+    metrics = MetricsLog(run_dir, cfg.log_every, resume=resume, enabled=rank == 0)
+    every_hook = [
+        ema, metrics,
+        Evaluation(cfg, run_dir, evaluator=evaluator, val_set=val_set, metrics=metrics, config_yaml=config_yaml,
+                   class_names=class_names, log=log),
+        *hooks,  # (before the checkpoints: a checkpoint holds their state after its step)
+        Checkpoints(run_dir, cfg.checkpoint_every, keep=cfg.keep_checkpoints, config_yaml=config_yaml,
+                    class_names=class_names),
+        Progress(metrics.window, cfg.time_budget_s, enabled=progress and rank == 0),
+        StopOnInterrupt(log),
+        TimeBudget(cfg.time_budget_s, log) if cfg.time_budget_s is not None else None,
+    ]  # fmt: skip
+    in_use = [hook for hook in every_hook if hook is not None]
+    start = _resume(run_dir, model, optimizer, in_use, cfg, rank, world, ema is not None, log) if resume else 0
+    ddp = None
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
+        ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    use_amp = device.type == "cuda" and cfg.amp != "off"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loader = DataLoader(
+    loader = _loader(dataset, cfg, start, rank, world, workers, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(model, optimizer, iter(loader), cfg, lr=lr, start=start, total=iterations or cfg.iterations,
+                   hooks=in_use, ddp=ddp, rank=rank, world=world, device=device, log=log)  # fmt: skip
+
+
+def _result(trainer: Trainer) -> TrainResult:
+    """What :func:`train` returns, from its trainer and hooks."""
+    metrics = next(hook for hook in trainer.hooks if isinstance(hook, MetricsLog))
+    evaluation = next(hook for hook in trainer.hooks if isinstance(hook, Evaluation))
+    best = evaluation.best.state() if evaluation.best is not None else None
+    return TrainResult(trainer.iteration, trainer.elapsed, metrics.window.means(), trainer.skipped,
+                       evaluation.metrics, trainer.checkpoint, best, evaluation.stopped_early)  # fmt: skip
+
+
+def _resume(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    hooks: Sequence[Hook],
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    averaged: bool,
+    log: Callable[[str], None],
+) -> int:
+    """The iteration to start at, with the model, optimiser, random streams and hooks as the newest
+    intact checkpoint of ``run_dir`` left them (0 without one)."""
+    # (every process finds the same checkpoint; the first one switches a broken `last` to it)
+    checkpoint = resume_checkpoint(run_dir, log, repoint=rank == 0)
+    if checkpoint is None:
+        log(f"no checkpoint in {run_dir} yet: starting from scratch")
+        return 0
+    if not has_optimizer_state(checkpoint):
+        # weights without a training state (a converted model): they are where training starts
+        start = int(load_checkpoint(checkpoint, model)["iteration"])
+        log(f"{checkpoint} holds weights but no optimiser state: training starts from "
+            f"those weights at iteration {start} with a new optimiser")  # fmt: skip
+        return start
+    state = load_checkpoint(checkpoint, model, optimizer=optimizer, restore_rng_state=True)
+    start = int(state["iteration"])
+    for hook in hooks:  # (the EMA takes the average from model.safetensors, now in the model)
+        hook.restore(state, checkpoint)
+    load_training_weights(model, checkpoint, averaged, log)
+    if world > 1:  # each process continues its own random stream
+        torch.manual_seed(cfg.seed + rank + 1000 * start)
+    log(f"resumed from {checkpoint} at iteration {start}")
+    return start
+
+
+def _loader(
+    dataset: Dataset, cfg: TrainConfig, start: int, rank: int, world: int, workers: int, device: torch.device
+) -> DataLoader:
+    """The endless, deterministic micro-batches of this process from iteration ``start`` on."""
+    return DataLoader(
         _SeededItems(dataset),
         batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world, cfg.accumulate),  # type: ignore[arg-type]
         collate_fn=collate_fn,
@@ -274,195 +342,8 @@ def train(
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
     )
-    is_main = rank == 0
-    # resuming at `start`: the rows a killed run logged after its checkpoint are dropped, not repeated
-    writer = _tensorboard(run_dir, purge_step=start + 1 if resume else None) if is_main else None
-    metrics_log = (run_dir / "metrics.jsonl") if is_main else None
-    if metrics_log is not None and resume:
-        _truncate_log(metrics_log, start)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    window: dict[str, list[float]] = {}
-    bad_in_a_row = skipped = 0
-    metrics: dict[str, Any] = {}
-    checkpoint: Path | None = None
-    elapsed = 0.0
-    bar = RunProgress(start, total, cfg.time_budget_s, enabled=progress and is_main)
-
-    def save(iteration: int) -> Path | None:
-        if not is_main:
-            return None
-        return save_checkpoint(
-            run_dir, iteration, controls.eval_model(model), optimizer=optimizer,
-            extra_state={"lr": lr, **controls.state()}, config_yaml=config_yaml,
-            class_names=list(class_names) if class_names else None, keep=cfg.keep_checkpoints,
-            extra_files=controls.extra_files(model),
-        )  # fmt: skip
-
-    def evaluate(iteration: int) -> bool:
-        """Evaluate (metrics, val loss), keep the best; True when training should stop early."""
-        nonlocal metrics, evaluated_at
-        stop = False
-        if controls.evaluates and is_main:
-            metrics, scalars = controls.evaluate(model)
-            evaluated_at = iteration
-            _log_scalars(writer, metrics_log, iteration, scalars)
-            stop = controls.judge(iteration, metrics, lambda best: best.save(
-                iteration, controls.eval_model(model), config_yaml, class_names))  # fmt: skip
-        if world > 1 and cfg.patience is not None:  # every process stops with the first
-            flag = torch.tensor([float(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        return stop
-
-    evaluated_at = -1
-
-    iteration = start
-    batches = iter(loader)
-    with InterruptAfterStep(log) as interrupt:  # Ctrl-C: stop after a whole step, with a checkpoint
-        while iteration < total:
-            if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
-                log(f"time budget of {cfg.time_budget_s:.0f} s reached at iteration {iteration}")
-                break
-            tic = time.perf_counter()
-            for group in optimizer.param_groups:  # the schedule is a function of the iteration alone
-                group["lr"] = lr * lr_factor(iteration, cfg, elapsed)
-            optimizer.zero_grad(set_to_none=True)
-            losses, bad = accumulate_gradients(
-                train_model, lambda: _to_device(*next(batches), device), cfg.accumulate, scaler, use_amp, device
-            )  # fmt: skip
-            if bad:
-                skipped += 1
-                bad_in_a_row += 1
-                log(f"iteration {iteration}: non-finite loss ({', '.join(bad)}); step skipped, weights unchanged")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    raise RuntimeError(
-                        f"{bad_in_a_row} non-finite losses in a row at iteration {iteration}: training diverged. "
-                        "Lower train.lr, raise train.warmup_iterations or set train.clip_grad_norm."
-                    )
-            else:
-                bad_in_a_row = 0
-                if cfg.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                controls.after_step(model)
-                for k, v in losses.items():
-                    window.setdefault(k, []).append(float(v.detach()))
-            iteration += 1
-            elapsed += time.perf_counter() - tic
-            bar.step(iteration, elapsed, {k: sum(v) / len(v) for k, v in window.items() if v})
-            if iteration % cfg.log_every == 0 or iteration == total:
-                means = {k: sum(v[-cfg.log_every :]) / len(v[-cfg.log_every :]) for k, v in window.items()}
-                _log_scalars(
-                    writer, metrics_log, iteration,
-                    {**{f"train/{k}": v for k, v in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                     "train/seconds": elapsed},
-                )  # fmt: skip
-                window = {k: v[-cfg.log_every :] for k, v in window.items()}
-            # evaluations before checkpoints: a checkpoint holds the keep-best state of its iteration
-            stop = bool(cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < total) and evaluate(iteration)
-            if stop or (iteration % cfg.checkpoint_every == 0 and iteration < total):
-                checkpoint = save(iteration)
-            if stop:
-                break
-            if interrupt.requested(device if world > 1 else None):
-                bar.close()
-                if not (checkpoint is not None and checkpoint.name == f"step_{iteration:07d}"):
-                    checkpoint = save(iteration)
-                if writer is not None:
-                    writer.close()
-                saved = f": the checkpoint {checkpoint} is saved; continue with the same command and --resume"
-                raise TrainingInterrupted(f"interrupted at iteration {iteration}{saved if checkpoint else ''}")
-    bar.close()
-    if not controls.stopped_early:  # (an early stop has just saved its checkpoint)
-        checkpoint = save(iteration) or checkpoint
-    stopped_early = controls.stopped_early
-    if evaluated_at != iteration:
-        evaluate(iteration)
-    if writer is not None:
-        writer.close()
-    if world > 1:
-        dist.barrier()
-    final = {k: sum(v) / len(v) for k, v in window.items() if v}
-    best = controls.best.state() if controls.best is not None else None
-    return TrainResult(iteration, elapsed, final, skipped, metrics, checkpoint, best, stopped_early)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a training after a whole step; the message names the checkpoint it saved."""
-
-
-class InterruptAfterStep:
-    """Inside the block, Ctrl-C (SIGINT) asks the loop to stop once the current step is whole
-    (:meth:`requested` turns True), instead of killing it in the middle of an optimiser update
-    with the steps since the last checkpoint lost; a second Ctrl-C stops at once. Outside the
-    main thread (no signal handlers there) it never asks."""
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
-        self.asked = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.asked:
-            raise KeyboardInterrupt("interrupted twice: stopped at once, without a checkpoint")
-        self.asked = True
-        self.log("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)")
-
-    def __enter__(self) -> InterruptAfterStep:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def requested(self, device: torch.device | None = None) -> bool:
-        """Whether to stop now; with ``device`` (under DDP) whether any process was asked, so that
-        all of them stop at the same step."""
-        if device is None:
-            return self.asked
-        flag = torch.tensor([float(self.asked)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _ignore_interrupts(worker_id: int) -> None:
     """A data-loading process leaves Ctrl-C to the training process, which stops after its step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _tensorboard(run_dir: Path, purge_step: int | None = None):
-    """TensorBoard's writer; ``purge_step``: events at that step and later, left by an earlier
-    process, are discarded when the logs are read (TensorBoard's own rule for restarted runs)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
-
-
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``iteration`` (the checkpoint resumed from)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill mid-write
-            continue
-        if isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] <= iteration:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
-
-
-def _log_scalars(writer: Any, metrics_log: Path | None, iteration: int, values: dict[str, float]) -> None:
-    if writer is not None:
-        for key, value in values.items():
-            writer.add_scalar(key, value, iteration)
-    if metrics_log is not None:
-        with metrics_log.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"iteration": iteration, **values}) + "\n")
