@@ -6,8 +6,20 @@ it: the models, which know no config):
 - :func:`model_class`: the detector class of a ``model.name``, whose capability attributes
   (``needs_proposals``, ``predicts_masks``, ``trains_in_stages``, ``has_rpn``) the callers read;
 - :func:`build_model`: the detector a ``model`` section describes;
+- :func:`resolved_config`: the config with the ``model`` section a built model actually runs
+  with, every field given (what a run folder records, so that a later change of a default, or of
+  a per-backbone choice, never changes an old run);
 - :func:`load_model`: a trained model rebuilt from its checkpoint folder alone (weights, the
   config and the class names stored beside them).
+
+A config's ``model`` section states what differs from the defaults; several defaults are chosen
+when the model is built, from the backbone (``default_rpn_settings``, ``default_roi_settings``,
+``default_anchor_sizes``, the pooler kind, the backbone's BatchNorm). :func:`resolved_config`
+reads the values back from the built model's parts (``model.effective_options()``: their settings
+objects, anchors, poolers, transform), not by running the default rules again, so the record is
+what runs; building from it gives the same model whatever the defaults are then. Run folders
+written before (partial sections) still load: their missing fields take today's defaults, as
+they always did.
 """
 
 from __future__ import annotations
@@ -19,13 +31,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
-from rcnn.config import Config, ModelCommon, load_config
+from rcnn.config import MODEL_SECTIONS, Config, ModelCommon, config_from_dict, load_config
 from rcnn.io.checkpoints import find_checkpoint, load_checkpoint, read_checkpoint_weights
 from rcnn.io.files import read_json
 from rcnn.models import MODELS, DetectorCapabilities
 
-__all__ = ["InitReport", "LoadedModel", "build_model", "initialize_from", "load_model", "model_class"]
+__all__ = [
+    "InitReport",
+    "LoadedModel",
+    "build_model",
+    "initialize_from",
+    "load_model",
+    "model_class",
+    "resolved_config",
+    "resolved_model_section",
+]
 
 
 def model_class(name: str) -> type[DetectorCapabilities]:
@@ -46,6 +68,52 @@ def build_model(model: ModelCommon, num_classes: int | None = None) -> nn.Module
         model.backbone, num_classes, pretrained_backbone=model.pretrained_backbone,
         trainable_stages=model.trainable_stages, backbone_norm=model.backbone_norm, **model.options(),
     )  # fmt: skip
+
+
+def _backbone_norm(model: nn.Module, section: ModelCommon) -> str | None:
+    """The backbone's BatchNorm as built: ``frozen`` or ``bn`` (the tiny backbone's is always
+    ``bn``); a backbone without normalisation layers keeps what the section says."""
+    body = getattr(model, "backbone", None)
+    layers = list(body.modules()) if isinstance(body, nn.Module) else []
+    if any(isinstance(layer, FrozenBatchNorm2d) for layer in layers):
+        return "frozen"
+    if any(isinstance(layer, nn.BatchNorm2d) for layer in layers):
+        return "bn"
+    return section.backbone_norm
+
+
+def resolved_model_section(section: ModelCommon, model: nn.Module) -> ModelCommon:
+    """The ``model`` section ``model`` (built from ``section``) runs with: every field given, the
+    values read from the model's parts (:meth:`rcnn.models.base.DetectorCapabilities.effective_options`),
+    its number of classes and its backbone's BatchNorm; the pre-trained weights file and the
+    trainable stages as the section says (they matter for training only)."""
+    name = getattr(type(model), "name", None)
+    if name != section.name:
+        raise ValueError(f"model.name is {section.name!r} but the model is a {type(model).__name__}")
+    built_backbone = getattr(getattr(model, "backbone", None), "name", section.backbone)
+    if built_backbone != section.backbone:
+        raise ValueError(f"model.backbone is {section.backbone!r} but the model's backbone is {built_backbone!r}")
+    common = {
+        "name": section.name,
+        "backbone": section.backbone,
+        "pretrained_backbone": section.pretrained_backbone,
+        "trainable_stages": section.trainable_stages,
+        "backbone_norm": _backbone_norm(model, section),
+        "num_classes": model.num_classes,
+    }
+    try:
+        return MODEL_SECTIONS[section.name].model_validate({**common, **model.effective_options()})
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise ValueError(f"the options {type(model).__name__} runs with do not make a model section: {exc}") from None
+
+
+def resolved_config(config: Config, model: nn.Module) -> Config:
+    """``config`` with the ``model`` section that ``model`` (built from it) runs with, every field
+    given (:func:`resolved_model_section`): what a run folder records (``config_to_yaml`` of it)."""
+    section = resolved_model_section(config.model, model)
+    data = config.model_dump(mode="json")
+    data["model"] = section.model_dump(mode="json")
+    return config_from_dict(data, f"the resolved config of {type(model).__name__}")
 
 
 @dataclass
@@ -69,6 +137,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, f
     With ``for_inference`` (the default) the model is in eval mode and optimised for inference
     (BatchNorm folded; it cannot be trained further: to continue training, use
     ``rcnn train --resume``).
+
+    The model is built from the recorded ``model`` section: a resolved one (every field, see
+    :func:`resolved_config`) rebuilds the model that was trained whatever today's defaults are; an
+    older, partial one takes today's defaults for the fields it lacks, as before. The returned
+    config is the resolved one, with the values the loaded model runs with.
     """
     ckpt = find_checkpoint(path)
     if not (ckpt / "config.yaml").is_file():
@@ -76,9 +149,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, f
     config = load_config(ckpt / "config.yaml")
     class_names = read_json(ckpt / "classes.json") if (ckpt / "classes.json").is_file() else None
     num_classes = len(class_names) if class_names else None
+    if config.model.pretrained_backbone is not None and config.model.backbone_norm is None:
+        config.model.backbone_norm = "frozen"  # what building with those weights chose (a partial section)
     config.model.pretrained_backbone = None  # the checkpoint holds the trained weights
     model = build_model(config.model, num_classes)
     load_checkpoint(ckpt, model)
+    config = resolved_config(config, model)  # before BatchNorm is folded away
     model.to(device).eval()
     if for_inference and hasattr(model, "optimize_for_inference"):
         model.optimize_for_inference()

@@ -11,6 +11,12 @@ declared once there (``FasterRCNNOptions`` and the component settings it holds: 
 the Python builders (``faster_rcnn("tiny", 6, rpn={...})``) from there; an option of another
 model (``model.mask`` for ``faster_rcnn``) is refused, naming it.
 
+A run folder's ``config.yaml`` is the *resolved* config (``rcnn.build.resolved_config``): its
+``model`` section states every field with the value the trained model ran with, defaults and
+per-backbone choices included, so that loading the run rebuilds that model even after a default
+has changed. ``--set`` overrides apply on top of it as on any config; sections written before
+(only the fields that were given) are still read, their missing fields taking today's defaults.
+
 Packaged configs can be given by name: ``--config faster_rcnn_tiny_shapes`` finds
 ``rcnn/configs/faster_rcnn_tiny_shapes.yaml`` (also reachable as ``configs/`` in a checkout).
 Run folders written by rcnn 0.1 (``model.extra``, every model's fields present) are read too.
@@ -378,7 +384,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def config_to_yaml(config: Config) -> str:
-    """The full config (defaults included) as YAML, as stored beside each checkpoint."""
+    """The full config (defaults included) as YAML. Beside a checkpoint, store it for
+    ``rcnn.build.resolved_config(config, model)``: with the settings the built model chose (the
+    ``rpn``, ``roi`` and ``mask`` sections hold only the fields given until then)."""
     data = config.model_dump(mode="json")
     common = {key: data["model"].pop(key) for key in ModelCommon.model_fields}
     data["model"] = {**common, **data["model"]}  # name and backbone first

@@ -4,7 +4,8 @@
 reads a torchvision detection checkpoint (a ``state_dict`` saved with ``torch.save``, e.g.
 ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` from the torch hub cache; read with
 ``weights_only=True``, so no code in the file runs) and writes a normal run folder: the weights,
-the config that rebuilds the model, the class names and, for COCO-trained files, the COCO
+the config that rebuilds the model (resolved: every setting the converted model runs with, see
+``rcnn.build.resolved_config``), the class names and, for COCO-trained files, the COCO
 category ids. ``rcnn predict``, ``evaluate``, ``export``, ``train --resume`` and
 ``train --init-from`` (fine-tuning on other classes) take it.
 
@@ -30,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from rcnn.build import build_model
+from rcnn.build import build_model, resolved_config
 from rcnn.config import Config, config_from_dict, config_to_yaml
 from rcnn.io.checkpoints import save_checkpoint
 from rcnn.io.files import read_json, write_json
@@ -248,7 +249,8 @@ def convert_torchvision(
     names, categories = _class_names(class_names, num_classes)
     with claim_run_folder(out_dir):  # a run folder of ours, which `rcnn train --resume` may continue
         save_checkpoint(
-            out_dir, 0, model, config_yaml=config_to_yaml(config), class_names=names, categories=categories,
+            out_dir, 0, model, config_yaml=config_to_yaml(resolved_config(config, model)), class_names=names,
+            categories=categories,
             extra_state={"converted_from": {"file": str(checkpoint), "arch": arch}},
         )  # fmt: skip
         write_json(out_dir / "conversion.json", {"file": str(checkpoint), **report.as_dict()})

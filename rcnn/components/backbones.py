@@ -236,7 +236,8 @@ def feature_strides(backbone: nn.Module, probe_size: int = 256) -> tuple[tuple[i
 
 def default_anchor_sizes(backbone: nn.Module, num_levels: int) -> tuple[tuple[float, ...], ...]:
     """The backbone's own ``anchor_sizes`` if it has them; else the paper's 128, 256, 512 on one
-    level and one size per level on a pyramid (32, 64, ... 512)."""
+    level and one size per level on a pyramid (32, 64, ... 512). Used where ``model.anchor_sizes``
+    is not given; a run folder records the sizes built (``rcnn.build.resolved_config``)."""
     own = getattr(backbone, "anchor_sizes", None)
     if own:
         return tuple(tuple(float(v) for v in level) for level in own)

@@ -187,6 +187,22 @@ class MaskRoIHeads(RoIHeads):
 
     predictor_names = ("predictor", "mask_predictor")
 
+    def mask_settings(self) -> MaskSettings:
+        """The :class:`MaskSettings` of this branch as built, read from its parts (pooler, head,
+        predictor, pasting), every field set: what a run folder records."""
+        side, other = self.mask_pooler.output_size
+        if side != other:
+            raise ValueError(f"a mask pooler of {side} x {other} bins; MaskSettings.pool_size describes square ones")
+        layers = list(self.mask_head.convs)
+        return MaskSettings(
+            pool_size=side,
+            pooler=self.mask_pooler.kind,
+            num_convs=sum(isinstance(layer, nn.Conv2d) for layer in layers),
+            channels=self.mask_predictor.deconv.out_channels,  # the head's width (its convolutions' too)
+            batch_norm=any(isinstance(layer, nn.BatchNorm2d) for layer in layers),
+            paste=self.paste,
+        )
+
     def replace_predictor(self, num_classes: int) -> list[str]:
         """New box and mask predictors for ``num_classes`` (K + 1); returns their names."""
         replaced = super().replace_predictor(num_classes)

@@ -122,6 +122,10 @@ def default_roi_settings(num_levels: int) -> tuple[RoIHeadSettings, str]:
     backbones get the conventions of the FPN paper and of torchvision's peer models, so that the
     two can be compared like for like: RoIAlign, 512 RoIs per image with background in [0, 0.5),
     NMS 0.5, beta 1/9.
+
+    Fills the fields a config's ``model.roi`` (and ``model.pooler``) leaves out; a run folder
+    records the merged settings and the pooler built (``rcnn.build.resolved_config``), so changing
+    these defaults changes no trained run.
     """
     if num_levels == 1:
         return RoIHeadSettings(), "pool"

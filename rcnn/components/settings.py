@@ -16,7 +16,9 @@ be a finite number", not a model that silently keeps nothing.
 
 A settings section in a config or a builder call states only what differs from the defaults,
 which may depend on the backbone (FPN or not): :meth:`Settings.overrides` is the class of such
-partial settings, and :meth:`Settings.merged` applies one to a full settings object.
+partial settings, and :meth:`Settings.merged` applies one to a full settings object. A run folder
+records the full settings object a built part holds (every field given, ``rcnn.build.resolved_config``),
+so that rebuilding from the record depends on no default.
 """
 
 from __future__ import annotations

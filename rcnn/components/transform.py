@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from rcnn.core.boxes import check_boxes
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_boxes, resize_image, resize_masks, resized_shape
 
-__all__ = ["DetectionTransform", "ImageBatch", "validate_images", "validate_inputs", "validate_targets"]
+__all__ = ["DetectionTransform", "ImageBatch", "as_decimals", "validate_images", "validate_inputs", "validate_targets"]
 
 
 @dataclass
@@ -103,6 +104,12 @@ def validate_inputs(
     return [p.to(images[0].dtype) for p in proposals]
 
 
+def as_decimals(values: Tensor) -> tuple[float, ...]:
+    """The values of a (float32) tensor as the shortest decimals that give them back, e.g. the
+    normalisation's 0.485 rather than float32's 0.48500001430511475: what a run folder records."""
+    return tuple(float(str(np.float32(v))) for v in values.detach().flatten().cpu().tolist())
+
+
 def _torchvision_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """torchvision's resized size: the floor of each side times the scale, as ``F.interpolate``
     computes it from a ``scale_factor``."""
@@ -152,6 +159,10 @@ class DetectionTransform(nn.Module):
         self.register_buffer("image_std", torch.tensor(image_std).reshape(3, 1, 1), persistent=False)
         self.size_divisible = int(size_divisible)
         self.torchvision = bool(torchvision)
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(image_mean, image_std)`` as this transform applies them (:func:`as_decimals`)."""
+        return as_decimals(self.image_mean), as_decimals(self.image_std)
 
     def _min_size(self) -> int:
         if self.training and len(self.min_sizes) > 1:

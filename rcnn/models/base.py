@@ -31,16 +31,24 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from rcnn.components.backbones import BackboneParts, as_feature_list, build_backbone, feature_strides, fold_batchnorm
 from rcnn.components.box_heads import MLPHead
 from rcnn.components.proposals.rpn import RegionProposalNetwork
 from rcnn.components.roi_heads import BoxPredictor, RoIHeads, RoIHeadSettings, default_roi_settings
-from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageSide, NonNegativeInt, Settings, validate_options
+from rcnn.components.settings import (
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    ImageSide,
+    NonNegativeInt,
+    PositiveFloat,
+    Settings,
+    validate_options,
+)
 from rcnn.components.transform import DetectionTransform, ImageBatch, validate_images, validate_inputs
-from rcnn.core.images import resize_boxes
+from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, resize_boxes
 from rcnn.core.ops import RoIPooler
 
 __all__ = [
@@ -82,6 +90,15 @@ class DetectorCapabilities:
     trains_in_stages: ClassVar[bool] = False
     has_rpn: ClassVar[bool] = False
     display_score_thresh: ClassVar[float] = 0.5
+
+    def effective_options(self) -> dict[str, Any]:
+        """Every constructor option of :attr:`options` with the value this model runs with, read
+        from its parts (the settings objects of its RPN and RoI heads, its anchors, poolers and
+        transform), defaults and per-backbone choices resolved: ``type(model).build(backbone,
+        num_classes, **model.effective_options())`` builds the same model whatever today's defaults
+        are (``rcnn.build.resolved_config`` records it in a run folder). ``ValueError`` for a model
+        assembled from parts the options cannot describe."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its effective options")
 
     @classmethod
     def build(
@@ -156,7 +173,12 @@ class DetectorOptions(Settings):
             (pooling on one level, RoIAlign on an FPN) and model (Mask R-CNN: RoIAlign).
         sampling_ratio: RoIAlign's samples per bin side (2; 0 adapts to the bin size).
         aligned: RoIAlign's half-pixel alignment (True; torchvision's detectors use False).
-        roi: RoI-head settings that differ from :func:`rcnn.components.roi_heads.default_roi_settings`.
+        image_mean, image_std: the input normalisation, per RGB channel (ImageNet's, as the
+            backbones' pre-trained weights expect).
+        size_divisible: the batch is padded to multiples of this many pixels (32: the coarsest
+            stride of the RoI levels; 1..256).
+        roi: RoI-head settings that differ from :func:`rcnn.components.roi_heads.default_roi_settings`
+            (a run folder records all of them, see ``rcnn.build.resolved_config``).
         torchvision_compat: compute as torchvision's detectors do, to reproduce their outputs from
             their weights (converted checkpoints): images resized by torchvision's rule, the legacy
             RoIAlign (``aligned`` false), and for the later generations torchvision's anchors and
@@ -168,6 +190,9 @@ class DetectorOptions(Settings):
     pooler: str | None = None
     sampling_ratio: NonNegativeInt = 2
     aligned: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+    size_divisible: int = Field(default=32, ge=1, le=256)
     roi: RoIHeadSettings.overrides() = RoIHeadSettings.overrides()()  # type: ignore[valid-type]
     torchvision_compat: bool = False
 
@@ -287,19 +312,33 @@ class TwoStageDetector(DetectorCapabilities, InferenceOptimizable, nn.Module):
         images: Sequence[Tensor],
         targets: Sequence[dict[str, Any]] | None = None,
         proposals: Sequence[Tensor] | None = None,
+        recorder: dict[str, Any] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """The model API (module docstring). ``recorder``: a mapping the stages write what they
+        computed to, in order (``rcnn.inference.Recorder`` notes when): ``batch`` (the resized,
+        normalised :class:`ImageBatch`), ``features`` (the backbone's levels), ``proposals`` (per
+        image ``[P, 4]``, resized pixels) and ``detections`` (the RoI heads' output in resized
+        pixels, before :meth:`finalize`: Mask R-CNN's ``masks [D, 1, m, m]`` in their boxes' frames)."""
         proposals = validate_inputs(images, targets, proposals, self.training, self.num_classes)
         if self.training:
             self.check_targets(images, targets)
         batch, targets, proposals = self.transform(images, targets, proposals)
+        if recorder is not None:
+            recorder["batch"] = batch
         features = as_feature_list(self.backbone(batch.tensors))
+        if recorder is not None:
+            recorder["features"] = features
         proposals, losses = self.propose(batch, features, targets, proposals)
+        if recorder is not None:
+            recorder["proposals"] = proposals
         if self.training and self.train_mode == "rpn":
             return losses
         pool_features = features[: len(self.pool_strides)]
         detections, head_losses = self.roi_heads(pool_features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**losses, **head_losses}
+        if recorder is not None:
+            recorder["detections"] = [dict(d) for d in detections]  # finalize replaces their boxes and masks
         return self.finalize(detections, batch)
 
     def check_targets(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]]) -> None:

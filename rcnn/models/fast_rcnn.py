@@ -163,10 +163,34 @@ class FastRCNN(TwoStageDetector):
         else:
             refuse_unused(opts, ("roi", "pooler", "sampling_ratio", "aligned", "mask"), "RoI heads")
         if transform is None:
-            transform = DetectionTransform(opts.min_size, opts.max_size, torchvision=opts.torchvision_compat)
+            transform = DetectionTransform(opts.min_size, opts.max_size, opts.image_mean, opts.image_std,
+                                           opts.size_divisible, torchvision=opts.torchvision_compat)  # fmt: skip
         else:
-            refuse_unused(opts, ("min_size", "max_size", "torchvision_compat"), "transform")
+            refuse_unused(opts, ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "torchvision_compat"),
+                          "transform")  # fmt: skip
         super().__init__(backbone, roi_heads, transform, rpn=rpn_module, levels=(strides, pool_strides))
+
+    def effective_options(self) -> dict[str, Any]:
+        """The options this model runs with (see :meth:`rcnn.models.base.DetectorCapabilities.effective_options`):
+        the transform's sizes and normalisation, the box branch's pooler and RoI-head settings."""
+        transform, heads = self.transform, self.roi_heads
+        if not isinstance(transform, DetectionTransform) or not isinstance(heads, RoIHeads):
+            raise ValueError(f"{type(self).__name__}: a transform or RoI heads of another kind; its options cannot be recorded")
+        pooler = heads.pooler
+        mean, std = transform.normalization()
+        sizes = transform.min_sizes
+        return {
+            "min_size": sizes[0] if len(sizes) == 1 else list(sizes),
+            "max_size": transform.max_size,
+            "pooler": pooler.kind,
+            "sampling_ratio": pooler.sampling_ratio,
+            "aligned": pooler.aligned,
+            "image_mean": mean,
+            "image_std": std,
+            "size_divisible": transform.size_divisible,
+            "roi": heads.settings,
+            "torchvision_compat": transform.torchvision,
+        }
 
     def branch_parts(self, backbone: nn.Module, num_classes: int | None, opts: Any, pool_strides: Sequence[int]) -> Any:
         """Parts of further per-RoI branches, made first (Mask R-CNN's mask head); none here."""

@@ -89,6 +89,27 @@ class FasterRCNN(FastRCNN):
         return RegionProposalNetwork(anchors, head, strides, settings)
 
 
+    def effective_options(self) -> dict[str, Any]:
+        """Fast R-CNN's effective options plus the anchors and the RPN's settings, as its RPN has them."""
+        options = super().effective_options()
+        rpn = self.rpn
+        if not isinstance(rpn, RegionProposalNetwork):
+            raise ValueError(f"{type(self).__name__}: an RPN of another kind; its options cannot be recorded")
+        anchors = rpn.anchor_generator
+        if len(set(anchors.aspect_ratios)) != 1 or anchors.torchvision != options["torchvision_compat"]:
+            raise ValueError(
+                f"{type(self).__name__}: anchors with per-level aspect ratios or another placement than the "
+                "transform's; they cannot be recorded as options"
+            )
+        options.update(
+            anchor_sizes=[list(level) for level in anchors.sizes],
+            aspect_ratios=list(anchors.aspect_ratios[0]),
+            anchor_offset=anchors.offset,
+            rpn=rpn.settings,
+        )
+        return options
+
+
 def faster_rcnn(backbone: str | nn.Module = "tiny", num_classes: int = 91, **kwargs: Any) -> FasterRCNN:
     """Build a :class:`FasterRCNN` on a named architecture (or a backbone module).
 

@@ -105,6 +105,21 @@ class MaskRCNN(FasterRCNN):
             *box[:3], *parts, settings=box.settings, mask_probabilities=opts.mask_probabilities, paste=paste
         )
 
+    def effective_options(self) -> dict[str, Any]:
+        """Faster R-CNN's effective options plus the mask branch's settings, as its RoI heads have them."""
+        options = super().effective_options()
+        heads = self.roi_heads
+        if not isinstance(heads, MaskRoIHeads):
+            raise ValueError(f"{type(self).__name__}: RoI heads of another kind; its options cannot be recorded")
+        mask_pooler = heads.mask_pooler
+        if (mask_pooler.sampling_ratio, mask_pooler.aligned) != (options["sampling_ratio"], options["aligned"]):
+            raise ValueError(
+                f"{type(self).__name__}: the mask pooler's sampling_ratio / aligned differ from the box pooler's; "
+                "they cannot be recorded as options"
+            )
+        options.update(mask=heads.mask_settings(), mask_probabilities=heads.mask_probabilities)
+        return options
+
     @property
     def mask_probabilities(self) -> bool:
         """Whether outputs hold float mask probabilities (else binary masks); settable."""

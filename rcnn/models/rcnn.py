@@ -48,7 +48,7 @@ from rcnn.components.box_heads import MLPHead
 from rcnn.components.ridge import DEFAULT_LAMBDAS, BoxRegressors
 from rcnn.components.settings import IoU, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Settings, validate_options
 from rcnn.components.svm import ClassSVMs
-from rcnn.components.transform import validate_inputs
+from rcnn.components.transform import as_decimals, validate_inputs
 from rcnn.components.warp import WARP_MODES, warp_regions
 from rcnn.core.boxes import clip_boxes, remove_small_boxes
 from rcnn.core.images import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -57,7 +57,7 @@ from rcnn.core.matching import BalancedSampler, Matcher, label_proposals
 from rcnn.core.postprocess import per_class_detections
 from rcnn.models.base import DetectorCapabilities, InferenceOptimizable
 
-__all__ = ["RCNN", "RCNNSettings", "rcnn"]
+__all__ = ["RCNN", "RCNNOptions", "RCNNSettings", "rcnn"]
 
 _MIN_REGION_SIZE = 1.0  # proposals narrower or lower than 1 px are dropped (nothing to warp)
 
@@ -123,6 +123,18 @@ class RCNNSettings(Settings):
         return self
 
 
+class RCNNOptions(RCNNSettings):
+    """R-CNN's constructor options: its :class:`RCNNSettings` and the network's input normalisation.
+
+    Attributes:
+        image_mean, image_std: per RGB channel (ImageNet's, as the backbones' pre-trained weights
+            expect); regions outside the image are filled with the mean.
+    """
+
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+
+
 class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
     """R-CNN: a CNN on warped regions, per-class SVMs and box regressors (see the module doc).
 
@@ -135,11 +147,12 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         box_head: fc6/fc7 on pool5 (its ``pool_size``); default 2 fc layers of 1024 on 7 x 7.
         settings: :class:`RCNNSettings`; or give its fields as keyword ``options``.
         image_mean, image_std: the network's input normalisation; regions outside the image are
-            filled with the mean (zero after normalisation, as R-CNN's code).
+            filled with the mean (zero after normalisation, as R-CNN's code). With the settings,
+            they make :class:`RCNNOptions` (a config's ``model`` section).
     """
 
     name = "rcnn"
-    options = RCNNSettings
+    options = RCNNOptions
     needs_proposals = True
     trains_in_stages = True
     display_score_thresh = 0.0
@@ -195,6 +208,11 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         self.register_buffer("bbox_biases", torch.zeros(num_fg, 4))  # [K, 4]
         self.register_buffer("bbox_feature_scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("trained_parts", torch.zeros(2, dtype=torch.bool))  # SVMs, regressors
+
+    def effective_options(self) -> dict[str, Any]:
+        """Every :class:`RCNNOptions` field as this model runs with it (its settings, its normalisation)."""
+        return {**self.settings.model_dump(), "image_mean": as_decimals(self.image_mean),
+                "image_std": as_decimals(self.image_std)}  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -339,15 +357,27 @@ class RCNN(DetectorCapabilities, InferenceOptimizable, nn.Module):
         images: Sequence[Tensor],
         targets: Sequence[dict[str, Any]] | None = None,
         proposals: Sequence[Tensor] | None = None,
+        recorder: dict[str, Any] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Training: ``{"loss_cls"}`` of fine-tuning; eval: detections per image (module doc)."""
+        """Training: ``{"loss_cls"}`` of fine-tuning; eval: detections per image (module doc).
+
+        ``recorder``: a mapping the stages write what they computed to, in order
+        (``rcnn.inference.Recorder`` notes when): ``regions`` (per image the clean proposals
+        ``[P, 4]``), then ``scores`` (per image ``(scores [P, K], threshold)``: SVM or softmax)."""
         if proposals is None:
             raise ValueError("R-CNN needs proposals: model(images, targets, proposals=...) (see docs/proposals.md)")
         proposals = validate_inputs(images, targets, proposals, self.training, self.num_classes)
         regions = [self.clean_proposals(p, image) for p, image in zip(proposals, images)]
         if self.training:
             return self.finetune_loss(images, targets, regions)
-        return self.detect_batch(images, regions)
+        if recorder is not None:
+            recorder["regions"] = regions
+        features = self.batched_region_features(images, regions)  # per image (fc7 [P, F], reg [P, E])
+        scores = [self.class_scores(fc7) for fc7, _ in features]  # per image (scores [P, K], threshold)
+        if recorder is not None:
+            recorder["scores"] = scores
+        return [self.postprocess(boxes, s, reg, threshold, tuple(image.shape[1:]))
+                for image, boxes, (_, reg), (s, threshold) in zip(images, regions, features, scores)]
 
     @staticmethod
     def clean_proposals(proposals: Tensor, image: Tensor) -> Tensor:

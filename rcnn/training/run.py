@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rcnn.build import build_model, initialize_from, model_class
+from rcnn.build import build_model, initialize_from, model_class, resolved_config
 from rcnn.components.proposals.io import load_proposals
 from rcnn.components.proposals.selective_search import ensure_dataset_proposals
 from rcnn.config import Config, config_to_yaml
@@ -158,7 +158,7 @@ def _run_training(
     common = dict(
         evaluator=evaluator,
         resume=resume,
-        config_yaml=config_to_yaml(config),
+        config_yaml=config_to_yaml(resolved_config(config, model)),
         class_names=data.train.class_names,
         workers=config.data.workers,
         progress=progress,

@@ -133,7 +133,10 @@ def default_rpn_settings(num_levels: int) -> RPNSettings:
     before / after NMS in training, 6000 / 300 at test, cross-boundary anchors ignored, the
     paper's loss normalisation); on FPN backbones (``num_levels > 1``) the FPN / torchvision
     conventions (2000 / 2000 per level / image in training, 1000 / 1000 at test, all anchors used,
-    the "batch" loss normalisation with beta 1/9)."""
+    the "batch" loss normalisation with beta 1/9).
+
+    Fills the fields a config's ``model.rpn`` leaves out; a run folder records the merged
+    settings (``rcnn.build.resolved_config``), so changing these defaults changes no trained run."""
     if num_levels == 1:
         return RPNSettings()
     return RPNSettings(
