@@ -29,6 +29,7 @@ import torchvision
 from benchmarks.common import command_line, read_result, table, time_rounds, write_result
 from benchmarks.faster_rcnn import build_pair, calibrate_batchnorm, copy_weights
 from rcnn.export import OnnxDetector, export_onnx
+from rcnn.inference import Predictor
 from rcnn.models import mask_rcnn
 
 CASES = [
@@ -79,27 +80,28 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
     onnx_file = export_onnx(for_export, workdir / f"{kind}_{arch}_{size[0]}x{size[1]}.onnx", names, example_size=size,
                             input_format="float")  # as the onnxruntime backend caches it
     del for_export
-    ort = OnnxDetector(onnx_file, threads=threads)
+    eager, ort = Predictor(ours), Predictor(OnnxDetector(onnx_file, threads=threads))  # the library's inference path
     image = (torch.rand(3, *size, generator=torch.Generator().manual_seed(1)) * 255).round() / 255  # uint8-exact
-    calls = {"torchvision": lambda: peer([image]), "eager": lambda: ours([image]), "onnxruntime": lambda: ort([image])}
+    calls = {"torchvision": lambda: peer([image]), "eager": lambda: eager.detect([image]),
+             "onnxruntime": lambda: ort.detect([image])}  # fmt: skip
     if int8_calibration:
         from rcnn.quantize import quantize_onnx
 
         g = torch.Generator().manual_seed(2)
         pictures = [(torch.rand(3, *size, generator=g) * 255).round() / 255 for _ in range(int8_calibration)]
         int8_file = quantize_onnx(onnx_file, workdir / f"{onnx_file.stem}-int8.onnx", pictures)
-        int8 = OnnxDetector(int8_file, threads=threads)
-        calls["onnxruntime_int8"] = lambda: int8([image])
+        int8 = Predictor(OnnxDetector(int8_file, threads=threads))
+        calls["onnxruntime_int8"] = lambda: int8.detect([image])
     with torch.inference_mode():
         best = time_rounds(calls, rounds=rounds)
-        (eager_out,) = ours([image])
+        (eager_out,) = eager.detect([image])
     row: dict[str, Any] = {"model": kind, "arch": arch, "size": list(size), "detections": len(eager_out["boxes"])}
     for name, figures in best.items():
         row[f"{name}_cpu_s"], row[f"{name}_wall_s"] = figures["cpu_s"], figures["wall_s"]
         if name != "torchvision":
             row[f"{name}_ratio_cpu"] = figures["cpu_s"] / best["torchvision"]["cpu_s"]
             row[f"{name}_ratio_wall"] = figures["wall_s"] / best["torchvision"]["wall_s"]
-    (ort_out,) = ort([image])
+    (ort_out,) = ort.detect([image])
     row["onnxruntime_agreement"] = agreement(eager_out, ort_out)
     return row
 

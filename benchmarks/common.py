@@ -3,7 +3,8 @@
 Timings follow one protocol: the two things compared run in the same process, interleaved
 (A B B A A B ...), each after a warm-up; the best (minimum) of the rounds is kept, both as CPU
 seconds (``time.process_time``, all threads; the steadier figure on a shared machine) and as
-wall seconds. Ratios are ours / peer.
+wall seconds, read by the library's one clock (:class:`rcnn.inference.Clock`). Ratios are ours / peer.
+Our models run through the library's one inference path, :class:`rcnn.inference.Predictor`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rcnn.inference import peak_memory_mb, reset_peak_memory
+from rcnn.inference import Clock, peak_memory_mb, reset_peak_memory
 from rcnn.io.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +32,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def measure(fn: Callable[[], Any]) -> tuple[float, float]:
     """``(cpu_seconds, wall_seconds)`` of one call."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    fn()
-    return time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall, _ = Clock().measure(fn)
+    return cpu, wall
 
 
 def time_pair(ours: Callable[[], Any], peer: Callable[[], Any], rounds: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -79,10 +78,8 @@ def time_rounds(
     names = list(calls)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            cpu, wall = time.process_time(), time.perf_counter()
-            parts = calls[name]()
-            parts = parts if isinstance(parts, dict) else {}
-            figures = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, **parts}
+            cpu, wall, parts = Clock().measure(calls[name])
+            figures = {"cpu_s": cpu, "wall_s": wall, **(parts if isinstance(parts, dict) else {})}
             for key, value in figures.items():
                 best[name][key] = min(best[name].get(key, float("inf")), float(value))
     return best

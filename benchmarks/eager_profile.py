@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any
@@ -41,6 +40,9 @@ import torch
 
 from benchmarks.common import command_line, table, time_rounds, write_result
 from benchmarks.faster_rcnn import build_pair
+from rcnn.inference import Clock, Predictor
+
+CLOCK = Clock()  # CPU and wall seconds (the CPU: no device to synchronise)
 
 STAGES = {  # name -> the module (a dotted path in the model) whose forward is that stage
     "resize + normalise": "transform",
@@ -72,12 +74,12 @@ def stage_clock(model: torch.nn.Module, totals: dict[str, list[float]]):
         started: list[tuple[float, float]] = []
 
         def before(_m, _a, started=started):
-            started.append((time.process_time(), time.perf_counter()))
+            started.append(CLOCK.now())
 
         def after(_m, _a, _o, name=name, started=started):
-            cpu, wall = started.pop()
-            totals[name][0] += time.process_time() - cpu
-            totals[name][1] += time.perf_counter() - wall
+            (cpu, wall), (cpu_end, wall_end) = started.pop(), CLOCK.now()
+            totals[name][0] += cpu_end - cpu
+            totals[name][1] += wall_end - wall
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
@@ -90,14 +92,14 @@ def stage_clock(model: torch.nn.Module, totals: dict[str, list[float]]):
 def stage_split(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
     """Best-of-``rounds`` milliseconds of each stage (CPU, wall), the derived "rest" stages included."""
     best: dict[str, dict[str, float]] = {}
+    predictor = Predictor(model)
     with torch.inference_mode():
-        model([image])  # warm-up
+        predictor.detect([image])  # warm-up
         for _ in range(rounds):
             totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-            cpu, wall = time.process_time(), time.perf_counter()
             with stage_clock(model, totals):
-                model([image])
-            totals["whole call"] = [time.process_time() - cpu, time.perf_counter() - wall]
+                cpu, wall, _ = CLOCK.measure(lambda: predictor.detect([image]))
+            totals["whole call"] = [cpu, wall]
             t = defaultdict(lambda: (0.0, 0.0), {k: tuple(v) for k, v in totals.items()})
             derived = {
                 "backbone trunk": [t["backbone"][i] - t["FPN"][i] for i in (0, 1)],
@@ -123,10 +125,11 @@ def stage_split(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> dic
 def top_operators(model: torch.nn.Module, image: torch.Tensor, count: int = 10) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
+    predictor = Predictor(model)
     with torch.inference_mode():
-        model([image])
+        predictor.detect([image])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model([image])
+            predictor.detect([image])
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"operator": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
@@ -146,15 +149,16 @@ def options(model: torch.nn.Module, last: torch.nn.Module, image: torch.Tensor, 
     """channels_last (``last``, what :meth:`optimize_for_inference` gives by default) and bf16
     autocast against the plain model (``model``: contiguous weights), interleaved; each one's agreement."""
     image_last = image[None].contiguous(memory_format=torch.channels_last)[0]
+    model, last = Predictor(model), Predictor(last)
 
     def bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model([image])
+            return model.detect([image])
 
-    calls = {"plain": lambda: model([image]), "channels_last": lambda: last([image_last]), "bf16_autocast": bf16}
+    calls = {"plain": lambda: model.detect([image]), "channels_last": lambda: last.detect([image_last]), "bf16_autocast": bf16}
     with torch.inference_mode():
-        (plain,) = model([image])
-        outs = {"channels_last": last([image_last])[0]}
+        (plain,) = model.detect([image])
+        outs = {"channels_last": last.detect([image_last])[0]}
         # bf16 only where the CPU has bf16 instructions: elsewhere autocast is emulated, many
         # times slower (a full-size call takes minutes on AVX2), and says nothing worth timing
         native = bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
@@ -190,9 +194,7 @@ def matmul_peak_gflops(threads: int, n: int = 4096, rounds: int = 15) -> dict[st
         call()
         best = float("inf")
         for _ in range(rounds):
-            tic = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - tic)
+            best = min(best, CLOCK.measure(call)[1])
         return 2 * n**3 / best / 1e9
 
     graph = helper.make_graph(
@@ -220,7 +222,7 @@ def model_gflop(model: torch.nn.Module, image: torch.Tensor) -> float:
     from rcnn.core import fastpaths
 
     with torch.inference_mode(), fastpaths.enabled_as(False), FlopCounterMode(display=False) as counter:
-        model([image])
+        model([image])  # any callable of the model API (the test counts one layer's)
     return counter.get_total_flops() / 1e9
 
 
@@ -237,10 +239,10 @@ def physical_limit(plain: torch.nn.Module, optimized: torch.nn.Module, image: to
     g = torch.Generator().manual_seed(2)
     pictures = [(torch.rand(*image.shape, generator=g) * 255).round() / 255 for _ in range(8)]
     int8 = quantize_onnx(fp32, Path(workdir) / "model-int8.onnx", pictures)
-    detectors = {"eager": optimized, "onnxruntime": OnnxDetector(fp32, threads=threads),
-                 "onnxruntime_int8": OnnxDetector(int8, threads=threads)}  # fmt: skip
+    detectors = {"eager": Predictor(optimized), "onnxruntime": Predictor(OnnxDetector(fp32, threads=threads)),
+                 "onnxruntime_int8": Predictor(OnnxDetector(int8, threads=threads))}  # fmt: skip
     with torch.inference_mode():
-        best = time_rounds({k: (lambda d=d: d([image])) for k, d in detectors.items()}, rounds=rounds)
+        best = time_rounds({k: (lambda d=d: d.detect([image])) for k, d in detectors.items()}, rounds=rounds)
     gflop = model_gflop(optimized, image)
     matmul = matmul_peak_gflops(threads)
     peak = matmul["peak"]

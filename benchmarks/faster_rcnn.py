@@ -43,6 +43,7 @@ from benchmarks.common import (
     train_and_evaluate,
     write_result,
 )
+from rcnn.inference import Predictor
 from rcnn.models import faster_rcnn
 
 ARCHS = {
@@ -134,8 +135,9 @@ def inference(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
     ours.eval().optimize_for_inference()
     peer.eval()
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    predictor = Predictor(ours)  # ours through the library's inference path; torchvision's model as it is
     with torch.inference_mode():
-        result = time_pair(lambda: ours([image]), lambda: peer([image]), rounds=rounds)
+        result = time_pair(lambda: predictor.detect([image]), lambda: peer([image]), rounds=rounds)
     return {"arch": arch, "size": list(size), **result}
 
 
@@ -167,7 +169,7 @@ def train_step(arch: str, size: tuple[int, int], rounds: int) -> dict[str, Any]:
 def _memory_probe(which: str, arch: str, height: int, width: int) -> None:
     """Run inference in this process and report the peak memory of that alone (for ``peak_rss_mb``)."""
     ours, peer = build_pair(arch, height, width)
-    model = ours.eval().optimize_for_inference() if which == "ours" else peer.eval()
+    model = Predictor(ours.eval().optimize_for_inference()).detect if which == "ours" else peer.eval()
     del ours, peer  # only the measured model stays alive
     gc.collect()
     reset_peak_rss()

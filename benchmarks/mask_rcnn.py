@@ -46,6 +46,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.faster_rcnn import Features, calibrate_batchnorm, copy_weights
+from rcnn.inference import Predictor
 from rcnn.models import mask_rcnn
 
 CONFIG = "mask_rcnn_tiny_shapes"
@@ -71,8 +72,9 @@ def inference(size: tuple[int, int], rounds: int) -> dict[str, Any]:
     ours.eval().optimize_for_inference()
     peer.eval()
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    predictor = Predictor(ours)  # ours through the library's inference path; torchvision's model as it is
     with torch.inference_mode():
-        result = time_pair(lambda: ours([image]), lambda: peer([image]), rounds=rounds)
+        result = time_pair(lambda: predictor.detect([image]), lambda: peer([image]), rounds=rounds)
     return {"arch": "resnet50_fpn", "size": list(size), **result}
 
 

@@ -47,15 +47,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from benchmarks.common import ROOT, RESULTS, command_line, table, time_rounds, write_result
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.build import build_dataset, find_splits
+from rcnn.inference import Clock, Predictor
 from rcnn.models import fast_rcnn, faster_rcnn, rcnn
 from rcnn.training.rcnn_stages import extract_features, train_box_regressors, train_svms
+from rcnn.viz import image_pixels
 
 NAME = "paper_scale"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "raccoon"
@@ -87,26 +88,25 @@ PAPERS = {
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    Clock(device).now()  # the device's queued work done
 
 
 class ModuleClock:
-    """CPU and wall seconds spent inside one submodule's forward (the RPN's), summed per call."""
+    """CPU and wall seconds spent inside one submodule's forward (the RPN's), summed per call (the
+    library's :class:`rcnn.inference.Clock`, read by forward hooks)."""
 
     def __init__(self, module: nn.Module, device: torch.device, name: str = "rpn") -> None:
-        self.name, self.device, self.cpu, self.wall, self._start = name, device, 0.0, 0.0, (0.0, 0.0)
+        self.name, self.clock, self.cpu, self.wall, self._start = name, Clock(device), 0.0, 0.0, (0.0, 0.0)
         module.register_forward_pre_hook(self._enter)
         module.register_forward_hook(self._leave)
 
     def _enter(self, *_: Any) -> None:
-        _sync(self.device)
-        self._start = (time.process_time(), time.perf_counter())
+        self._start = self.clock.now()
 
     def _leave(self, *_: Any) -> None:
-        _sync(self.device)
-        self.cpu += time.process_time() - self._start[0]
-        self.wall += time.perf_counter() - self._start[1]
+        cpu, wall = self.clock.now()
+        self.cpu += cpu - self._start[0]
+        self.wall += wall - self._start[1]
 
     def read(self) -> dict[str, float]:
         """The seconds since the last read, then reset."""
@@ -143,11 +143,6 @@ def _natural(name: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-def pixels(image: Tensor) -> np.ndarray:
-    """``[3, H, W]`` 0..1 -> ``[H, W, 3]`` uint8, as selective search reads images."""
-    return (image.detach().cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-
-
 # -- models -------------------------------------------------------------------------------------
 def paper_models(backbone: str, min_size: int, max_size: int, svd_ranks: tuple[int, int]) -> dict[str, nn.Module]:
     """R-CNN, Fast R-CNN (with and without truncated SVD) and Faster R-CNN at the papers' settings."""
@@ -176,6 +171,7 @@ def time_test(
 ) -> dict[str, Any]:
     """Test time per image of every generation (see the module doc), median over ``images``."""
     models = {name: model.to(device) for name, model in paper_models(backbone, args.min_size, args.max_size, args.svd_ranks).items()}
+    predictors = {name: Predictor(model) for name, model in models.items()}  # the library's one inference path
     clock = ModuleClock(models["faster_rcnn"].rpn, device)
     # the RPN's 3x3 conv and sibling 1x1 convs, apart from its proposal selection (top-k, decoding, NMS)
     head_clock = ModuleClock(models["faster_rcnn"].rpn.head, device, "rpn_head")
@@ -183,26 +179,25 @@ def time_test(
     per_image = []
     for k, item in enumerate(images):
         image, boxes = item["image"].to(device), item["proposals"].to(device)
-        array = pixels(item["image"])
+        array = image_pixels(item["image"])
 
-        def call(model: nn.Module, **kwargs: Any) -> Callable[[], None]:
+        def call(name: str, proposals: Tensor | None = None) -> Callable[[], None]:
             def run() -> None:
-                model([image], **kwargs)
+                predictors[name].detect([image], proposals=None if proposals is None else [proposals])
                 _sync(device)
 
             return run
 
         def faster() -> dict[str, float]:
             clock.read(), head_clock.read()
-            models["faster_rcnn"]([image])
-            _sync(device)
+            call("faster_rcnn")()
             return {**clock.read(), **head_clock.read()}
 
         calls: dict[str, Callable[[], Any]] = {"selective_search": lambda: search(array)}
         for n in counts:
-            calls[f"rcnn_{n}"] = call(models["rcnn"], proposals=[boxes[:n]])
-        calls["fast_rcnn"] = call(models["fast_rcnn"], proposals=[boxes])
-        calls["fast_rcnn_svd"] = call(models["fast_rcnn_svd"], proposals=[boxes])
+            calls[f"rcnn_{n}"] = call("rcnn", boxes[:n])
+        calls["fast_rcnn"] = call("fast_rcnn", boxes)
+        calls["fast_rcnn_svd"] = call("fast_rcnn_svd", boxes)
         calls["faster_rcnn"] = faster
         with torch.inference_mode():
             best = time_rounds(calls, rounds=args.rounds, warmup=1 if k == 0 else 0)
@@ -331,11 +326,10 @@ def time_training(backbone: str, items: list[dict[str, Any]], args: argparse.Nam
         return boxes if cache_regions is None else boxes[:cache_regions]
 
     quiet = {"progress": False, "log": lambda s: None}
+    clock = Clock(device)
     with tempfile.TemporaryDirectory(prefix="rcnn_paper_scale_") as tmp:
-        cpu, wall = time.process_time(), time.perf_counter()
-        cache, _ = extract_features(model, _Images(cache_items), regions_of, Path(tmp) / "features", **quiet)
-        _sync(device)
-        features = (time.process_time() - cpu, time.perf_counter() - wall)
+        features = clock.measure(lambda: extract_features(model, _Images(cache_items), regions_of, Path(tmp) / "features", **quiet))
+        cache, _ = features[2]
         total_regions = sum(int(regions_of(i).shape[0]) for i in by_id)
         full_regions = sum(int(by_id[i].shape[0]) for i in by_id)
         scale = full_regions / total_regions
@@ -344,13 +338,10 @@ def time_training(backbone: str, items: list[dict[str, Any]], args: argparse.Nam
                            "wall_s_per_image": features[1] * scale / len(cache_items),
                            "scaled": cache_regions is not None}  # fmt: skip
         if cache_regions is None:
-            cpu, wall = time.process_time(), time.perf_counter()
-            svms = train_svms(model, cache, **quiet)
-            svm_s = (time.process_time() - cpu, time.perf_counter() - wall)
-            cpu, wall = time.process_time(), time.perf_counter()
+            svm_s = clock.measure(lambda: train_svms(model, cache, **quiet))
+            svms = svm_s[2]
             try:
-                train_box_regressors(model, cache, log=lambda s: None)
-                reg_s: tuple[float, float] | None = (time.process_time() - cpu, time.perf_counter() - wall)
+                reg_s: tuple[float, ...] | None = clock.measure(lambda: train_box_regressors(model, cache, log=lambda s: None))
             except ValueError as exc:  # too few regression examples (IoU >= 0.6) on these images
                 reg_s, out["box_regression_error"] = None, str(exc)
             classes = model.num_classes - 1
@@ -456,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(args.data, args.split, max(args.images, args.cache_images), args.long_side)
     search = SelectiveSearch(mode="fast", max_proposals=args.max_proposals, base_k=50, inc_k=50, max_side=500)
     for item in images:
-        item["proposals"] = search(pixels(item["image"]))
+        item["proposals"] = search(image_pixels(item["image"]))
     print(f"{len(images)} images; selective search gave {[int(i['proposals'].shape[0]) for i in images]} proposals", flush=True)
     result: dict[str, Any] = {
         "settings": {"quick": args.quick, "device": str(device), "images": args.images, "rounds": args.rounds,

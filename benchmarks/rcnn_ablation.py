@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 from benchmarks.common import command_line, measure, read_result, table, time_one, time_pair, write_result
 from rcnn.config import Config, load_config
 from rcnn.data.build import build_dataset
-from rcnn.inference import evaluate_model
+from rcnn.inference import Clock, Predictor, evaluate_model
 from rcnn.components.proposals.io import proposal_stats
 from rcnn.components.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals, selective_search_file
 from rcnn.components.svm import ClassSVMs
@@ -79,12 +78,8 @@ def _train(config: Config, run_dir: Path) -> dict[str, Any]:
         done = read_json(record)
         if done["iterations"] == config.train.iterations:
             return done
-    cpu, wall = time.process_time(), time.perf_counter()
-    summary = run_training(config, run_dir, resume=True, evaluate=False, progress=False)
-    done = {
-        "iterations": summary["iterations"], "train_s": summary["train_seconds"],
-        "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-    }  # fmt: skip
+    cpu, wall, summary = Clock().measure(lambda: run_training(config, run_dir, resume=True, evaluate=False, progress=False))
+    done = {"iterations": summary["iterations"], "train_s": summary["train_seconds"], "wall_s": wall, "cpu_s": cpu}
     if (run_dir / "rcnn_stages.json").is_file():
         done["stages"] = read_json(run_dir / "rcnn_stages.json")["stages"]
     write_json(record, done)
@@ -105,12 +100,12 @@ def _inputs(val: Any, proposals: Any) -> list[tuple[torch.Tensor, torch.Tensor |
 
 
 def _runner(model: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor | None]]):
-    """A callable running ``model`` on each input, one image at a time."""
+    """A callable running ``model`` on each input, one image at a time (through the library's predictor)."""
+    predictor = Predictor(model)
 
     def run() -> None:
-        with torch.inference_mode():
-            for image, props in inputs:
-                model([image]) if props is None else model([image], proposals=[props])
+        for image, props in inputs:
+            predictor.detect([image], proposals=None if props is None else [props])
 
     return run
 
@@ -136,7 +131,7 @@ def rcnn_part(data: Path, work: Path, settings: dict[str, Any], val: Any, val_pr
         config = _config("rcnn_tiny_shapes", data, work, settings["rcnn_iterations"], f"model.warp_mode={mode}")
         out["training"][mode] = _train(config, run_dir)
         out["warp_size"] = config.model.warp_size
-        model, _, _ = load_model(run_dir)
+        model = load_model(run_dir).model
         variant = "R-CNN" if mode == "anisotropic" else f"R-CNN, {mode} warp"
         out["variants"].append({"variant": variant, **_accuracy(model, val, val_props)})
         print(out["variants"][-1], flush=True)
@@ -171,7 +166,7 @@ def fast_rcnn_part(data: Path, work: Path, settings: dict[str, Any], val: Any, v
     run_dir = work / "fast_rcnn"
     config = _config("fast_rcnn_tiny_shapes", data, work, settings["fast_iterations"])
     out: dict[str, Any] = {"training": _train(config, run_dir), "variants": []}
-    model, _, _ = load_model(run_dir)
+    model = load_model(run_dir).model
     compressed = copy.deepcopy(model)
     out["svd"] = compressed.compress_fc(*SVD_RANKS)
     out["variants"].append({"variant": "Fast R-CNN", **_accuracy(model, val, val_props)})
@@ -196,7 +191,7 @@ def faster_rcnn_part(data: Path, work: Path, settings: dict[str, Any], val: Any)
     run_dir = work / "faster_rcnn"
     config = _config("faster_rcnn_tiny_shapes", data, work, settings["faster_iterations"])
     out: dict[str, Any] = {"training": _train(config, run_dir)}
-    model, _, _ = load_model(run_dir)
+    model = load_model(run_dir).model
     out["accuracy"] = _accuracy(model, val, None)
     count = min(TIMED_IMAGES, len(val))
     out["model_timing"] = _per_image(time_one(_runner(model, _inputs(val, None)), rounds=3), count)

@@ -1,16 +1,22 @@
-"""Inference backends behind one interface: the same detector run by PyTorch or by ONNX Runtime.
+"""Inference backends behind one interface, :class:`Detector`: the same detector run by PyTorch or by ONNX Runtime.
 
     loaded = load_detector("runs/frcnn")                              # eager PyTorch (the default)
     loaded = load_detector("runs/frcnn", backend="onnxruntime")       # exported once, then cached
     loaded = load_detector(model_file="frcnn.onnx")                   # a file from ``rcnn export``
     loaded = load_detector(model_file="frcnn-int8.onnx")              # ... quantised: ``rcnn export --int8``
-    outputs = loaded.model([image])                                   # [{"boxes", "labels", "scores"(, "masks")}]
+    detector = as_detector(loaded.model)                              # a Detector, whatever the backend
+    outputs = detector([image])                                       # [{"boxes", "labels", "scores"(, "masks")}]
 
-Both backends take and give the same things (images float ``[3, H, W]`` in 0..1; boxes in the
-image's pixels), so ``rcnn predict``, ``rcnn evaluate``, ``rcnn serve`` and the Python functions of
-:mod:`rcnn.inference` run either (``--backend eager|onnxruntime``, ``--model FILE``). Their outputs
-agree within the tolerances that ``tests/test_backends.py`` pins (boxes to 1e-2 px, scores to 1e-4,
-for the fp32 graph; int8 changes the numbers, its AP is measured in ``docs/benchmarks.md``).
+Every backend implements :class:`Detector` (a ``typing.Protocol``): the call ``detector(images,
+proposals=None, recorder=None)`` (images float ``[3, H, W]`` in 0..1 on ``detector.device``; boxes
+in the image's pixels) and the capabilities the predictor reads (``needs_proposals``,
+``predicts_masks``, ``num_classes``, ``input_size``, ``device``, ...). :class:`EagerDetector` is
+the eager backend (a model of :mod:`rcnn.models` in PyTorch); :class:`rcnn.export.OnnxDetector`
+the ONNX Runtime one. :class:`rcnn.inference.Predictor` runs any of them, so ``rcnn predict``,
+``rcnn evaluate``, ``rcnn serve`` and the Python functions of :mod:`rcnn.inference` run either
+(``--backend eager|onnxruntime``, ``--model FILE``). Their outputs agree within the tolerances
+that ``tests/test_backends.py`` pins (boxes to 1e-2 px, scores to 1e-4, for the fp32 graph; int8
+changes the numbers, its AP is measured in ``docs/benchmarks.md``).
 
 - ``eager``: the run folder's model in PyTorch (CPU or CUDA), BatchNorm folded for inference.
 - ``onnxruntime``: the graph of :func:`rcnn.export.export_onnx` in ONNX Runtime on the CPU. Given
@@ -21,27 +27,205 @@ for the fp32 graph; int8 changes the numbers, its AP is measured in ``docs/bench
   conversion to uint8 and back, 3% less CPU time for R50-FPN at 800x1066 than a uint8 graph.
   R-CNN has no ONNX form (see :mod:`rcnn.export`); it runs eager only.
 
+A new backend is one class that implements :class:`Detector` and one branch of :func:`load_detector`.
+
 An ONNX file is checked when it is loaded (:func:`rcnn.export.check_graph`, run by
 :class:`rcnn.export.OnnxDetector` for every way in: ``--model``, ``rcnn serve``, the cache): rcnn
 metadata that does not fit the graph — fewer or more class names than its classifier has classes,
 a foreign graph with other inputs or outputs given rcnn's metadata — is one ``ValueError`` naming
 the file and what does not fit, never an ``IndexError`` or ``KeyError`` in the middle of a prediction.
+
+Shape shorthand:
+    N: images;  D: detections of an image;  P: proposals of an image;  H, W: image size
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor, nn
 
 from rcnn.build import LoadedModel, load_model
+from rcnn.models import DetectorCapabilities, TwoStageDetector
 
-__all__ = ["BACKENDS", "PRECISIONS", "cached_onnx_file", "load_detector", "set_threads", "weights_digest"]
+__all__ = ["BACKENDS", "PRECISIONS", "Detector", "EagerDetector", "as_detector", "cached_onnx_file", "load_detector",
+           "model_device", "set_threads", "weights_digest"]  # fmt: skip
 
 BACKENDS = ("eager", "onnxruntime")
 PRECISIONS = ("fp32", "int8")
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What every backend is to the predictor (:class:`rcnn.inference.Predictor`), and all it reads.
+
+    ``detector(images, proposals=None, recorder=None)``: ``images`` float ``[3, H, W]`` in 0..1 on
+    ``device``; ``proposals`` ``[P, 4]`` per image (original pixels) when ``needs_proposals``;
+    ``recorder`` a mapping the forward pass writes its intermediate results to (``batch``,
+    ``features``, ``proposals``, ``detections``, ...; only where ``records``). Returns per image
+    ``boxes [D, 4]`` (the image's pixels), ``labels [D]`` (1..K), ``scores [D]`` and, where
+    ``predicts_masks``, ``masks [D, 1, H, W]``.
+    """
+
+    name: str  # the model's name in configs ("faster_rcnn"); a display name: rcnn.inference.GENERATIONS
+    num_classes: int  # K + 1, background included
+    needs_proposals: bool  # proposals come from outside (selective search or a proposals file)
+    has_rpn: bool
+    predicts_masks: bool
+    trains_in_stages: bool  # R-CNN: its scores are SVM margins, not probabilities
+    display_score_thresh: float
+    device: torch.device  # where the images go
+    input_size: tuple[int, int] | None  # (min_size, max_size) of its resize rule: files are decoded to it
+    backend: str  # "eager" or "onnxruntime"
+    precision: str  # "fp32" or "int8"
+    records: bool  # a recorder receives the forward pass's stages (explain draws them); an eager model's
+
+    def __call__(
+        self,
+        images: Sequence[Tensor],
+        proposals: Sequence[Tensor] | None = None,
+        recorder: MutableMapping[str, Any] | None = None,
+    ) -> list[dict[str, Tensor]]: ...
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of an eager model's parameters (or buffers, for a model of buffers only)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class EagerDetector:
+    """The eager backend: a model of :mod:`rcnn.models` run by PyTorch, as a :class:`Detector`.
+
+    Each call runs the model in eval mode under ``torch.inference_mode`` and leaves it in the mode
+    it was in. ``model`` is the ``nn.Module`` itself (what explain draws the parts of).
+    """
+
+    backend = "eager"
+    precision = "fp32"
+    records = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def needs_proposals(self) -> bool:
+        return self.model.needs_proposals
+
+    @property
+    def has_rpn(self) -> bool:
+        return self.model.has_rpn
+
+    @property
+    def predicts_masks(self) -> bool:
+        return self.model.predicts_masks
+
+    @property
+    def trains_in_stages(self) -> bool:
+        return self.model.trains_in_stages
+
+    @property
+    def display_score_thresh(self) -> float:
+        return self.model.display_score_thresh
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """``(min_size, max_size)`` of the model's resize rule; None for R-CNN, which warps each region."""
+        if not isinstance(self.model, TwoStageDetector):
+            return None
+        return self.model.transform.min_sizes[-1], self.model.transform.max_size
+
+    def __call__(
+        self,
+        images: Sequence[Tensor],
+        proposals: Sequence[Tensor] | None = None,
+        recorder: MutableMapping[str, Any] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        if self.model.training:  # (a walk over every module: only when it is needed)
+            self.model.eval()
+            try:
+                return self(images, proposals, recorder)
+            finally:
+                self.model.train()
+        with torch.inference_mode():
+            return self.model(images, proposals=proposals, recorder=recorder)
+
+
+class TorchvisionDetector:
+    """A detector of ``torchvision.models.detection`` (Faster / Mask R-CNN, the library's peer) as a
+    :class:`Detector`, so that the same predictor and evaluation measure both (the benchmarks
+    compare them like this). Its capabilities are read from torchvision's own structure: an RPN,
+    masks where its RoI heads have a mask predictor, its transform's resize rule."""
+
+    name = "torchvision"
+    backend = "eager"
+    precision = "fp32"
+    records = False
+    needs_proposals = False
+    has_rpn = True
+    trains_in_stages = False
+    display_score_thresh = DetectorCapabilities.display_score_thresh
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+        self.predicts_masks = bool(model.roi_heads.has_mask())
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return int(self.model.transform.min_size[-1]), int(self.model.transform.max_size)
+
+    def __call__(
+        self,
+        images: Sequence[Tensor],
+        proposals: Sequence[Tensor] | None = None,
+        recorder: MutableMapping[str, Any] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self.model(list(images))
+        finally:
+            self.model.train(was_training)
+
+
+def as_detector(model: Detector | nn.Module) -> Detector:
+    """``model`` as a :class:`Detector`: a backend's detector as it is, a model of :mod:`rcnn.models`
+    run by the eager backend (:class:`EagerDetector`), a torchvision detection model by
+    :class:`TorchvisionDetector`; ``TypeError`` for anything else."""
+    if isinstance(model, Detector):
+        return model
+    if isinstance(model, DetectorCapabilities):
+        return EagerDetector(model)
+    if isinstance(model, nn.Module) and hasattr(model, "roi_heads") and hasattr(model, "transform"):
+        return TorchvisionDetector(model)
+    raise TypeError(
+        f"{type(model).__name__} is not a detector: give a model of rcnn.models, a torchvision detection model "
+        "or a backend's detector (rcnn.backends.load_detector)"
+    )
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -166,7 +350,8 @@ def load_detector(
     progress: bool = False,
 ) -> LoadedModel:
     """A trained detector ready for inference, run by ``backend``: ``LoadedModel(model, config,
-    class_names, checkpoint, categories)`` where ``model`` is called as the eager model is.
+    class_names, checkpoint, categories)`` where ``model`` is the eager ``nn.Module`` or an
+    :class:`rcnn.export.OnnxDetector` (:func:`as_detector` makes either a :class:`Detector`).
 
     ``weights``: a run folder, ``step_*`` folder or ``model.safetensors``; ``model_file``: an ONNX
     file from ``rcnn export`` (implies ``backend="onnxruntime"``; the class names, categories and
@@ -211,7 +396,7 @@ def load_detector(
         checkpoint = find_checkpoint(weights)
         if (checkpoint / "config.yaml").is_file():
             name = load_config(checkpoint / "config.yaml").model.name
-            if getattr(model_class(name), "trains_in_stages", False):
+            if model_class(name).trains_in_stages:
                 raise ValueError(f"{weights}: R-CNN has no ONNX form (it runs the CNN once per warped region); "
                                  "use --backend eager")  # fmt: skip
         model_file = cached_onnx_file(weights, precision=precision or "fp32", calibrate=calibrate,

@@ -1,6 +1,6 @@
 """Exporting a trained detector to ONNX, pre- and post-processing included, and running it.
 
-``export_onnx(model, path, class_names)`` (``rcnn export --weights RUN --format onnx --out
+``export_onnx(model, path[, class_names])`` (``rcnn export --weights RUN --format onnx --out
 model.onnx``) writes one ONNX graph that takes an image and gives detections at the image's own
 size: resizing, normalisation and padding, the backbone, the RPN with its anchors, NMS and the
 proposal layer, RoI pooling / RoIAlign, the heads, per-class post-processing and, for Mask
@@ -25,7 +25,8 @@ the per-box mask pasting have no ONNX form; ``rcnn.core`` switches with
 translation of ``torchvision::roi_pool`` does not run).
 
 The run folder's class names travel in the file's metadata (``rcnn.class_names``, JSON), with
-the generation and the input format. A file is checked when it is loaded (:class:`OnnxDetector`):
+the generation and the input format; a model exported without them is given the names a run
+folder without ``classes.json`` gets (``class_0`` for the background, ``class_1..K``). A file is checked when it is loaded (:class:`OnnxDetector`):
 metadata that does not fit the graph (fewer class names than its classifier has classes, other
 inputs or outputs than an rcnn graph's, a foreign graph given rcnn's metadata) is refused with
 one ``ValueError`` naming the file and what does not fit. R-CNN cannot be exported: it runs the CNN once per warped
@@ -37,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from rcnn.io.files import atomic_write
+from rcnn.viz import image_pixels
 
 __all__ = ["OnnxDetector", "check_graph", "export_onnx", "onnx_metadata"]
 
@@ -176,7 +178,7 @@ def check_graph(path: str | os.PathLike, meta: dict[str, Any], inputs: Sequence[
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    class_names: Sequence[str],
+    class_names: Sequence[str] | None = None,
     *,
     input_format: str = "uint8",
     example_size: tuple[int, int] = (480, 640),
@@ -191,16 +193,19 @@ def export_onnx(
     size from 32 to 8192 on a side. ``categories`` (the data's ``{"id", "name"}`` per label) and
     ``config`` (the run's :class:`rcnn.config.Config`) travel in the metadata too, so the file
     alone evaluates and writes COCO results with the data's category ids; ``metadata`` adds
-    string entries.
+    string entries. ``class_names`` (background first) default to ``class_0 .. class_K``, as a run
+    folder without its ``classes.json`` names them.
     """
     if input_format not in _INPUTS:
         raise ValueError(f"input_format must be one of {_INPUTS}, got {input_format!r}")
-    if getattr(model, "trains_in_stages", False):
+    if model.trains_in_stages:
         raise ValueError(
             "R-CNN cannot be exported to ONNX: it runs the CNN once per warped region, in chunks whose number "
             "depends on the proposals, and scores the regions with its SVMs; export Fast R-CNN (the same "
             "proposals and classes, one network) instead"
         )
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(model.num_classes)]
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes (background included)")
     from torch.export import Dim
@@ -241,7 +246,7 @@ def export_onnx(
             "rcnn.needs_proposals": str(graph.needs_proposals).lower(),
             "rcnn.predicts_masks": str(graph.predicts_masks).lower(),
             "rcnn.precision": "fp32",
-            "rcnn.has_rpn": str(bool(getattr(model, "has_rpn", False))).lower(),
+            "rcnn.has_rpn": str(bool(model.has_rpn)).lower(),
         }
     )
     if categories is not None:
@@ -256,16 +261,23 @@ def export_onnx(
 
 
 class OnnxDetector:
-    """An exported model run by ONNX Runtime, with the library's model API for inference:
-    ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]`` (images float ``[3, H, W]``
-    in 0..1, as everywhere in the library; they are converted to the file's input format).
+    """An exported model run by ONNX Runtime on the CPU: the ONNX Runtime backend, a
+    :class:`rcnn.backends.Detector`. ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]``
+    (images float ``[3, H, W]`` in 0..1, as everywhere in the library; they are converted to the
+    file's input format).
 
-    Attributes ``class_names``, ``needs_proposals``, ``predicts_masks``, ``name`` come from the
-    file's metadata, so commands treat it like a loaded model.
+    Its capabilities (``class_names``, ``needs_proposals``, ``predicts_masks``, ``has_rpn``, ``name``,
+    the run's ``config``) come from the file's metadata. The graph gives only detections: a
+    ``recorder`` learns nothing of its stages (``records`` is false), and files are decoded whole
+    for it (``input_size`` None: the graph resizes inside).
     """
 
+    backend = "onnxruntime"
+    records = False
+    trains_in_stages = False  # R-CNN has no ONNX form
     display_score_thresh = 0.5
-    training = False
+    device = torch.device("cpu")  # the onnxruntime package is the CPU build
+    input_size = None
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -301,13 +313,18 @@ class OnnxDetector:
         self.has_rpn: bool = meta["has_rpn"]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, images: Sequence[Tensor], proposals: Sequence[Tensor] | None = None) -> list[dict[str, Tensor]]:
+    def __call__(
+        self,
+        images: Sequence[Tensor],
+        proposals: Sequence[Tensor] | None = None,
+        recorder: MutableMapping[str, Any] | None = None,
+    ) -> list[dict[str, Tensor]]:
         if self.needs_proposals and proposals is None:
             raise ValueError(f"{self.path} is a {self.name} model: it needs proposals")
         results = []
         for i, image in enumerate(images):
             if self.input_format == "uint8":
-                array = (image.detach().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                array = image_pixels(image)
             else:
                 array = image.detach().cpu().to(torch.float32).numpy()
             feeds = {"image": np.ascontiguousarray(array)}
@@ -322,11 +339,3 @@ class OnnxDetector:
                 out["masks"] = out["masks"][:, None]  # [D, 1, H, W], as the eager model's
             results.append(out)
         return results
-
-    def eval(self) -> OnnxDetector:  # the model API's no-ops, for code written for nn.Module
-        return self
-
-    def train(self, mode: bool = True) -> OnnxDetector:
-        if mode:
-            raise ValueError(f"{self.path}: an exported model runs inference only")
-        return self

@@ -1,17 +1,43 @@
-"""Running a trained detector: over a data set (for evaluation) or over image files.
+"""The one predictor: a detector of any backend run on images, data sets, files and video frames.
+
+    predictor = Predictor(model)                        # a model of rcnn.models, or any backend's Detector
+    prediction = predictor.predict(predictor.read("photo.jpg"))     # one image
+    for prediction in predictor.stream(items): ...      # (key, decoded image) pairs, batched (or tiled)
+    outputs, seconds = predictor.dataset(val)           # image_id -> output, for evaluation
+
+A :class:`Predictor` owns everything between an image and its detections: the device (its
+detector's), the decode size (files are decoded reduced to the detector's input size, unless
+tiled or asked whole), the proposals of the generations that need them (a proposals file by image
+id, else selective search on the image), batching, tiling, and the backend (anything that
+implements :class:`rcnn.backends.Detector`: the eager model, ONNX Runtime). What it returns is in
+the original image's pixels, boxes and masks alike. ``rcnn predict``, ``evaluate``, ``serve``,
+``explain``, ``benchmark`` and the benchmarks all run a model through it.
+
+Timing is a hook, not a second path: a :class:`Clock` given to :meth:`Predictor.detect` times the
+selective search and the detector call; a :class:`Recorder` given to it receives what the forward
+pass writes (``batch``, ``features``, ``proposals``, ``detections``, ...) with the time of each
+write: explain draws those stages, serve splits its time into proposals and the rest
+(:func:`time_split`).
+
+The writers of ``rcnn predict`` (pictures, JSON records, COCO results, videos) are sinks of the
+predictor's output (:class:`ImageFiles`, :class:`VideoFiles`, :class:`CocoResults`); a detection is
+written to JSON in one schema everywhere (:func:`detection_records`, also ``rcnn serve``'s).
 
 Shape shorthand:
-    D: detections of an image;  H, W: original image size
+    D: detections of an image;  P: proposals of an image;  H, W: original image size;
+    h, w: the image as decoded for the detector
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
@@ -21,51 +47,61 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rcnn.backends import Detector, as_detector, model_device
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.common import DetectionDataset
 from rcnn.evaluation.classes import match_classes
-from rcnn.evaluation.coco import evaluate_coco
+from rcnn.evaluation.coco import evaluate_coco, result_entries
 from rcnn.evaluation.voc import evaluate_voc
-from rcnn.tiling import MAX_TILES, MERGES, as_float, check_tiling, predict_tiled, tile_count
+from rcnn.io.files import write_json, write_text
 from rcnn.io.images import MAX_PIXELS, DecodedImage, read_image
+from rcnn.tiling import MAX_TILES, MERGES, as_float, check_tiling, predict_tiled, tile_count
+from rcnn.viz import draw_detections, image_pixels, save_png
 
 T = TypeVar("T")
 
 __all__ = [
+    "GENERATIONS",
+    "Clock",
+    "CocoResults",
+    "ImageFiles",
     "Prediction",
+    "Predictor",
+    "ProposalSource",
+    "Recorder",
     "Tiling",
+    "VideoFiles",
     "check_limit",
     "check_score_thresh",
-    "detect_timed",
+    "detection_records",
     "evaluate_model",
+    "generation",
+    "image_record",
     "model_device",
-    "model_input_size",
     "peak_memory_mb",
     "predict_dataset",
     "predict_images",
     "predict_stream",
     "reset_peak_memory",
     "score_range",
+    "time_split",
 ]
 
-ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original coordinates
+ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original image coordinates
+
+# The generations' display names, by model name (a table to look names up in, never to compare them).
+GENERATIONS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters, or of its buffers when it has none (the CPU for a model
-    run outside PyTorch, e.g. ONNX Runtime)."""
-    for tensors in (getattr(model, "parameters", None), getattr(model, "buffers", None)):
-        if tensors is not None:
-            first = next(iter(tensors()), None)
-            if first is not None:
-                return first.device
-    return torch.device("cpu")
+def generation(detector: Any) -> str:
+    """The display name of a detector's generation (``"Faster R-CNN"``), else its class's name."""
+    return GENERATIONS.get(detector.name, type(detector).__name__)
 
 
 def score_range(model: Any) -> tuple[float, float]:
     """The range of ``model``'s detection scores: ``(0, 1)`` for softmax probabilities; unbounded
     for R-CNN, whose detector (trained in stages) scores with SVM margins (0: the decision boundary)."""
-    if getattr(model, "trains_in_stages", False):
+    if getattr(model, "trains_in_stages", False):  # a duck-typed model may leave it out (tests/test_faults_options.py)
         return -math.inf, math.inf
     return 0.0, 1.0
 
@@ -80,8 +116,7 @@ def check_score_thresh(value: float | None, model: Any, what: str = "score_thres
     if not math.isfinite(value):
         raise ValueError(f"{what} {value}: a score threshold must be a finite number")
     if not low <= value <= high:
-        name = getattr(model, "name", type(model).__name__)
-        raise ValueError(f"{what} {value:g}: {name}'s scores are probabilities; give a threshold in [{low:g}, {high:g}]")
+        raise ValueError(f"{what} {value:g}: {model.name}'s scores are probabilities; give a threshold in [{low:g}, {high:g}]")
     return value
 
 
@@ -92,133 +127,103 @@ def check_limit(limit: int | None, what: str = "limit") -> int | None:
     return limit
 
 
-def _run(model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> list[dict[str, Tensor]]:
-    if proposals is None:
-        return model(images)
-    return model(images, proposals=proposals)
+# -- time and what the forward pass wrote --------------------------------------------------------
+class Clock:
+    """CPU seconds (``time.process_time``: all threads; the steadier figure on a shared machine) and
+    wall seconds (``time.perf_counter``) per named step, summed over the blocks run under the name.
+    With a CUDA ``device`` the device is synchronised at each reading, so that its queued work counts."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    def now(self) -> tuple[float, float]:
+        """``(cpu, wall)`` seconds now (after the device's queued work)."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.process_time(), time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Add the block's seconds to ``name``'s."""
+        cpu, wall = self.now()
+        try:
+            yield
+        finally:
+            cpu_end, wall_end = self.now()
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu_end - cpu
+            self.wall[name] = self.wall.get(name, 0.0) + wall_end - wall
+
+    def measure(self, fn: Callable[[], T]) -> tuple[float, float, T]:
+        """``(cpu_seconds, wall_seconds, result)`` of one call of ``fn``."""
+        cpu, wall = self.now()
+        result = fn()
+        cpu_end, wall_end = self.now()
+        return cpu_end - cpu, wall_end - wall, result
 
 
-@torch.inference_mode()
-def predict_dataset(
-    model: nn.Module,
-    dataset: DetectionDataset,
-    *,
-    proposals: ProposalSource | None = None,
-    batch_size: int = 1,
-    limit: int | None = None,
-    progress: bool = False,
-) -> tuple[dict[int, dict[str, Tensor]], float]:
-    """Outputs for each image of ``dataset`` (image_id -> output on the CPU) and seconds per image.
-
-    The time counts the model call only (resizing and post-processing included, data loading not).
-    """
-    check_limit(limit)
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    outputs: dict[int, dict[str, Tensor]] = {}
-    seconds = 0.0
-    indices = range(count)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices, desc="predict", unit="img")
-    batch: list[tuple[int, Tensor]] = []
-    for n, index in enumerate(indices):
-        image, target = dataset[index]
-        batch.append((int(target["image_id"]), image.to(device)))
-        if len(batch) < batch_size and n + 1 < count:
-            continue
-        ids = [i for i, _ in batch]
-        props = [proposals(i).to(device) for i in ids] if proposals is not None else None
-        tic = time.perf_counter()
-        results = _run(model, [im for _, im in batch], props)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - tic
-        for image_id, result in zip(ids, results):
-            outputs[image_id] = {k: v.cpu() for k, v in result.items()}
-        batch = []
-    model.train(was_training)
-    return outputs, seconds / max(count, 1)
+def _timed(clock: Clock | None, name: str) -> contextlib.AbstractContextManager:
+    return clock(name) if clock is not None else contextlib.nullcontext()
 
 
-def evaluate_model(
-    model: nn.Module,
-    dataset: DetectionDataset,
-    *,
-    proposals: ProposalSource | None = None,
-    masks: bool | None = None,
-    limit: int | None = None,
-    progress: bool = False,
-    class_names: Sequence[str] | None = None,
-    keep_outputs: bool = False,
-) -> dict[str, Any]:
-    """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
+class Recorder(dict):
+    """What one forward pass wrote: ``recorder[name] = value`` by its stages (the models' ``forward``
+    takes it as ``recorder``; the predictor adds ``images``, ``external_proposals`` and ``output``),
+    and ``times[name]``: the wall seconds since the recorder was made at which ``name`` was written
+    (the idea of detectron2's event storage). :meth:`watching` records the outputs of inner modules
+    too, by forward hooks. Make one with :meth:`Predictor.recorder` (its clock synchronises the
+    detector's device)."""
 
-    ``class_names``: the model's classes (background first, as in its run folder); the data set's
-    are matched with them by name (:func:`rcnn.evaluation.classes.match_classes`: a data set with
-    other classes is refused, never paired by position). Without them the model's labels are
-    taken to be the data set's.
+    def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__()
+        self.clock = clock or Clock()
+        self.times: dict[str, float] = {}
+        self._start = self.clock.now()[1]
 
-    Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
-    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
-    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
-    """
-    check_limit(limit)
-    mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
-    outputs, seconds = predict_dataset(model, dataset, proposals=proposals, limit=limit, progress=progress)
-    if mapping is not None and not mapping.identity:
-        outputs = {image_id: mapping.apply(output) for image_id, output in outputs.items()}
-    image_ids = list(outputs)
-    if masks is None:
-        masks = dataset.with_masks and any("masks" in o for o in outputs.values())
-    iou_types = ("bbox", "segm") if masks else ("bbox",)
-    result = evaluate_coco(outputs, dataset, iou_types, image_ids=image_ids)
-    result["voc"] = evaluate_voc(outputs, dataset, image_ids=image_ids)
-    result["seconds_per_image"] = seconds
-    result["images"] = len(image_ids)
-    if mapping is not None and mapping.dropped:
-        result["classes_dropped"] = list(mapping.dropped)
-    if keep_outputs:
-        result["outputs"] = outputs
-    return result
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        self.times[name] = self.clock.now()[1] - self._start
+
+    def between(self, start: str, end: str) -> float:
+        """Wall seconds from writing ``start`` to writing ``end``."""
+        return self.times[end] - self.times[start]
+
+    @contextlib.contextmanager
+    def watching(self, modules: Mapping[str, nn.Module]) -> Iterator[Recorder]:
+        """While the block runs, each call of ``modules[name]`` records its output as ``name``."""
+        handles = [module.register_forward_hook(lambda _m, _args, out, name=name: self.__setitem__(name, out))
+                   for name, module in modules.items()]  # fmt: skip
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
-@dataclass
-class Prediction:
-    """The detections of one image (or video frame) of :func:`predict_stream`.
-
-    ``image`` is the picture as decoded for the model (``[3, h, w]``: smaller than the original
-    ``H x W`` when the file was decoded reduced); ``output`` holds ``boxes`` in the original's
-    pixels (``x1, y1, x2, y2``), ``labels``, ``scores`` and, for Mask R-CNN, ``masks`` at the size
-    of ``image``. ``key`` is what the caller passed with the image.
-    """
-
-    key: Any
-    image: Tensor  # [3, h, w]
-    original_size: tuple[int, int]  # (H, W)
-    output: dict[str, Tensor]
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """``(h / H, w / W)``."""
-        return self.image.shape[1] / self.original_size[0], self.image.shape[2] / self.original_size[1]
-
-    def boxes_in_image(self) -> Tensor:
-        """``boxes [D, 4]`` in the pixels of ``image`` (for drawing on it)."""
-        sy, sx = self.scale
-        return self.output["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=self.output["boxes"].dtype)
+def time_split(recorder: Recorder) -> dict[str, float | None]:
+    """``{"proposals_s", "rest_s"}`` of a call recorded by :meth:`Predictor.detect`: proposals are the
+    selective search, or the RPN inside the model (``None`` where the two are not told apart: an
+    ONNX graph runs its RPN inside); rest is everything else of the detector call (resizing and
+    post-processing included)."""
+    if "external_proposals" in recorder:
+        return {"proposals_s": recorder.between("images", "external_proposals"),
+                "rest_s": recorder.between("external_proposals", "output")}  # fmt: skip
+    total = recorder.between("images", "output")
+    if "features" in recorder and "proposals" in recorder:  # the model's own RPN, between the two
+        rpn = recorder.between("features", "proposals")
+        return {"proposals_s": rpn, "rest_s": total - rpn}
+    return {"proposals_s": None, "rest_s": total}
 
 
+# -- the predictor -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tiling:
     """Tiled prediction settings (:func:`rcnn.tiling.predict_tiled`; their ranges: :mod:`rcnn.tiling`)."""
 
     tile: int
     overlap: float = 0.2
-    whole: bool = False  # also run the whole image, downscaled, and merge its detections
+    whole: bool = False  # also run the whole image and merge its detections
     merge: str = "nms"
     merge_threshold: float = 0.5
     max_tiles: int = MAX_TILES  # refuse an image that would make more tiles
@@ -241,13 +246,21 @@ class Tiling:
             )
 
 
-def model_input_size(model: Any) -> tuple[int, int] | None:
-    """``(min_size, max_size)`` of a model's resize rule; ``None`` for a model without one
-    (R-CNN, which warps each region; an exported model)."""
-    transform = getattr(model, "transform", None)
-    if transform is None or not hasattr(transform, "max_size"):
-        return None
-    return transform.min_sizes[-1], transform.max_size
+@dataclass
+class Prediction:
+    """The detections of one image (or video frame).
+
+    ``output`` holds ``boxes [D, 4]`` (x1, y1, x2, y2), ``labels [D]``, ``scores [D]`` and, for
+    Mask R-CNN, ``masks [D, 1, H, W]``, all in the pixels of the original ``H x W`` image.
+    ``image`` is the picture as decoded for the detector, ``[3, h, w]`` (smaller than the original
+    where the file was decoded reduced: ``draw_detections(image, output, ..., frame=original_size)``
+    draws on it). ``key`` is what the caller passed with the image.
+    """
+
+    key: Any
+    image: Tensor  # [3, h, w]
+    original_size: tuple[int, int]  # (H, W)
+    output: dict[str, Tensor]
 
 
 def _prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
@@ -288,158 +301,420 @@ def _prefetched(items: Iterable[T], ahead: int) -> Iterator[T]:
         thread.join()
 
 
-def _pixels(image: Tensor) -> np.ndarray:
-    """``[H, W, 3]`` uint8 of an image tensor ``[3, H, W]`` (uint8, or float in 0..1)."""
-    if image.dtype != torch.uint8:
-        image = (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return image.permute(1, 2, 0).cpu().numpy()
+def _in_original_pixels(output: dict[str, Tensor], decoded: DecodedImage) -> dict[str, Tensor]:
+    """A detector's ``output`` on ``decoded.image`` (on the CPU) in the original image's pixels: boxes
+    scaled, masks ``[D, 1, h, w]`` resampled (bilinear, binarised at 0.5 unless probabilities)."""
+    sy, sx = decoded.scale
+    if (sy, sx) == (1.0, 1.0):
+        return output
+    output = dict(output)
+    output["boxes"] = output["boxes"] / torch.tensor([sx, sy, sx, sy], dtype=output["boxes"].dtype)
+    if "masks" in output:
+        masks = output["masks"]  # [D, 1, h, w]
+        size = decoded.original_size
+        resized = torch.empty((len(masks), 1, *size), dtype=masks.dtype)
+        for d in range(len(masks)):  # one at a time: a float copy of all of them at full size would be 4x the result
+            mask = nn.functional.interpolate(masks[d : d + 1].float(), size=size, mode="bilinear")
+            resized[d] = mask[0] if masks.is_floating_point() else (mask[0] >= 0.5).to(masks.dtype)
+        output["masks"] = resized
+    return output
 
 
-@torch.inference_mode()
+class Predictor:
+    """The one way the library runs a detector on images (see the module docstring).
+
+    Args:
+        detector: any backend's :class:`rcnn.backends.Detector`, or a model of :mod:`rcnn.models`
+            (run by the eager backend).
+        proposals: for a detector that needs proposals, ``image_id -> [P, 4]`` (a proposals file:
+            ``rcnn.training.datasets.proposal_source``) for the images of :meth:`dataset`; other
+            images get selective search's, computed on the image as given to the detector.
+        search: that selective search (default settings).
+        batch_size: images (or tiles) per detector call.
+        tiling: cut each image into tiles (:class:`Tiling`); files are then decoded whole, uint8.
+        full_resolution: decode files whole even where the detector would shrink them.
+        max_pixels: files with more pixels (by their header) are refused.
+        prefetch: :meth:`stream` decodes this many items ahead, in a thread (0: none).
+    """
+
+    def __init__(
+        self,
+        detector: Detector | nn.Module,
+        *,
+        proposals: ProposalSource | None = None,
+        search: SelectiveSearch | None = None,
+        batch_size: int = 1,
+        tiling: Tiling | None = None,
+        full_resolution: bool = False,
+        max_pixels: int | None = MAX_PIXELS,
+        prefetch: int = 2,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.detector = as_detector(detector)
+        if tiling is not None and self.detector.needs_proposals:
+            raise ValueError("tiled prediction runs models with an RPN (Faster / Mask R-CNN); this model needs proposals")
+        self.proposals = proposals
+        self.search = search or SelectiveSearch()
+        self.batch_size = batch_size
+        self.tiling = tiling
+        self.full_resolution = full_resolution
+        self.max_pixels = max_pixels
+        self.prefetch = prefetch
+
+    @property
+    def device(self) -> torch.device:
+        """Where the images go: the detector's device."""
+        return self.detector.device
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """``(min_size, max_size)`` files are decoded to (``rcnn.io.images.read_image``'s ``fit``), or
+        None: whole (tiled, asked for whole, or a detector without a resize rule)."""
+        return None if self.tiling is not None or self.full_resolution else self.detector.input_size
+
+    def read(self, path: str | os.PathLike) -> DecodedImage:
+        """An image file decoded for the detector (reduced to :attr:`decode_size`; uint8 and checked
+        against the tile limit when tiled). ``ValueError`` naming the file when it cannot be read."""
+        dtype = torch.uint8 if self.tiling is not None else torch.float32
+        decoded = read_image(path, fit=self.decode_size, max_pixels=self.max_pixels, dtype=dtype)
+        if self.tiling is not None:  # before any tile is run
+            self.tiling.check(*decoded.original_size, str(path))
+        return decoded
+
+    def recorder(self) -> Recorder:
+        """A :class:`Recorder` whose clock synchronises this detector's device."""
+        return Recorder(Clock(self.device))
+
+    @torch.inference_mode()
+    def detect(
+        self,
+        images: Sequence[Tensor],
+        *,
+        image_ids: Sequence[int] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+        recorder: Recorder | None = None,
+        clock: Clock | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """One detector call on ``images`` ``[3, H, W]`` (float 0..1, or uint8): per image ``boxes``,
+        ``labels``, ``scores`` (+ ``masks``) in that image's pixels, on the CPU.
+
+        A detector that needs proposals gets ``proposals``, else the proposals file's for
+        ``image_ids``, else selective search's. ``clock`` times ``"proposals"`` (selective search,
+        the file) and ``"model"`` (the detector call); ``recorder`` receives ``images``,
+        ``external_proposals`` (where they come from outside), what the forward pass writes, and
+        ``output``.
+        """
+        images = [as_float(image).to(self.device) for image in images]
+        if recorder is not None:
+            recorder["images"] = images
+        if proposals is not None:
+            proposals = [p.to(self.device) for p in proposals]
+        elif self.detector.needs_proposals:
+            with _timed(clock, "proposals"):
+                if self.proposals is not None and image_ids is not None:
+                    proposals = [self.proposals(int(i)).to(self.device) for i in image_ids]
+                else:
+                    proposals = [self.search(image_pixels(image)).to(self.device) for image in images]
+            if recorder is not None:
+                recorder["external_proposals"] = proposals
+        with _timed(clock, "model"):
+            outputs = self.detector(images, proposals=proposals, recorder=recorder)
+        if recorder is not None:
+            recorder["output"] = outputs
+        return [{k: v.cpu() for k, v in output.items()} for output in outputs]
+
+    def _tiled(self, image: Tensor) -> dict[str, Tensor]:
+        tiling = self.tiling
+        whole = as_float(image).to(self.device) if tiling.whole else None
+        output = predict_tiled(
+            self.detector, image.to(self.device), tiling.tile, tiling.overlap, whole=whole, merge=tiling.merge,
+            merge_threshold=tiling.merge_threshold, batch_size=self.batch_size, max_tiles=tiling.max_tiles,
+        )  # fmt: skip
+        return {k: v.cpu() for k, v in output.items()}
+
+    def predict(self, image: DecodedImage | Tensor, key: Any = None, *, recorder: Recorder | None = None) -> Prediction:
+        """One image (as :meth:`read` decodes it, or a tensor ``[3, H, W]`` taken as the original):
+        its :class:`Prediction`, in the original's pixels. ``recorder``: as :meth:`detect` (untiled)."""
+        decoded = image if isinstance(image, DecodedImage) else DecodedImage(image, (image.shape[1], image.shape[2]))
+        if self.tiling is not None:
+            output = self._tiled(decoded.image)
+        else:
+            (output,) = self.detect([decoded.image], recorder=recorder)
+        return Prediction(key, decoded.image, decoded.original_size, _in_original_pixels(output, decoded))
+
+    def timed(self, image: DecodedImage | Tensor) -> tuple[Prediction, dict[str, float | None]]:
+        """:meth:`predict` with its time split (:func:`time_split`)."""
+        recorder = self.recorder()
+        prediction = self.predict(image, recorder=recorder)
+        return prediction, time_split(recorder)
+
+    def stream(self, items: Iterable[tuple[Any, DecodedImage]]) -> Iterator[Prediction]:
+        """A :class:`Prediction` for each ``(key, decoded image)`` pair, in order: ``batch_size``
+        images per detector call, or each image's tiles ``batch_size`` at a time; decoding runs
+        ahead in a background thread (``prefetch``)."""
+        items = iter(_prefetched(items, self.prefetch))
+        size = 1 if self.tiling is not None else self.batch_size
+        while batch := list(itertools.islice(items, size)):
+            if self.tiling is not None:
+                (key, decoded), = batch
+                yield Prediction(key, decoded.image, decoded.original_size, self._tiled(decoded.image))
+                continue
+            for (key, decoded), output in zip(batch, self.detect([decoded.image for _, decoded in batch])):
+                yield Prediction(key, decoded.image, decoded.original_size, _in_original_pixels(output, decoded))
+
+    def dataset(
+        self, dataset: DetectionDataset, *, limit: int | None = None, progress: bool = False
+    ) -> tuple[dict[int, dict[str, Tensor]], float]:
+        """Outputs for each image of ``dataset`` (image_id -> output on the CPU, original pixels) and
+        the seconds per image of the detector calls (resizing and post-processing included; data
+        loading and proposals not)."""
+        from tqdm.auto import tqdm
+
+        check_limit(limit)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        clock = Clock(self.device)
+        outputs: dict[int, dict[str, Tensor]] = {}
+        with tqdm(total=count, desc="predict", unit="img", disable=not progress) as bar:  # closed before an error is told
+            for start in range(0, count, self.batch_size):
+                ids, images = [], []
+                for index in range(start, min(start + self.batch_size, count)):
+                    image, target = dataset[index]
+                    ids.append(int(target["image_id"]))
+                    images.append(image)
+                outputs.update(zip(ids, self.detect(images, image_ids=ids, clock=clock)))
+                bar.update(len(ids))
+        return outputs, clock.wall.get("model", 0.0) / max(count, 1)
+
+
+# -- the functions of earlier versions, on the predictor -----------------------------------------
+def _predictor(model: Predictor | Detector | nn.Module, **options: Any) -> Predictor:
+    return model if isinstance(model, Predictor) else Predictor(model, **options)
+
+
+def predict_dataset(
+    model: Predictor | Detector | nn.Module,
+    dataset: DetectionDataset,
+    *,
+    proposals: ProposalSource | None = None,
+    batch_size: int = 1,
+    limit: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, dict[str, Tensor]], float]:
+    """:meth:`Predictor.dataset` of ``model``."""
+    return _predictor(model, proposals=proposals, batch_size=batch_size).dataset(dataset, limit=limit, progress=progress)
+
+
 def predict_stream(
-    model: Any,
+    model: Predictor | Detector | nn.Module,
     items: Iterable[tuple[Any, DecodedImage]],
     *,
     batch_size: int = 1,
     tiling: Tiling | None = None,
-    whole_images: Callable[[Any], Tensor] | None = None,
     prefetch: int = 2,
 ) -> Iterator[Prediction]:
-    """Run ``model`` over ``(key, decoded image)`` pairs, ``batch_size`` images per call, and yield a
-    :class:`Prediction` per image, in order.
-
-    Models that need proposals get selective search's, computed on the decoded image. With
-    ``tiling`` each image is cut into tiles (run ``batch_size`` tiles per call) and
-    ``whole_images(key)``, when given, supplies the downscaled whole image for ``tiling.whole``.
-    Decoding runs ahead of the model in a background thread (``prefetch`` items; 0: none).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model.eval()
-    device = model_device(model)
-    needs_proposals = bool(getattr(model, "needs_proposals", False))
-    search = SelectiveSearch() if needs_proposals else None
-    if tiling is not None and needs_proposals:
-        raise ValueError("tiled prediction runs models with an RPN (Faster / Mask R-CNN); this model needs proposals")
-    if tiling is not None:
-        for key, decoded in _prefetched(items, prefetch):
-            whole = None
-            if tiling.whole:
-                whole = whole_images(key) if whole_images is not None else as_float(decoded.image)
-                whole = whole.to(device)
-            output = predict_tiled(
-                model, decoded.image.to(device), tiling.tile, tiling.overlap, whole=whole, merge=tiling.merge,
-                merge_threshold=tiling.merge_threshold, batch_size=batch_size, max_tiles=tiling.max_tiles,
-            )  # fmt: skip
-            yield _prediction(key, decoded, output)
-        return
-    batch: list[tuple[Any, DecodedImage]] = []
-    stream = iter(_prefetched(items, prefetch))
-    while True:
-        item = next(stream, None)
-        if item is not None:
-            batch.append(item)
-            if len(batch) < batch_size:
-                continue
-        if not batch:
-            return
-        images = [as_float(decoded.image).to(device) for _, decoded in batch]
-        proposals = [search(_pixels(im)).to(device) for im in images] if search is not None else None
-        outputs = _run(model, images, proposals)
-        for (key, decoded), output in zip(batch, outputs):
-            yield _prediction(key, decoded, output)
-        batch = []
-        if item is None:
-            return
-
-
-def _prediction(key: Any, decoded: DecodedImage, output: dict[str, Tensor]) -> Prediction:
-    output = {k: v.cpu() for k, v in output.items()}
-    sy, sx = decoded.scale
-    if (sy, sx) != (1.0, 1.0):
-        output["boxes"] = output["boxes"] / torch.tensor([sx, sy, sx, sy], dtype=output["boxes"].dtype)
-    return Prediction(key, decoded.image, decoded.original_size, output)
+    """:meth:`Predictor.stream` of ``model``."""
+    return _predictor(model, batch_size=batch_size, tiling=tiling, prefetch=prefetch).stream(items)
 
 
 def predict_images(
-    model: nn.Module,
+    model: Predictor | Detector | nn.Module,
     paths: Sequence[str | os.PathLike],
     *,
     batch_size: int = 1,
     max_pixels: int | None = MAX_PIXELS,
 ) -> list[tuple[Path, Tensor, dict[str, Tensor]]]:
     """``(path, image [3, H, W], output)`` for each image file, read whole; unreadable files raise
-    naming the file. (:func:`predict_stream` is the general form.)"""
-    items = ((Path(p), read_image(p, max_pixels=max_pixels)) for p in paths)
-    return [(p.key, p.image, p.output) for p in predict_stream(model, items, batch_size=batch_size, prefetch=0)]
+    naming the file."""
+    predictor = _predictor(model, batch_size=batch_size, full_resolution=True, max_pixels=max_pixels, prefetch=0)
+    items = ((Path(p), predictor.read(p)) for p in paths)
+    return [(p.key, p.image, p.output) for p in predictor.stream(items)]
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def evaluate_model(
+    model: Predictor | Detector | nn.Module,
+    dataset: DetectionDataset,
+    *,
+    proposals: ProposalSource | None = None,
+    masks: bool | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+    class_names: Sequence[str] | None = None,
+    keep_outputs: bool = False,
+) -> dict[str, Any]:
+    """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
 
+    ``class_names``: the model's classes (background first, as in its run folder); the data set's
+    are matched with them by name (:func:`rcnn.evaluation.classes.match_classes`: a data set with
+    other classes is refused, never paired by position). Without them the model's labels are
+    taken to be the data set's.
 
-@contextlib.contextmanager
-def _module_clock(module: nn.Module, device: torch.device) -> Iterator[list[float]]:
-    """Seconds spent in ``module``'s forward calls while the block runs, appended to the yielded list."""
-    spent: list[float] = []
-    start = [0.0]
-
-    def before(*_: Any) -> None:
-        _synchronize(device)
-        start[0] = time.perf_counter()
-
-    def after(*_: Any) -> None:
-        _synchronize(device)
-        spent.append(time.perf_counter() - start[0])
-
-    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        yield spent
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.inference_mode()
-def detect_timed(
-    model: nn.Module, image: Tensor, search: SelectiveSearch | None = None
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """One image ``[3, H, W]`` through a trained model, timed: ``(output, {"proposals_s", "rest_s"})``.
-
-    The proposal stage is selective search (``search``, default settings) for models that need
-    proposals, else the RPN inside the model; "rest" is everything else of the model call
-    (resizing and post-processing included). The model is put in eval mode. A model run by ONNX
-    Runtime (:mod:`rcnn.backends`) computes its RPN inside one graph: ``proposals_s`` is None and
-    ``rest_s`` the whole call.
+    Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
+    "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
+    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
     """
-    model.eval()
-    device = model_device(model)
-    image = image.to(device)
-    if model.needs_proposals:
-        search = search or SelectiveSearch()
-        pixels = (image.detach().cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-        tic = time.perf_counter()
-        boxes = search(pixels).to(device)
-        proposals_s = time.perf_counter() - tic
-        tic = time.perf_counter()
-        (output,) = model([image], proposals=[boxes])
-        _synchronize(device)
-        return output, {"proposals_s": proposals_s, "rest_s": time.perf_counter() - tic}
-    if not isinstance(model, nn.Module):  # ONNX Runtime: the RPN runs inside the one graph, not timed apart
-        tic = time.perf_counter()
-        (output,) = model([image])
-        return output, {"proposals_s": None, "rest_s": time.perf_counter() - tic}
-    with _module_clock(model.rpn, device) as rpn_seconds:
-        _synchronize(device)
-        tic = time.perf_counter()
-        (output,) = model([image])
-        _synchronize(device)
-        total = time.perf_counter() - tic
-    proposals_s = sum(rpn_seconds)
-    return output, {"proposals_s": proposals_s, "rest_s": total - proposals_s}
+    check_limit(limit)
+    mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
+    outputs, seconds = _predictor(model, proposals=proposals).dataset(dataset, limit=limit, progress=progress)
+    if mapping is not None and not mapping.identity:
+        outputs = {image_id: mapping.apply(output) for image_id, output in outputs.items()}
+    image_ids = list(outputs)
+    if masks is None:
+        masks = dataset.with_masks and any("masks" in o for o in outputs.values())
+    iou_types = ("bbox", "segm") if masks else ("bbox",)
+    result = evaluate_coco(outputs, dataset, iou_types, image_ids=image_ids)
+    result["voc"] = evaluate_voc(outputs, dataset, image_ids=image_ids)
+    result["seconds_per_image"] = seconds
+    result["images"] = len(image_ids)
+    if mapping is not None and mapping.dropped:
+        result["classes_dropped"] = list(mapping.dropped)
+    if keep_outputs:
+        result["outputs"] = outputs
+    return result
 
 
+# -- sinks of the predictor's output -------------------------------------------------------------
+def _binary(mask: Tensor) -> Tensor:
+    """A mask ``[H, W]`` (uint8 0/1, or float probabilities) as bool, probabilities at 0.5."""
+    return mask >= 0.5 if mask.is_floating_point() else mask > 0
+
+
+def detection_records(output: Mapping[str, Tensor], class_names: Sequence[str], keep: Tensor | None = None) -> list[dict[str, Any]]:
+    """The detections of ``output`` (``keep``: a bool ``[D]`` of those to write; default all) in the
+    library's one JSON schema: ``{"box": [x1, y1, x2, y2], "label": 1..K, "class_name", "score",
+    "mask"?}``, boxes in the pixels of the output's image (2 decimals), scores to 4 decimals, masks
+    (Mask R-CNN) as COCO RLE ``{"size": [H, W], "counts": str}``. ``rcnn predict`` and ``rcnn serve``
+    write it; docs/predict.md describes it."""
+    from pycocotools import mask as mask_utils
+
+    rows = range(len(output["scores"])) if keep is None else keep.nonzero().flatten().tolist()
+    records = []
+    for d in rows:
+        label = int(output["labels"][d])
+        record: dict[str, Any] = {
+            "box": [round(float(v), 2) for v in output["boxes"][d]],
+            "label": label,
+            "class_name": class_names[label] if 0 <= label < len(class_names) else f"class_{label}",
+            "score": round(float(output["scores"][d]), 4),
+        }
+        if "masks" in output:
+            rle = mask_utils.encode(np.asfortranarray(_binary(output["masks"][d, 0]).to(torch.uint8).numpy()))
+            record["mask"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        records.append(record)
+    return records
+
+
+def image_record(name: str, source: str | os.PathLike, image_id: int, size: Sequence[int], output: Mapping[str, Tensor],
+                 class_names: Sequence[str], threshold: float) -> dict[str, Any]:  # fmt: skip
+    """The JSON record of one image's detections (``rcnn predict``'s ``OUT/N.json``, ``rcnn explain``'s
+    ``OUT/detections.json``): ``{"image": name, "source": path, "image_id", "size": [H, W],
+    "detections": [...]}``, the detections scoring at least ``threshold`` (:func:`detection_records`)."""
+    return {"image": name, "source": str(source), "image_id": image_id, "size": [int(v) for v in size],
+            "detections": detection_records(output, class_names, output["scores"] >= threshold)}  # fmt: skip
+
+
+class ImageFiles:
+    """``OUT/N.png`` (the detections scoring at least ``threshold`` drawn on the image) and ``OUT/N.json``
+    (``{"image", "source", "image_id", "size", "detections"}``) for each image whose key is ``(source,
+    None)`` (an ``rcnn.io.sources.Source``); video frames are :class:`VideoFiles`'."""
+
+    def __init__(self, out: Path, class_names: Sequence[str], threshold: float) -> None:
+        self.out, self.class_names, self.threshold = Path(out), class_names, threshold
+
+    def write(self, prediction: Prediction, image_id: int) -> None:
+        source, frame = prediction.key
+        if frame is not None:
+            return
+        keep = prediction.output["scores"] >= self.threshold
+        shown = {k: v[keep] for k, v in prediction.output.items()}
+        picture = draw_detections(prediction.image, shown, self.class_names, self.threshold, frame=prediction.original_size)
+        (self.out / source.name).parent.mkdir(parents=True, exist_ok=True)
+        save_png(picture, self.out / f"{source.name}.png")
+        write_json(self.out / f"{source.name}.json", image_record(source.name, source.path, image_id, prediction.original_size,
+                                                                 prediction.output, self.class_names, self.threshold))
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class VideoFiles:
+    """``OUT/N.detections.mp4`` (every predicted frame, drawn) and ``OUT/N.jsonl`` (a record per frame:
+    ``{"video", "source", "frame", "time_s", "image_id", "detections"}``) for each video whose frames
+    come with keys ``(source, frame index)``; ``videos``: source path -> ``rcnn.io.sources.VideoInfo``,
+    ``stride``: every how many frames one is predicted."""
+
+    def __init__(self, out: Path, class_names: Sequence[str], threshold: float, videos: Mapping[Path, Any],
+                 stride: int, log: Callable[[str], None] = print) -> None:  # fmt: skip
+        self.out, self.class_names, self.threshold = Path(out), class_names, threshold
+        self.videos, self.stride, self.log = videos, stride, log
+        self.writer, self.source, self.records = None, None, []
+
+    def write(self, prediction: Prediction, image_id: int) -> None:
+        from rcnn.io.sources import VideoWriter
+
+        source, frame = prediction.key
+        if frame is None:
+            return
+        info = self.videos[source.path]
+        if self.source is not source:
+            self.close()
+            self.writer = VideoWriter(self.out / f"{source.name}.detections.mp4", info.fps / self.stride, info.size)
+            self.source = source
+        keep = prediction.output["scores"] >= self.threshold
+        shown = {k: v[keep] for k, v in prediction.output.items()}
+        self.writer.write(draw_detections(prediction.image, shown, self.class_names, self.threshold,
+                                          frame=prediction.original_size))  # fmt: skip
+        self.records.append({"video": source.name, "source": str(source.path), "frame": frame,
+                             "time_s": round(frame / info.fps, 4), "image_id": image_id,
+                             "detections": detection_records(prediction.output, self.class_names, keep)})  # fmt: skip
+
+    def close(self) -> None:
+        """Finish the video being written (and its records)."""
+        if self.writer is not None:
+            self.writer.close()
+            write_text(self.out / f"{self.source.name}.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+            self.log(f"{self.source.path}: {len(self.records)} frames -> {self.writer.path}")
+        self.writer, self.records = None, []
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class CocoResults:
+    """Every detection as one COCO results list (``path``, a JSON list; category ids from
+    ``categories``, the data's ``{"id", "name"}`` per label) and ``images_path`` listing the images
+    (``{"images": [{"id", "file_name", "height", "width"}], "categories"}``; a video frame is named
+    ``N#frame=I``). Written when closed."""
+
+    def __init__(self, path: str | os.PathLike, images_path: Path, categories: Sequence[Mapping[str, Any]]) -> None:
+        self.path, self.images_path, self.categories = path, images_path, list(categories)
+        self.category_ids = {i: int(c["id"]) for i, c in enumerate(self.categories)}
+        self.results: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+
+    def write(self, prediction: Prediction, image_id: int) -> None:
+        source, frame = prediction.key
+        output = prediction.output
+        masks = _binary(output["masks"][:, 0]).numpy() if "masks" in output else None
+        self.results += result_entries(image_id, output["boxes"].numpy(), output["labels"].numpy(),
+                                       output["scores"].numpy(), self.category_ids, masks)  # fmt: skip
+        name = source.name if frame is None else f"{source.name}#frame={frame}"
+        height, width = prediction.original_size
+        self.images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+
+    def close(self) -> None:
+        write_json(self.path, self.results, indent=None)
+        write_json(self.images_path, {"images": self.images, "categories": self.categories[1:]})
+
+    def abort(self) -> None:
+        pass
+
+
+# -- memory --------------------------------------------------------------------------------------
 def peak_memory_mb() -> float:
     """This process's peak resident memory in MiB (Linux: VmHWM, since :func:`reset_peak_memory`;
     elsewhere ``ru_maxrss``)."""

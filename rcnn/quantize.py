@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rcnn.io.files import atomic_write
+from rcnn.viz import image_pixels
 
 __all__ = ["calibration_images", "quantize_onnx", "recipe"]
 
@@ -63,7 +64,7 @@ def calibration_images(source: str | os.PathLike, split: str | None, count: int,
 def _image_array(image: Tensor, input_format: str) -> np.ndarray:
     """A float ``[3, H, W]`` image in 0..1 as the exported graph's input."""
     if input_format == "uint8":
-        array = (image.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        array = image_pixels(image)
     else:
         array = image.to(torch.float32).numpy()
     return np.ascontiguousarray(array)

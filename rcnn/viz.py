@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from rcnn.core.masks import MASK_THRESHOLD
 from rcnn.io.files import atomic_write
 
-__all__ = ["PNG_MARK", "class_colour", "draw_detections", "is_rcnn_png", "png_info", "save_grid", "save_png", "to_pil"]
+__all__ = ["PNG_MARK", "class_colour", "draw_detections", "image_pixels", "is_rcnn_png", "png_info", "save_grid", "save_png",
+           "to_pil"]
 
 # Distinct, saturated colours (Kelly's list of maximum contrast), indexed by label.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -60,23 +61,30 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return _PALETTE[(int(label) - 1) % len(_PALETTE)]
 
 
+def image_pixels(image: torch.Tensor) -> np.ndarray:
+    """``[H, W, 3]`` uint8 of an image tensor ``[3, H, W]`` (or ``[1, H, W]``): uint8 as it is, float
+    0..1 to 0..255, rounded. The library's one conversion of a model's image back to pixels (what
+    selective search, an ONNX graph of uint8 input, calibration and the pictures take)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image tensor must be [3, H, W] or [1, H, W], got {list(image.shape)}")
+    image = image.detach()
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255.0).round()
+    return np.ascontiguousarray(image.to(torch.uint8).expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
+
+
 def to_pil(image: Any) -> Image.Image:
     """An RGB ``PIL.Image`` from a tensor ``[3, H, W]`` (float 0..1 or uint8), an array ``[H, W, 3]`` or a PIL image."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"image tensor must be [3, H, W] or [1, H, W], got {list(image.shape)}")
-        array = image.detach().cpu()
-        if array.is_floating_point():
-            array = (array.clamp(0, 1) * 255).round()
-        array = array.to(torch.uint8).expand(3, -1, -1).permute(1, 2, 0).numpy()
+        array = image_pixels(image)
     else:
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"image array must be [H, W, 3], got {list(array.shape)}")
         if array.dtype != np.uint8:
-            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            array = image_pixels(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1))
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
 
 
@@ -91,6 +99,7 @@ def draw_detections(
     score_threshold: float = 0.5,
     *,
     scale: float = 1.0,
+    frame: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Draw ``output`` (``boxes [D, 4]``, ``labels [D]``, optional ``scores [D]`` and ``masks``
     ``[D, 1, H, W]`` / ``[D, H, W]``) on ``image``; return a new RGB ``PIL.Image``.
@@ -98,11 +107,16 @@ def draw_detections(
     Detections scoring below ``score_threshold`` are skipped; a ground-truth target (no
     ``scores``) is drawn whole. Masks are blended at 45% opacity in the class colour, boxes
     outlined, and each box labelled ``"name score"``. ``scale`` enlarges the picture first
-    (nearest neighbour), which keeps the labels legible on small images.
+    (nearest neighbour), which keeps the labels legible on small images. ``frame``: the ``(H, W)``
+    whose pixels ``output`` is in when not the image's own (a predictor's detections are in the
+    original's pixels; the picture may be the image as decoded, smaller): boxes are scaled and
+    masks resampled (nearest) to the image.
     """
     canvas = to_pil(image)
     width, height = canvas.size
     boxes = _numpy(output["boxes"]).reshape(-1, 4).astype(np.float64)  # [D, 4]
+    if frame is not None and tuple(frame) != (height, width):
+        boxes = boxes * np.array([width / frame[1], height / frame[0]] * 2)
     labels = _numpy(output["labels"]).reshape(-1).astype(np.int64)  # [D]
     scores = _numpy(output["scores"]).reshape(-1) if output.get("scores") is not None else None  # [D]
     keep = np.ones(len(labels), dtype=bool) if scores is None else scores >= score_threshold
@@ -111,7 +125,13 @@ def draw_detections(
         order = order[np.argsort(scores[order], kind="stable")]  # best drawn last, on top
     pixels = np.asarray(canvas, dtype=np.float32)  # [H, W, 3]
     if output.get("masks") is not None and len(order):
-        masks = _numpy(output["masks"])
+        masks = output["masks"]
+        if frame is not None and tuple(masks.shape[-2:]) != (height, width):  # only the drawn ones, resampled
+            chosen = torch.as_tensor(masks)[torch.as_tensor(order)].reshape(len(order), 1, *masks.shape[-2:])
+            resampled = torch.nn.functional.interpolate(chosen.float(), size=(height, width), mode="nearest")
+            masks = np.zeros((len(labels), height, width), dtype=np.float32 if chosen.is_floating_point() else np.uint8)
+            masks[order] = resampled[:, 0].numpy().astype(masks.dtype)
+        masks = _numpy(masks)
         masks = masks.reshape(masks.shape[0], *masks.shape[-2:])  # [D, H, W]
         if masks.shape[-2:] != (height, width):
             raise ValueError(f"masks are {masks.shape[-2]}x{masks.shape[-1]} but the image is {height}x{width}")

@@ -1,4 +1,4 @@
-"""rcnn.explain: the stages of each generation on one image, from the model's own parts; the page;
+"""rcnn.explain: the stages of each generation on one image, recorded from the model's forward pass; the page;
 ground truth and the error analysis; the command."""
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def val_image(shapes_root):
 
 @pytest.mark.parametrize("kind", list(STAGES))
 def test_stages_are_the_models_own_and_end_in_its_detections(kind, runs, val_image):
-    model, _, names = load_model(runs[kind])
+    loaded = load_model(runs[kind])
+    model, names = loaded.model, loaded.class_names
     image, gt = val_image
     explanation = explain_model(model, image, names, gt=gt, score_thresh=0.1)
     assert [s.key for s in explanation.stages] == STAGES[kind]
@@ -66,7 +67,7 @@ def test_stages_are_the_models_own_and_end_in_its_detections(kind, runs, val_ima
         else:
             (expected,) = model([image])
     assert set(explanation.detections) == set(expected)
-    for key, value in expected.items():  # bit-identical: the explanation ran the model's own parts
+    for key, value in expected.items():  # bit-identical: the explanation drew the predictor's own forward pass
         assert torch.equal(explanation.detections[key], value), key
     assert all(s.caption and s.picture.size[0] > 50 for s in explanation.stages)
     errors = explanation.errors
@@ -76,7 +77,8 @@ def test_stages_are_the_models_own_and_end_in_its_detections(kind, runs, val_ima
 
 
 def test_page_is_self_contained_with_a_picture_per_stage(runs, val_image, tmp_path):
-    model, _, names = load_model(runs["mask_rcnn"])
+    loaded = load_model(runs["mask_rcnn"])
+    model, names = loaded.model, loaded.class_names
     image, gt = val_image
     page = explain(model, image, names, tmp_path / "out", gt=gt, title="val 1")
     html = page.read_text()
@@ -93,7 +95,7 @@ def test_rpn_candidates_then_nms_are_the_proposal_layer(runs, val_image):
     from rcnn.components.backbones import as_feature_list
     from rcnn.core.ops import batched_nms
 
-    model, _, _ = load_model(runs["faster_rcnn"])
+    model = load_model(runs["faster_rcnn"]).model
     batch, _, _ = model.transform([val_image[0]])
     with torch.inference_mode():
         features = as_feature_list(model.backbone(batch.tensors))

@@ -76,8 +76,7 @@ def test_boxes_come_back_in_original_pixels(tmp_path: Path) -> None:
     assert prediction.original_size == (2000, 3000) and prediction.image.shape[1] < 2000
     (box,) = prediction.output["boxes"]
     torch.testing.assert_close(box, torch.tensor([1200.0, 600, 1800, 1000]), atol=16.0, rtol=0)  # within a cell
-    sy, sx = prediction.scale
-    torch.testing.assert_close(prediction.boxes_in_image()[0], box * torch.tensor([sx, sy, sx, sy]))
+    assert set(prediction.output) == {"boxes", "labels", "scores"}  # one frame: nothing left in the decoded image's
 
 
 PEAK = """

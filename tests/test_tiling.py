@@ -20,15 +20,28 @@ from rcnn.tiling import merge_detections, predict_tiled, tile_windows
 
 
 class BrightSquares(nn.Module):
+    """A stand-in detector (``rcnn.backends.Detector``): a box around each bright square."""
+
+    name = "bright_squares"
+    num_classes = 2
     needs_proposals = False
+    has_rpn = False
+    predicts_masks = False
+    trains_in_stages = False
     display_score_thresh = 0.5
+    device = torch.device("cpu")
+    backend, precision, records = "eager", "fp32", False
 
     def __init__(self, size: int = 256) -> None:
         super().__init__()
         self.transform = DetectionTransform(size, size, image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
         self.calls = 0
 
-    def forward(self, images):  # noqa: ANN001, ANN201
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.transform.min_sizes[-1], self.transform.max_size
+
+    def forward(self, images, proposals=None, recorder=None):  # noqa: ANN001, ANN201
         self.calls += len(images)
         batch, _, _ = self.transform(images)
         detections = []

@@ -54,14 +54,15 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.commands.common import detector_from_args
     from rcnn.config import apply_overrides, config_from_dict, config_to_yaml, load_config
     from rcnn.data.build import build_dataset
-    from rcnn.inference import check_score_thresh, evaluate_model
+    from rcnn.inference import Predictor, check_score_thresh, evaluate_model
     from rcnn.io.checkpoints import find_checkpoint
     from rcnn.io.files import write_json
     from rcnn.training.datasets import proposal_source
 
     _guard(args)
-    model, config, class_names = detector_from_args(args)
-    check_score_thresh(args.score_thresh, model, "--score-thresh")
+    loaded = detector_from_args(args)
+    config, class_names = loaded.config, loaded.class_names
+    check_score_thresh(args.score_thresh, loaded.model, "--score-thresh")
     if args.config is not None or args.overrides:  # data settings from another config / --set
         base = args.config or (find_checkpoint(args.weights) / "config.yaml" if args.weights else None)
         if base is None and config is None:
@@ -76,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
     data_root = args.data or config.data.root
     split = args.split or config.data.val_split
     reader_options = config.data.reader_options() if config is not None else {}
-    dataset = build_dataset(data_root, split, with_masks=model.predicts_masks, **reader_options)
     proposals_file = args.proposals or (config.data.proposals_val if config is not None else None)
-    proposals = proposal_source(proposals_file) if proposals_file else None
-    metrics = evaluate_model(model, dataset, proposals=proposals, limit=args.limit, progress=True, class_names=class_names,
+    predictor = Predictor(loaded.model, proposals=proposal_source(proposals_file) if proposals_file else None)
+    detector = predictor.detector
+    dataset = build_dataset(data_root, split, with_masks=detector.predicts_masks, **reader_options)
+    metrics = evaluate_model(predictor, dataset, limit=args.limit, progress=True, class_names=class_names,
                              keep_outputs=args.analysis is not None)  # fmt: skip
     outputs = metrics.pop("outputs", None)
     print(metrics.pop("summary", ""))
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.analysis is not None:
         from rcnn.evaluation.analysis import analyse
 
-        threshold = args.score_thresh if args.score_thresh is not None else model.display_score_thresh
+        threshold = args.score_thresh if args.score_thresh is not None else detector.display_score_thresh
         report = analyse(outputs, dataset, args.analysis, image_ids=list(outputs), score_thresh=threshold, worst=args.worst)
         print(report["summary"])
         metrics["analysis"] = {k: report[k] for k in ("tide", "worst_images")}

@@ -2,6 +2,10 @@
 
     rcnn explain image.png --weights runs/frcnn --out explain_out [--gt annotations.json] [--score-thresh S]
     rcnn explain --weights runs/frcnn --data data/shapes --split val --index 3 --out explain_out
+
+Besides the page, ``OUT/detections.json`` lists the final detections as ``rcnn predict``'s
+``OUT/N.json`` does (the same record, the same values: explain runs the image through the same
+predictor).
 """
 
 from __future__ import annotations
@@ -10,7 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
-from rcnn.commands.common import add_force_argument, guard_output, int_range, is_our_png, score_threshold
+from rcnn.commands.common import (
+    add_force_argument,
+    guard_output,
+    int_range,
+    is_our_png,
+    is_prediction_record,
+    score_threshold,
+)
 
 MAX_INDEX = 100_000_000  # --index: beyond any data set's size (the split's own size is checked when it is read)
 
@@ -29,6 +40,7 @@ def _is_page(path: Path) -> bool:
 def _guard(out: Path, force: bool) -> None:
     """Refuse to write the page or its pictures over files in ``out`` that rcnn did not write."""
     guard_output(out / "explain.html", _is_page, "--out", "an explanation page", force)
+    guard_output(out / "detections.json", is_prediction_record, "--out", "a predictions file", force)
     if out.is_dir():
         for picture in sorted(out.glob("[0-9][0-9]_*.png")):
             guard_output(picture, is_our_png, "--out", "a picture of an explanation", force)
@@ -38,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rcnn.build import load_model
-    from rcnn.explain import dataset_ground_truth, explain, load_ground_truth
-    from rcnn.inference import check_score_thresh
-    from rcnn.io.images import load_image
+    from rcnn.explain import dataset_ground_truth, explain_model, load_ground_truth, write_page
+    from rcnn.inference import Predictor, check_score_thresh, image_record
+    from rcnn.io.files import write_json
 
     if (args.image is None) == (args.data is None):
         raise ValueError("give either an IMAGE file or --data ROOT [--split S] --index N (an image of a data set)")
@@ -50,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: {args.out} is a file; give a folder")
     _guard(Path(args.out), args.force)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, _, class_names = load_model(args.weights, device)
-    check_score_thresh(args.score_thresh, model, "--score-thresh")
+    loaded = load_model(args.weights, device)
+    predictor, class_names = Predictor(loaded.model), loaded.class_names  # as rcnn predict runs it
+    check_score_thresh(args.score_thresh, predictor.detector, "--score-thresh")
     gt = None
     if args.data is not None:
         from rcnn.data.build import build_dataset
@@ -62,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
         path = args.image
         if args.gt is not None:
             gt = load_ground_truth(args.gt, class_names, image_name=str(path))
-    image = load_image(path)
-    page = explain(model, image, class_names, args.out, gt=gt, score_thresh=args.score_thresh, title=Path(path).name)
+    image = predictor.read(path)  # decoded as rcnn predict decodes it
+    explanation = explain_model(predictor, image, class_names, gt=gt, score_thresh=args.score_thresh)
+    page = write_page(explanation, args.out, title=Path(path).name)
+    write_json(Path(args.out) / "detections.json", image_record(
+        Path(path).name, Path(path).resolve(), 1, explanation.image_size, explanation.detections, class_names,
+        explanation.score_thresh))  # fmt: skip
     print(f"{path}: {page}")
     print(json.dumps({"page": str(page), "gt_objects": None if gt is None else len(gt.boxes)}))
     return 0
@@ -74,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "explain",
         help="show a model's stages on one image (proposals, features, pooling, scores, NMS, masks) as an HTML page",
         description="Run a trained detector on one image stage by stage and write OUT/explain.html (self-contained: "
-        "every picture embedded, opens offline) and its pictures OUT/NN_<stage>.png. With ground truth (--gt, or an "
+        "every picture embedded, opens offline), its pictures OUT/NN_<stage>.png and its final detections "
+        "OUT/detections.json (rcnn predict's record: the same detections). With ground truth (--gt, or an "
         "image of --data) it also says at which stage each missed object was lost and what each false positive is.",
     )
     parser.add_argument("image", nargs="?", help="image file (or use --data/--split/--index)")

@@ -32,22 +32,6 @@ MAX_STRIDE = 100_000  # video frames: one frame an hour at 30 fps
 MAX_PIXELS_LIMIT = 10_000_000_000  # --max-pixels: 10 gigapixels (30 GB decoded)
 
 
-def _detections(output, class_names, keep) -> list[dict]:  # noqa: ANN001
-    return [
-        {"label": class_names[int(label)], "score": round(float(score), 4), "box": [round(float(v), 2) for v in box]}
-        for box, label, score in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
-    ]
-
-
-def _original_masks(prediction):  # noqa: ANN001 - binary masks [D, H, W] at the original size, for COCO
-    import torch
-
-    masks = prediction.output["masks"].float()  # [D, 1, h, w]
-    if tuple(masks.shape[-2:]) != prediction.original_size and len(masks):
-        masks = torch.nn.functional.interpolate(masks, size=prediction.original_size, mode="bilinear")
-    return (masks[:, 0] >= 0.5).numpy()
-
-
 def _guard_outputs(out: Path, sources: list, coco_results: str | None, force: bool) -> None:  # noqa: ANN001
     """Refuse, before anything is written, to replace a file in the way that rcnn did not write."""
     files = []
@@ -71,12 +55,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from rcnn.evaluation.coco import result_entries
-    from rcnn.inference import Tiling, check_score_thresh, model_input_size, predict_stream
-    from rcnn.io.files import write_json, write_text
-    from rcnn.io.images import read_image
-    from rcnn.io.sources import VideoWriter, expand_sources, read_video_frames, video_info
-    from rcnn.viz import draw_detections, save_png
+    from rcnn.inference import CocoResults, ImageFiles, Predictor, Tiling, VideoFiles, check_score_thresh
+    from rcnn.io.images import DecodedImage
+    from rcnn.io.sources import expand_sources, read_video_frames, video_info
 
     out = Path(args.out)
     tiling = (Tiling(args.tile, args.overlap, args.tile_whole, args.merge, max_tiles=args.max_tiles)
@@ -85,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     _guard_outputs(out, sources, args.coco_results, args.force)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     loaded = detector_from_args(args, device)
-    model, class_names = loaded.model, loaded.class_names
-    check_score_thresh(args.score_thresh, model, "--score-thresh")
-    fit = None if tiling is not None or args.full_resolution else model_input_size(model)
-    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    predictor = Predictor(loaded.model, batch_size=args.batch_size, tiling=tiling, full_resolution=args.full_resolution,
+                          max_pixels=args.max_pixels if args.max_pixels > 0 else None)  # fmt: skip
+    detector, class_names = predictor.detector, loaded.class_names
+    check_score_thresh(args.score_thresh, detector, "--score-thresh")
     videos = {s.path: video_info(s.path) for s in sources if s.kind == "video"}
     if tiling is not None:
         for path, info in videos.items():
@@ -96,91 +77,39 @@ def run(args: argparse.Namespace) -> int:
     total = sum(1 for s in sources if s.kind == "image") + sum(-(-v.frames // args.stride) for v in videos.values())
 
     def items():  # (key, decoded image), in order; keys: (source, frame index or None)
-        from rcnn.io.images import DecodedImage
-
         for source in sources:
             if source.kind == "video":
                 for index, frame in read_video_frames(source.path, args.stride):
                     yield (source, index), DecodedImage(frame, (frame.shape[1], frame.shape[2]))
             else:
-                dtype = torch.uint8 if tiling is not None else torch.float32
-                decoded = read_image(source.path, fit=fit, max_pixels=max_pixels, dtype=dtype)
-                if tiling is not None:  # before any tile is run
-                    tiling.check(*decoded.original_size, str(source.path))
-                yield (source, None), decoded
+                yield (source, None), predictor.read(source.path)
 
-    def whole_image(key):  # noqa: ANN001 - the downscaled whole image for --tile-whole
-        source, _ = key
-        return read_image(source.path, fit=model_input_size(model), max_pixels=max_pixels).image
-
-    threshold = args.score_thresh if args.score_thresh is not None else model.display_score_thresh
-    categories = loaded.categories or [{"id": i, "name": n} for i, n in enumerate(class_names)]
-    category_ids = {i: int(c["id"]) for i, c in enumerate(categories)}
-    coco_results, coco_images = [], []
-    writer, writer_source, records = None, None, []
-    count = detections_total = 0
-
-    def finish_video() -> None:
-        nonlocal writer, records
-        if writer is not None:
-            writer.close()
-            write_text(out / f"{writer_source.name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-            tqdm.write(f"{writer_source.path}: {len(records)} frames -> {writer.path}")
-        writer, records = None, []
-
+    threshold = args.score_thresh if args.score_thresh is not None else detector.display_score_thresh
+    sinks = [ImageFiles(out, class_names, threshold), VideoFiles(out, class_names, threshold, videos, args.stride, tqdm.write)]
+    if args.coco_results:
+        categories = loaded.categories or [{"id": i, "name": n} for i, n in enumerate(class_names)]
+        sinks.append(CocoResults(args.coco_results, out / "images.json", categories))
+    count = detections = 0
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     bar = tqdm(total=total, desc="predict", unit="img", disable=args.quiet)
     try:
-        for prediction in predict_stream(model, items(), batch_size=args.batch_size, tiling=tiling):
-            source, frame = prediction.key
-            output = prediction.output
-            keep = output["scores"] >= threshold
-            detections = _detections(output, class_names, keep)
+        for prediction in predictor.stream(items()):
             count += 1
-            detections_total += len(detections)
-            image_id = count
-            if args.coco_results:
-                masks = _original_masks(prediction) if "masks" in output else None
-                coco_results += result_entries(
-                    image_id, output["boxes"].numpy(), output["labels"].numpy(), output["scores"].numpy(),
-                    category_ids, masks,
-                )  # fmt: skip
-                name = source.name if frame is None else f"{source.name}#frame={frame}"
-                coco_images.append({"id": image_id, "file_name": name, "height": prediction.original_size[0],
-                                    "width": prediction.original_size[1]})  # fmt: skip
-            drawn = {k: v[keep] for k, v in output.items()}
-            drawn["boxes"] = prediction.boxes_in_image()[keep]
-            picture = draw_detections(prediction.image, drawn, class_names, score_threshold=threshold)
-            if frame is None:
-                (out / source.name).parent.mkdir(parents=True, exist_ok=True)
-                save_png(picture, out / f"{source.name}.png")
-                record = {"image": source.name, "source": str(source.path), "image_id": image_id,
-                          "size": list(prediction.original_size), "detections": detections}  # fmt: skip
-                write_json(out / f"{source.name}.json", record)
-            else:
-                if writer_source is not source:
-                    finish_video()
-                    info = videos[source.path]
-                    writer = VideoWriter(out / f"{source.name}.detections.mp4", info.fps / args.stride, info.size)
-                    writer_source = source
-                writer.write(picture)
-                records.append({"video": source.name, "source": str(source.path), "frame": frame,
-                                "time_s": round(frame / videos[source.path].fps, 4), "image_id": image_id,
-                                "detections": detections})  # fmt: skip
+            detections += int((prediction.output["scores"] >= threshold).sum())
+            for sink in sinks:
+                sink.write(prediction, image_id=count)
             bar.update(1)
-        finish_video()
+        for sink in sinks:
+            sink.close()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        for sink in sinks:
+            sink.abort()
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - tic
-    if args.coco_results:
-        write_json(args.coco_results, coco_results, indent=None)
-        write_json(out / "images.json", {"images": coco_images, "categories": categories[1:]})
-    summary = {"images": count, "sources": len(sources), "detections": detections_total, "out": str(out),
+    summary = {"images": count, "sources": len(sources), "detections": detections, "out": str(out),
                "seconds": round(seconds, 2), "images_per_second": round(count / seconds, 3) if seconds else None}  # fmt: skip
     if args.coco_results:
         summary["coco_results"] = str(args.coco_results)
@@ -195,8 +124,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a trained detector on images and videos: files, folders (searched recursively by "
         "extension), glob patterns and text files listing paths. For an input named N (its path relative to the "
         "folder the inputs share), OUT/N.png shows the detections and OUT/N.json lists them in original pixel "
-        "coordinates (x1, y1, x2, y2); a video gives OUT/N.detections.mp4 and OUT/N.jsonl (a record per frame). "
-        "See docs/predict.md.",
+        "coordinates (x1, y1, x2, y2), in the JSON schema rcnn serve answers with; a video gives "
+        "OUT/N.detections.mp4 and OUT/N.jsonl (a record per frame). See docs/predict.md.",
     )
     parser.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns, list files (.txt)")
     add_backend_arguments(parser)

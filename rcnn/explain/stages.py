@@ -1,13 +1,17 @@
 """One image through a detector stage by stage, with a picture and a caption for each stage.
 
-The stages are the model's own: the runners below call the parts of the model in the order its
-``forward`` does (transform, backbone, ``propose``, the RoI heads' box features, predictor,
-post-processing and branches, ``finalize``; R-CNN's ``clean_proposals``, ``region_features``,
-``class_scores`` and ``postprocess``), keep what each returns, and reach the results that
-``forward`` does not return through the components' public methods (the RPN's
-``head_outputs`` and ``candidates``, the RoI heads' ``class_boxes``, ``rcnn.core.ops``'
-``roi_pool_bins`` and ``roi_align_points``). The final detections are therefore the model's
-(``tests/test_explain.py`` checks them equal to ``model([image])``).
+Explain records, it does not replay: the image goes once through the predictor
+(:class:`rcnn.inference.Predictor`, as ``rcnn predict`` runs it) with a
+:class:`rcnn.inference.Recorder`, and the pictures are drawn from what that forward pass wrote:
+the resized batch, the feature maps, the proposals, the RoI heads' detections before they are
+mapped back (Mask R-CNN's m x m masks), the box predictor's class scores and deltas (recorded from
+the module's output by a hook), R-CNN's regions and per-class scores, and the time of each. The
+final detections are the predictor's, by construction. What the forward pass does not compute for
+every region is derived from the recorded tensors by the components' public methods: the per-class
+boxes before NMS (the RoI heads' ``class_boxes``, then the one ``per_class_detections``), the RPN's
+scores of every anchor and its candidates before NMS (the RPN's ``head_outputs`` and
+``candidates`` on the recorded features), and the pooling geometry (``rcnn.core.ops``'
+``roi_pool_bins`` and ``roi_align_points``).
 
 What is shown depends on what the model can do (``needs_proposals``, ``has_rpn``,
 ``predicts_masks``), in the seed's order:
@@ -28,9 +32,7 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rcnn.components.backbones import as_feature_list
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.components.warp import WARP_MODES, warp_regions
 from rcnn.core.boxes import box_iou
@@ -51,13 +52,12 @@ from rcnn.explain.drawing import (
     tile_row, upscale,
 )  # fmt: skip
 from rcnn.explain.truth import MATCH_IOU, ErrorAnalysis, GroundTruth, analyse_errors
-from rcnn.inference import check_score_thresh, model_device
+from rcnn.inference import GENERATIONS, Predictor, Recorder, check_score_thresh, generation, time_split
+from rcnn.io.images import DecodedImage
 from rcnn.models import RCNN, TwoStageDetector
 from rcnn.viz import draw_detections
 
 __all__ = ["GENERATIONS", "Explanation", "Stage", "explain_model"]
-
-GENERATIONS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
 SHOWN_REGIONS = 8  # regions in the score tables and the regression pictures
 SHOWN_PROPOSALS = 50  # proposals drawn before / after the RPN's NMS
 
@@ -83,34 +83,22 @@ class Explanation:
     input_size: tuple[int, int]  # (H', W'), what the network saw
     score_thresh: float
     stages: list[Stage]
-    detections: dict[str, Tensor]  # the model's final output (original pixels)
+    detections: dict[str, Tensor]  # the predictor's output (original pixels)
     times: dict[str, float]  # seconds: "proposals", "rest" and the steps
     errors: ErrorAnalysis | None = None
     notes: list[str] = field(default_factory=list)
 
 
-class _Clock:
-    """Seconds per named step."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        tic = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - tic
-
-    def ms(self, name: str) -> str:
-        return f"{1000 * self.seconds.get(name, 0.0):.1f} ms"
+def _ms(seconds: dict[str, float], name: str) -> str:
+    return f"{1000 * seconds.get(name, 0.0):.1f} ms"
 
 
-def _pixels(image: Tensor) -> np.ndarray:
-    """``[H, W, 3]`` uint8 for selective search, as ``rcnn.inference.detect_timed`` makes them."""
-    return (image.detach().cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+def _times(recorder: Recorder, steps: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """``{"proposals", "rest"}`` (:func:`rcnn.inference.time_split`) and each step's seconds as
+    ``"<step>_s"``, a step being the time between two of the recorder's writes."""
+    split = time_split(recorder)
+    seconds = {name: recorder.between(a, b) for name, (a, b) in steps.items()}
+    return {"proposals": split["proposals_s"], "rest": split["rest_s"], **{f"{k}_s": v for k, v in seconds.items()}}
 
 
 def _recall(gt: GroundTruth | None, boxes: Tensor) -> str:
@@ -126,7 +114,7 @@ def _region_colours(count: int, seed: int = 0) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in rng.integers(60, 256, 3)) for _ in range(count)]  # type: ignore[misc]
 
 
-def _proposals_stage(view: View, boxes: Tensor, clock: _Clock, gt: GroundTruth | None, gt_view: Tensor | None, search: SelectiveSearch) -> Stage:
+def _proposals_stage(view: View, boxes: Tensor, seconds: dict[str, float], gt: GroundTruth | None, gt_view: Tensor | None, search: SelectiveSearch) -> Stage:
     """Selective search's regions, all drawn thinly."""
     picture = view.canvas(dim=0.35)
     view.boxes(picture, boxes, _region_colours(len(boxes)), width=1)
@@ -134,7 +122,7 @@ def _proposals_stage(view: View, boxes: Tensor, clock: _Clock, gt: GroundTruth |
         view.boxes(picture, gt_view, WHITE, width=2, dashed=True)
     caption = (
         f"Selective search ({search.mode} mode) proposes {len(boxes)} category-independent regions in "
-        f"{clock.ms('proposals')}{_recall(gt, boxes)}" + ("; ground truth dashed white" if gt_view is not None else "")
+        f"{_ms(seconds, 'proposals_s')}{_recall(gt, boxes)}" + ("; ground truth dashed white" if gt_view is not None else "")
     )
     return Stage("proposals", "Region proposals: selective search", caption, picture)
 
@@ -191,11 +179,11 @@ def _shown_detections(scores: Tensor, thresh: float) -> Tensor:
     return (above if len(above) else torch.arange(min(3, len(scores)), device=scores.device)).cpu()
 
 
-def _final_stage(image: Tensor, output: dict[str, Tensor], class_names: Sequence[str], thresh: float, times: dict[str, float], masks: bool) -> Stage:
+def _final_stage(decoded: DecodedImage, output: dict[str, Tensor], class_names: Sequence[str], thresh: float, times: dict[str, float], masks: bool) -> Stage:
     keep = output["scores"] >= thresh
     shown = {k: v[keep] for k, v in output.items()}
-    scale = 420 / max(image.shape[1:])
-    picture = draw_detections(image, shown, class_names, thresh, scale=scale)
+    scale = 420 / max(decoded.image.shape[1:])
+    picture = draw_detections(decoded.image, shown, class_names, thresh, scale=scale, frame=decoded.original_size)
     count = int(keep.sum())
     what = "detection" + ("s" if count != 1 else "")
     if masks:
@@ -207,15 +195,17 @@ def _final_stage(image: Tensor, output: dict[str, Tensor], class_names: Sequence
     return Stage("detections", "Final detections", caption, picture)
 
 
-def _errors_stage(image: Tensor, gt: GroundTruth, analysis: ErrorAnalysis, detections: dict[str, Tensor], class_names: Sequence[str]) -> Stage:
-    view = View(image)
+def _errors_stage(decoded: DecodedImage, gt: GroundTruth, analysis: ErrorAnalysis, detections: dict[str, Tensor], class_names: Sequence[str]) -> Stage:
+    view = View(decoded.image)
+    to_view = lambda b: resize_boxes(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), decoded.original_size,  # noqa: E731
+                                     tuple(decoded.image.shape[1:]))  # fmt: skip
     picture = view.canvas(dim=0.2)
     for obj in analysis.objects:
         colour = GREEN if obj["found"] else RED
-        view.boxes(picture, [obj["box"]], colour, width=3, texts=[f"{obj['class']}: {obj['stage']}"])
+        view.boxes(picture, to_view(obj["box"]), colour, width=3, texts=[f"{obj['class']}: {obj['stage']}"])
     for fp in analysis.false_positives:
         box = detections["boxes"][fp["detection"]]
-        view.boxes(picture, box[None], ORANGE, width=2, dashed=True, texts=[f"FP {fp['class']} {fp['score']:.2f}: {fp['kind']}"])
+        view.boxes(picture, to_view(box), ORANGE, width=2, dashed=True, texts=[f"FP {fp['class']} {fp['score']:.2f}: {fp['kind']}"])
     table = [["kind", "#", "class", "stage / what it is", "detail"]]
     for obj in analysis.objects:
         table.append(["object", str(obj["index"]), obj["class"], obj["stage"], obj["detail"]])
@@ -239,23 +229,19 @@ def _errors_stage(image: Tensor, gt: GroundTruth, analysis: ErrorAnalysis, detec
 
 
 # -- R-CNN ---------------------------------------------------------------------------------------
-def _explain_rcnn(model: RCNN, image: Tensor, class_names: Sequence[str], gt: GroundTruth | None, thresh: float, search: SelectiveSearch) -> Explanation:
+def _explain_rcnn(model: RCNN, predictor: Predictor, decoded: DecodedImage, class_names: Sequence[str], gt: GroundTruth | None,
+                  thresh: float) -> Explanation:  # fmt: skip
     s = model.settings
-    clock = _Clock(model_device(model))
-    height, width = image.shape[1:]
-    view = View(image)
+    recorder = predictor.recorder()
+    output = predictor.predict(decoded, recorder=recorder).output  # R-CNN decodes whole: the original's pixels
+    (image,), (proposals,) = recorder["images"], recorder["external_proposals"]  # on the device
+    (regions,), ((scores, cand_thresh),) = recorder["regions"], recorder["scores"]  # [P, 4], [P, K]
+    height, width = decoded.original_size
+    view = View(decoded.image)
     gt_view = gt.boxes if gt is not None else None
-    with clock("proposals"):
-        proposals = search(_pixels(image)).to(image.device)
-    with clock("rest"):
-        regions = model.clean_proposals(proposals, image)  # [P, 4]
-        with clock("cnn"):
-            fc7, reg = model.region_features(image, regions)  # [P, F], [P, E]
-            scores, cand_thresh = model.class_scores(fc7)  # [P, K]
-        output = model.postprocess(regions, scores, reg, cand_thresh, (height, width))
     found = per_class_detections(regions, scores, cand_thresh, s.nms_thresh, s.detections_per_image)
-    times = {"proposals": clock.seconds["proposals"], "rest": clock.seconds["rest"], **{f"{k}_s": v for k, v in clock.seconds.items()}}
-    stages = [_proposals_stage(view, proposals.cpu(), clock, gt, gt_view, search)]
+    times = _times(recorder, {"proposals": ("images", "external_proposals"), "cnn": ("regions", "scores")})
+    stages = [_proposals_stage(view, proposals.cpu(), times, gt, gt_view, predictor.search)]
 
     best = scores.max(dim=1).values  # [P]
     top = best.argsort(descending=True)[:SHOWN_REGIONS].cpu()
@@ -287,8 +273,8 @@ def _explain_rcnn(model: RCNN, image: Tensor, class_names: Sequence[str], gt: Gr
     svm = model.svms() is not None
     what = "one linear SVM per class on fc7" if svm else "the fine-tuned softmax (the SVMs are not trained yet)"
     score_caption = (
-        f"The CNN runs once per warped region: {len(regions)} regions in {clock.ms('cnn')} "
-        f"({1000 * clock.seconds['cnn'] / max(len(regions), 1):.2f} ms each), then {what} scores each region; "
+        f"The CNN runs once per warped region: {len(regions)} regions in {_ms(times, 'cnn_s')} "
+        f"({1000 * times['cnn_s'] / max(len(regions), 1):.2f} ms each), then {what} scores each region; "
         f"the {len(top)} best regions are shown (* = their best class); candidates score above {cand_thresh:g}"
     )
     stages.append(Stage(
@@ -313,21 +299,20 @@ def _explain_rcnn(model: RCNN, image: Tensor, class_names: Sequence[str], gt: Gr
         view, found["boxes"][shown].cpu(), output["boxes"][shown].cpu(), output["labels"][shown].cpu(), class_names,
         "Bounding-box regression (after NMS)", how,
     ))  # fmt: skip
-    output = {k: v.cpu() for k, v in output.items()}
-    stages.append(_final_stage(image.cpu(), output, class_names, thresh, times, masks=False))
+    stages.append(_final_stage(decoded, output, class_names, thresh, times, masks=False))
     errors = None
     if gt is not None:
         errors = analyse_errors(
             gt, regions.cpu(), regions.cpu(), scores.cpu(), cand_thresh, (found["rows"].cpu(), found["labels"].cpu()),
             output, thresh, class_names,
         )  # fmt: skip
-        stages.append(_errors_stage(image.cpu(), gt, errors, output, class_names))
-    return Explanation(GENERATIONS.get(model.name, type(model).__name__), type(model).__name__, (height, width),
-                       (height, width), thresh, stages, output, times, errors)  # fmt: skip
+        stages.append(_errors_stage(decoded, gt, errors, output, class_names))
+    return Explanation(generation(model), type(model).__name__, (height, width), (height, width), thresh, stages, output,
+                       times, errors)  # fmt: skip
 
 
 # -- Fast, Faster and Mask R-CNN -----------------------------------------------------------------
-def _feature_stage(view: View, feature: Tensor, stride: float, clock: _Clock, shared_by: str) -> Stage:
+def _feature_stage(view: View, feature: Tensor, stride: float, times: dict[str, float], shared_by: str) -> Stage:
     mean_map, max_map = feature.mean(dim=0), feature.amax(dim=0)  # [h, w]
     size = view.base.size
     tiles = [
@@ -336,7 +321,7 @@ def _feature_stage(view: View, feature: Tensor, stride: float, clock: _Clock, sh
         label_tile(heat_map(max_map, size), "max over channels"),
     ]
     caption = (
-        f"One pass of the backbone over the whole {view.size[0]}x{view.size[1]} input in {clock.ms('backbone')}: "
+        f"One pass of the backbone over the whole {view.size[0]}x{view.size[1]} input in {_ms(times, 'backbone_s')}: "
         f"{feature.shape[0]} channels at stride {stride:g} ({feature.shape[1]}x{feature.shape[2]} cells), {shared_by}"
     )
     return Stage("features", "The shared feature map", caption, side_by_side(tiles))
@@ -400,39 +385,29 @@ def _roi_level(roi: Tensor, pooler: Any) -> int:
     return int(level[0]) - pooler.min_level
 
 
-def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequence[str], gt: GroundTruth | None,
-                       thresh: float, search: SelectiveSearch) -> Explanation:  # fmt: skip
-    device = model_device(model)
-    clock = _Clock(device)
-    height, width = image.shape[1:]
-    given = None
-    if model.needs_proposals:
-        with clock("proposals"):
-            given = [search(_pixels(image)).to(device)]
-    with clock("transform"):
-        batch, _, resized_given = model.transform([image], None, given)
+def _explain_two_stage(model: TwoStageDetector, predictor: Predictor, decoded: DecodedImage, class_names: Sequence[str],
+                       gt: GroundTruth | None, thresh: float) -> Explanation:  # fmt: skip
+    heads = model.roi_heads
+    recorder = predictor.recorder()
+    with recorder.watching({"box_predictor": heads.predictor}):
+        output = predictor.predict(decoded, recorder=recorder).output  # the original's pixels
+    batch, features, proposals = recorder["batch"], recorder["features"], recorder["proposals"]
+    class_logits, box_deltas = recorder["box_predictor"]  # [P, K+1], [P, 4K]
+    in_input = recorder["detections"][0]  # input pixels; masks [D, 1, m, m] in the box frame
+    height, width = decoded.original_size
     size = batch.image_sizes[0]
-    shown_image = resize_image(image, size) if size != (height, width) else image  # what the network sees, unnormalised
-    view = View(shown_image.cpu())
+    image = decoded.image
+    shown_image = resize_image(image, size) if size != tuple(image.shape[1:]) else image  # what the network sees, unnormalised
+    view = View(shown_image)
     to_view = lambda b: resize_boxes(b.cpu(), (height, width), size)  # noqa: E731  original -> input pixels
     to_original = lambda b: resize_boxes(b.cpu(), size, (height, width))  # noqa: E731
     gt_view = to_view(gt.boxes) if gt is not None else None
-    with clock("backbone"):
-        features = as_feature_list(model.backbone(batch.tensors))
-    with clock("proposals" if model.has_rpn else "propose"):
-        proposals, _ = model.propose(batch, features, None, resized_given)
-    pool_features = features[: len(model.pool_strides)]
-    heads = model.roi_heads
-    with clock("heads"):
-        class_logits, box_deltas = heads.predictor(heads.box_features(pool_features, proposals))  # [P, K+1], [P, 4K]
-        detections = heads.postprocess(class_logits, box_deltas, proposals, batch.image_sizes)
-        heads.branch_outputs(pool_features, detections)
-    in_input = {k: v.clone() for k, v in detections[0].items()}  # input pixels; masks [D, 1, m, m] in the box frame
-    with clock("finalize"):
-        output = model.finalize(detections, batch)[0]
-    output = {k: v.cpu() for k, v in output.items()}
-    rest = sum(v for k, v in clock.seconds.items() if k != "proposals")
-    times = {"proposals": clock.seconds.get("proposals", 0.0), "rest": rest, **{f"{k}_s": v for k, v in clock.seconds.items()}}
+    start = "external_proposals" if model.needs_proposals else "images"
+    steps = {"proposals": ("images", "external_proposals")} if model.needs_proposals else {}
+    steps.update({"transform": (start, "batch"), "backbone": ("batch", "features"),
+                  "proposals" if model.has_rpn else "propose": ("features", "proposals"),
+                  "heads": ("proposals", "detections"), "finalize": ("detections", "output")})  # fmt: skip
+    times = _times(recorder, steps)
 
     ((class_boxes, probs),) = heads.class_boxes(class_logits, box_deltas, proposals, batch.image_sizes)  # [P, K, 4], [P, K]
     rs = heads.settings
@@ -443,18 +418,18 @@ def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequ
     stride0 = float(model.strides[0])
 
     if model.needs_proposals:
-        stages.append(_proposals_stage(view, props, clock, gt, gt_view, search))
+        stages.append(_proposals_stage(view, props, times, gt, gt_view, predictor.search))
     if model.has_rpn:
         stages.append(_anchors_stage(model, view, features))
     shared = f"computed once and shared by all {len(props)} RoIs" + (" and the RPN" if model.has_rpn else "")
-    stages.append(_feature_stage(view, feature, stride0, clock, shared))
+    stages.append(_feature_stage(view, feature, stride0, times, shared))
     if model.has_rpn:
-        stages += _rpn_stages(model, view, features, batch.image_sizes, props, clock, gt_view)
+        stages += _rpn_stages(model, view, features, batch.image_sizes, props, times, gt_view)
 
     # the RoI behind the best detection (else the first proposal), pooled by the box branch
     roi_row = int(found["rows"][0]) if len(found["rows"]) else 0
     if len(props):
-        stages.append(_pooling_stage(model, view, props[roi_row], roi_row, pool_features))
+        stages.append(_pooling_stage(model, view, props[roi_row], roi_row, features[: len(model.pool_strides)]))
 
     fg = probs.cpu()
     top = fg.max(dim=1).values.argsort(descending=True)[:SHOWN_REGIONS]
@@ -462,7 +437,7 @@ def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequ
     candidates = (probs > rs.score_thresh).nonzero(as_tuple=True)
     score_caption = (
         f"Each of the {len(props)} RoIs: {heads.pooler.kind} -> box head ({heads.box_head.out_features} features) -> "
-        f"softmax over {len(class_names) - 1} classes + background, {clock.ms('heads')} for all; "
+        f"softmax over {len(class_names) - 1} classes + background, {_ms(times, 'heads_s')} for all; "
         f"{len(candidates[0])} (RoI, class) pairs score above {rs.score_thresh:g}; the best {len(top)} RoIs are shown"
     )
     stages.append(Stage("scores", "RoI head: softmax class scores", score_caption,
@@ -483,7 +458,7 @@ def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequ
     stages.append(_nms_stage(view, cand_boxes, (candidates[1] + 1).cpu(), found["boxes"].cpu(), found["labels"].cpu(), nms_caption))
     if model.predicts_masks:
         stages.append(_masks_stage(model, in_input, class_names, thresh))
-    stages.append(_final_stage(image.cpu(), output, class_names, thresh, times, masks=model.predicts_masks))
+    stages.append(_final_stage(decoded, output, class_names, thresh, times, masks=model.predicts_masks))
 
     errors = None
     if gt is not None:
@@ -492,9 +467,9 @@ def _explain_two_stage(model: TwoStageDetector, image: Tensor, class_names: Sequ
             gt, to_original(props), to_original(class_boxes.reshape(-1, 4)).reshape(-1, num_fg, 4), probs.cpu(),
             rs.score_thresh, (found["rows"].cpu(), found["labels"].cpu()), output, thresh, class_names,
         )  # fmt: skip
-        stages.append(_errors_stage(image.cpu(), gt, errors, output, class_names))
-    return Explanation(GENERATIONS.get(model.name, type(model).__name__), type(model).__name__, (height, width),
-                       tuple(size), thresh, stages, output, times, errors)  # type: ignore[arg-type]  # fmt: skip
+        stages.append(_errors_stage(decoded, gt, errors, output, class_names))
+    return Explanation(generation(model), type(model).__name__, (height, width), tuple(size), thresh, stages, output,
+                       times, errors)  # type: ignore[arg-type]  # fmt: skip
 
 
 def _anchors_stage(model: TwoStageDetector, view: View, features: list[Tensor]) -> Stage:
@@ -529,7 +504,7 @@ def _anchors_stage(model: TwoStageDetector, view: View, features: list[Tensor]) 
 
 
 def _rpn_stages(model: TwoStageDetector, view: View, features: list[Tensor], image_sizes: list[tuple[int, int]],
-                proposals: Tensor, clock: _Clock, gt_view: Tensor | None) -> list[Stage]:  # fmt: skip
+                proposals: Tensor, times: dict[str, float], gt_view: Tensor | None) -> list[Stage]:  # fmt: skip
     rpn = model.rpn
     out = rpn.head_outputs(features)
     ((cand_boxes, cand_scores, _),) = rpn.candidates(out.objectness, out.box_deltas, out.anchors, out.level_sizes, image_sizes)
@@ -558,7 +533,7 @@ def _rpn_stages(model: TwoStageDetector, view: View, features: list[Tensor], ima
     caption = (
         f"{len(cand_boxes)} candidates (top {s.pre_nms_top_n_test} anchors per level by objectness, their deltas applied, "
         f"clipped, tiny ones dropped) -> NMS at IoU {s.nms_thresh} -> {len(proposals)} proposals (at most "
-        f"{s.post_nms_top_n_test}) in {clock.ms('proposals')}; the best {SHOWN_PROPOSALS} of each are drawn"
+        f"{s.post_nms_top_n_test}) in {_ms(times, 'proposals_s')}; the best {SHOWN_PROPOSALS} of each are drawn"
         + (", ground truth dashed white" if gt_view is not None else "")
     )
     picture = side_by_side([label_tile(left, f"before NMS (best {len(order)} of {len(cand_boxes)})"),
@@ -609,31 +584,38 @@ def _masks_stage(model: TwoStageDetector, detections: dict[str, Tensor], class_n
     return Stage("masks", f"The {m}x{m} masks of the predicted classes", caption, picture)
 
 
-@torch.inference_mode()
 def explain_model(
-    model: Any,
-    image: Tensor,
+    detector: Any,
+    image: Tensor | DecodedImage,
     class_names: Sequence[str],
     gt: GroundTruth | None = None,
     score_thresh: float | None = None,
     search: SelectiveSearch | None = None,
 ) -> Explanation:
-    """Run ``model`` on ``image [3, H, W]`` (0..1) stage by stage (module doc); the model is put in eval mode.
+    """Run ``detector`` on ``image`` once, recording its stages, and draw them (module doc).
 
-    ``score_thresh`` (default ``model.display_score_thresh``) decides which detections count as
-    found; ``search`` is the selective search for models that need proposals (default settings).
+    ``detector``: a :class:`rcnn.inference.Predictor` of an eager model, or the model itself (run
+    by a predictor with ``search`` for models that need proposals: default settings). ``image``: a
+    float tensor ``[3, H, W]`` in 0..1, or a file as ``Predictor.read`` decodes it (the detections,
+    ``gt`` and the error analysis are in the original's pixels). ``score_thresh`` (default
+    ``display_score_thresh``) decides which detections count as found.
     """
-    if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+    predictor = detector if isinstance(detector, Predictor) else Predictor(detector, search=search)
+    eager = predictor.detector
+    if not eager.records or predictor.tiling is not None:
+        raise ValueError(f"explain: a {eager.backend} detector gives only its detections, not its stages; explain the run "
+                         "folder's model (the eager backend, untiled)")  # fmt: skip
+    if isinstance(image, Tensor) and (image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point()):
         raise ValueError(f"explain: the image must be a float tensor [3, H, W] in 0..1, got {image.dtype} {list(image.shape)}")
-    if len(class_names) != model.num_classes:
-        raise ValueError(f"explain: {len(class_names)} class names for a model of {model.num_classes} classes (background included)")
-    check_score_thresh(score_thresh, model, "explain: score_thresh")
-    model.eval()
-    thresh = float(model.display_score_thresh if score_thresh is None else score_thresh)
-    image = image.to(model_device(model))
-    search = search or SelectiveSearch()
-    if isinstance(model, RCNN):
-        return _explain_rcnn(model, image, class_names, gt, thresh, search)
-    if isinstance(model, TwoStageDetector):
-        return _explain_two_stage(model, image, class_names, gt, thresh, search)
+    decoded = image if isinstance(image, DecodedImage) else DecodedImage(image.cpu(), (image.shape[1], image.shape[2]))
+    if len(class_names) != eager.num_classes:
+        raise ValueError(f"explain: {len(class_names)} class names for a model of {eager.num_classes} classes (background included)")
+    check_score_thresh(score_thresh, eager, "explain: score_thresh")
+    thresh = float(eager.display_score_thresh if score_thresh is None else score_thresh)
+    model = eager.model
+    with torch.inference_mode():
+        if isinstance(model, RCNN):
+            return _explain_rcnn(model, predictor, decoded, class_names, gt, thresh)
+        if isinstance(model, TwoStageDetector):
+            return _explain_two_stage(model, predictor, decoded, class_names, gt, thresh)
     raise ValueError(f"explain: {type(model).__name__} is not one of the library's detectors (R-CNN or a TwoStageDetector)")

@@ -4,15 +4,21 @@
 
 Endpoints (see docs/serve.md; the OpenAPI spec is at ``/openapi.json``, its page at ``/docs``):
 
-- ``POST /predict[?model=ID][&score_thresh=S]``: an image as the multipart field ``image`` or as
-  the raw body (``Content-Type: image/...``) -> detections of each served model (or of ``ID``),
-  with the time split into proposals and the rest;
+- ``POST /predict[?model=ID][&score_thresh=S]``: an image as a multipart file field (``image``,
+  ``file`` or any other name: the one file of the form) or as the raw body (``Content-Type:
+  image/...``) -> detections of each served model (or of ``ID``) in the library's one JSON schema
+  (:func:`rcnn.inference.detection_records`, as ``rcnn predict`` writes them), with the time split
+  into proposals and the rest;
 - ``POST /explain?model=ID``: the same upload -> the model's stage-by-stage page (HTML);
 - ``GET /model``, ``GET /health``, ``GET /samples``, ``GET /samples/{name}``, and ``GET /``: the page.
 
+Each model is run by its :class:`rcnn.inference.Predictor`, the one ``rcnn predict`` uses: the
+upload is decoded as ``rcnn predict`` decodes a file (reduced to the model's input size), and the
+detections are in the upload's pixels.
+
 Bounded work (:class:`rcnn.serve.limits.WorkQueue`): a request size limit, ``concurrency``
 inferences at once in worker threads (one at a time per model: a model's timing hooks and
-caches are not shared between threads), ``queue_size`` waiting, a per-request timeout. Every
+explain hooks are not shared between threads), ``queue_size`` waiting, a per-request timeout. Every
 error is JSON ``{"error": code, "detail": what is wrong and how to fix it}`` with a 4xx/5xx status;
 a bad request never stops the server. Query parameters are range-checked (``score_thresh``: a
 finite number, in [0, 1] for models whose scores are probabilities): 422 naming the parameter.
@@ -31,19 +37,17 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,10 +55,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from rcnn.data.shapes import render_shapes_image
-from rcnn.explain import GENERATIONS, explain_html
-from rcnn.inference import check_score_thresh, detect_timed
+from rcnn.explain import explain_html
+from rcnn.inference import Predictor, check_score_thresh, detection_records, generation
 from rcnn.io.files import write_bytes
-from rcnn.io.images import image_size, load_image
+from rcnn.io.images import DecodedImage, image_size
 from rcnn.serve.limits import ApiError, WorkQueue
 
 __all__ = ["ServeSettings", "ServedModel", "create_app", "sample_images"]
@@ -104,7 +108,8 @@ class ServeSettings:
 
 @dataclass
 class ServedModel:
-    """A trained detector the server runs, under the id the API calls it by."""
+    """A trained detector the server runs (``model``: an eager model or any backend's detector, run by
+    its :class:`rcnn.inference.Predictor`), under the id the API calls it by."""
 
     id: str
     model: Any
@@ -112,11 +117,15 @@ class ServedModel:
     run: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    predictor: Predictor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.predictor = Predictor(self.model, max_pixels=None)  # the server checks the pixels itself (max_pixels)
 
     @property
     def explainable(self) -> bool:
-        """Whether the stage-by-stage page can be drawn: it reads the eager model's inner stages."""
-        return isinstance(self.model, torch.nn.Module)
+        """Whether the stage-by-stage page can be drawn: the detector records its forward pass (eager)."""
+        return self.predictor.detector.records
 
     @classmethod
     def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu", backend: str | None = None,
@@ -127,26 +136,28 @@ class ServedModel:
         from rcnn.backends import load_detector
 
         is_onnx = str(run).endswith(".onnx")
-        model, config, class_names = load_detector(
+        loaded = load_detector(
             None if is_onnx else run, model_file=run if is_onnx else None, backend=backend,
             device="cpu" if is_onnx else device,  # ONNX Runtime's CPU build, beside eager models on CUDA
             threads=threads, progress=True, **precision,
         )  # fmt: skip
-        info: dict[str, Any] = {"backend": "eager" if isinstance(model, torch.nn.Module) else "onnxruntime",
-                                "precision": getattr(model, "precision", "fp32")}  # fmt: skip
+        served = cls(id or loaded.model.name, loaded.model, list(loaded.class_names), str(run))
+        detector, config = served.predictor.detector, loaded.config
+        served.info = {"backend": detector.backend, "precision": detector.precision}
         if config is not None:
             # the input the network sees: the image rescaled (two-stage detectors) or each region warped (R-CNN)
-            sizes = {k: getattr(config.model, k, None) for k in ("min_size", "max_size", "warp_size")}
-            info.update(backbone=config.model.backbone, input_size={k: v for k, v in sizes.items() if v is not None})
-        return cls(id or model.name, model, list(class_names), str(run), info)
+            options = config.model.model_dump()
+            sizes = {k: options[k] for k in ("min_size", "max_size", "warp_size") if options.get(k) is not None}
+            served.info.update(backbone=config.model.backbone, input_size=sizes)
+        return served
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` says of this model."""
-        m = self.model
+        m = self.predictor.detector
         return {
             "id": self.id,
-            "generation": GENERATIONS.get(m.name, type(m).__name__),
-            "architecture": type(m).__name__,
+            "generation": generation(m),
+            "architecture": type(self.model).__name__,
             "name": m.name,
             "backbone": self.info.get("backbone"),
             "classes": self.class_names[1:],
@@ -175,11 +186,13 @@ class RLEMask(BaseModel):
 
 
 class Detection(BaseModel):
+    """One detection, in the library's one JSON schema (``rcnn predict``'s records too)."""
+
     box: list[float] = Field(description="[x1, y1, x2, y2] in the uploaded image's pixels")
     label: int = Field(description="class index 1..K (0 is the background)")
-    class_name: str
+    class_name: str = Field(description="the class's name (the run's classes.json)")
     score: float = Field(description="a probability; R-CNN's are SVM values (0 is its decision boundary)")
-    mask: RLEMask | None = Field(default=None, description="Mask R-CNN only: the binary mask at the image's size")
+    mask: RLEMask | None = Field(default=None, description="Mask R-CNN only (absent otherwise): the binary mask at the image's size")
 
 
 class TimeSplit(BaseModel):
@@ -213,11 +226,12 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
-        "description": "the image: a multipart form with the file in the field `image`, or the raw bytes with an "
-        "image content type (image/png, image/jpeg, ...)",
+        "description": "the image: a multipart form with the file in the field `image` (or `file`: any one file "
+        "field), or the raw bytes with an image content type (image/png, image/jpeg, ...)",
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}, "required": ["image"]}
+                "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"},
+                                                            "file": {"type": "string", "format": "binary"}}}
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -250,8 +264,28 @@ async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
+def _upload_part(form: Any) -> UploadFile:
+    """The file of a multipart form: the field ``image``, else the form's one file field (``file``, or
+    any name); 422 ``missing_field`` for none, several, or a text value where the file should be."""
+    part = form.get("image")
+    if isinstance(part, UploadFile):
+        return part
+    files = sorted(key for key, value in form.multi_items() if isinstance(value, UploadFile))
+    if part is None and len(files) == 1:
+        return form.get(files[0])
+    if part is not None:
+        what = "a text value, not a file"
+    elif files:
+        what = f"missing, and the form has {len(files)} file fields ({files}): which is the image?"
+    else:
+        what = f"missing (fields sent: {sorted(form.keys()) or 'none'})"
+    raise ApiError(422, "missing_field", f"the multipart field 'image' is {what}; send the one image file as 'image' "
+                   "(or 'file')")  # fmt: skip
+
+
 async def upload_bytes(request: Request, limit: int) -> tuple[bytes, str]:
-    """The uploaded image's bytes and a name for it, from a multipart field ``image`` or a raw image body."""
+    """The uploaded image's bytes and a name for it, from a multipart form's file (:func:`_upload_part`)
+    or a raw image body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request, limit)
     if content_type == "multipart/form-data":
@@ -261,11 +295,11 @@ async def upload_bytes(request: Request, limit: int) -> tuple[bytes, str]:
             form = await parser.parse()
         except MultiPartException as exc:
             raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({exc})") from None
-        part = form.get("image")
-        if not isinstance(part, UploadFile):
-            fields = sorted(form.keys())
-            what = "a text value, not a file" if part is not None else f"missing (fields sent: {fields or 'none'})"
-            raise ApiError(422, "missing_field", f"the multipart field 'image' is {what}; send the file as 'image'")
+        try:
+            part = _upload_part(form)
+        except ApiError:
+            await form.close()
+            raise
         data = await part.read()
         name = part.filename or "upload"
         await form.close()
@@ -282,9 +316,10 @@ async def upload_bytes(request: Request, limit: int) -> tuple[bytes, str]:
     return data, name
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
-    """The uploaded bytes as an image ``[3, H, W]``, read by :func:`rcnn.io.images.load_image` (the one
-    reader of the library: its conversion rules apply) from a temporary file."""
+@contextlib.contextmanager
+def uploaded_file(data: bytes, name: str, max_pixels: int) -> Iterator[Path]:
+    """The uploaded bytes as a temporary image file, its header read (``not_an_image``) and its pixels
+    counted (``too_many_pixels``) before anything is decoded; removed after the block."""
     suffix = Path(name).suffix.lower()[:8] if Path(name).suffix else ""
     with tempfile.TemporaryDirectory(prefix="rcnn-serve-") as folder:
         path = write_bytes(Path(folder) / f"upload{suffix}", data)
@@ -294,10 +329,22 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
             raise ApiError(400, "not_an_image", f"'{name}' is not an image file that can be read ({_why(exc, path, name)})") from None
         if height * width > max_pixels:
             raise ApiError(413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (max_pixels)")
-        try:
-            return load_image(path)
-        except ValueError as exc:
-            raise ApiError(400, "truncated_image", f"'{name}' is an image but its pixels cannot be decoded ({_why(exc, path, name)}); it may be truncated or corrupt") from None
+        yield path
+
+
+def read_upload(predictor: Predictor, path: Path, name: str) -> DecodedImage:
+    """An uploaded file (:func:`uploaded_file`) decoded for ``predictor`` as ``rcnn predict`` decodes a
+    file (:meth:`rcnn.inference.Predictor.read`: the library's one reader, its conversion rules)."""
+    try:
+        return predictor.read(path)
+    except ValueError as exc:
+        raise ApiError(400, "truncated_image", f"'{name}' is an image but its pixels cannot be decoded ({_why(exc, path, name)}); it may be truncated or corrupt") from None
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int, predictor: Predictor) -> DecodedImage:
+    """The uploaded bytes decoded for ``predictor``: :func:`uploaded_file`, then :func:`read_upload`."""
+    with uploaded_file(data, name, max_pixels) as path:
+        return read_upload(predictor, path, name)
 
 
 def _why(exc: Exception, path: Path, name: str) -> str:
@@ -308,40 +355,22 @@ def _why(exc: Exception, path: Path, name: str) -> str:
 
 
 # -- results -----------------------------------------------------------------------------------
-def encode_mask(mask: torch.Tensor) -> dict[str, Any]:
-    """A binary mask ``[H, W]`` as COCO RLE ``{"size": [H, W], "counts": str}``."""
-    rle = mask_utils.encode(np.asfortranarray(mask.to(torch.uint8).numpy()))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def predict_one(served: ServedModel, image: torch.Tensor, score_thresh: float | None) -> dict[str, Any]:
+def predict_one(served: ServedModel, image: DecodedImage, score_thresh: float | None) -> dict[str, Any]:
     """One model on one image: the ``ModelResult`` JSON."""
     with served.lock:
-        output, times = detect_timed(served.model, image)
-    output = {k: v.cpu() for k, v in output.items()}
-    keep = torch.ones(len(output["scores"]), dtype=torch.bool) if score_thresh is None else output["scores"] >= score_thresh
-    detections = []
-    for d in keep.nonzero().flatten().tolist():
-        label = int(output["labels"][d])
-        item: dict[str, Any] = {
-            "box": [round(float(v), 2) for v in output["boxes"][d]],
-            "label": label,
-            "class_name": served.class_names[label] if label < len(served.class_names) else f"class_{label}",
-            "score": round(float(output["scores"][d]), 4),
-        }
-        if "masks" in output:
-            item["mask"] = encode_mask(output["masks"][d, 0] > 0)
-        detections.append(item)
+        prediction, times = served.predictor.timed(image)
+    output = prediction.output
+    keep = None if score_thresh is None else output["scores"] >= score_thresh
     rest = 1000 * times["rest_s"]
     proposals = None if times["proposals_s"] is None else 1000 * times["proposals_s"]  # None: inside an ONNX graph
     return {
         "model": served.id,
-        "generation": GENERATIONS.get(served.model.name, type(served.model).__name__),
-        "score_thresh": float(served.model.display_score_thresh),
+        "generation": generation(served.predictor.detector),
+        "score_thresh": float(served.predictor.detector.display_score_thresh),
         "explainable": served.explainable,
         "time_ms": {"proposals": None if proposals is None else round(proposals, 2), "rest": round(rest, 2),
                     "total": round((proposals or 0.0) + rest, 2)},
-        "detections": detections,
+        "detections": detection_records(output, served.class_names, keep),
     }
 
 
@@ -435,11 +464,15 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
         data, name = await upload_bytes(request, settings.max_upload_bytes)
 
         def work() -> dict[str, Any]:
-            image = decode_upload(data, name, settings.max_pixels)
-            results = [predict_one(m, image, score_thresh) for m in targets]
-            return {"image": {"width": int(image.shape[2]), "height": int(image.shape[1])}, "results": results}
+            with uploaded_file(data, name, settings.max_pixels) as path:
+                images = [read_upload(m.predictor, path, name) for m in targets]  # each model's decode size
+            height, width = images[0].original_size
+            results = [predict_one(m, image, score_thresh) for m, image in zip(targets, images)]
+            return {"image": {"width": int(width), "height": int(height)}, "results": results}
 
-        return await queue.run(work)
+        # as built: the schema is the OpenAPI spec's, and a detection without a mask has no "mask" (not null),
+        # as rcnn predict writes it
+        return JSONResponse(await queue.run(work))
 
     @app.post("/explain", response_class=HTMLResponse, responses=ERRORS, openapi_extra=UPLOAD_BODY,
               summary="The model's stage-by-stage explanation of an uploaded image (HTML)")  # fmt: skip
@@ -459,9 +492,11 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
         data, name = await upload_bytes(request, settings.max_upload_bytes)
 
         def work() -> str:
-            image = decode_upload(data, name, settings.max_pixels)
+            with uploaded_file(data, name, settings.max_pixels) as path:
+                image = read_upload(target.predictor, path, name)
             with target.lock:
-                html, _ = explain_html(target.model, image, target.class_names, score_thresh=score_thresh, title=Path(name).name)
+                html, _ = explain_html(target.predictor, image, target.class_names, score_thresh=score_thresh,
+                                       title=Path(name).name)  # fmt: skip
             return html
 
         return HTMLResponse(await queue.run(work))

@@ -31,10 +31,9 @@ import torch
 from rcnn.build import load_model, model_class
 from rcnn.config import MODEL_NAMES as MODELS
 from rcnn.config import SHAPES_CONFIGS, TrainConfig, load_config
-from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.build import build_dataset
 from rcnn.data.shapes import make_shapes
-from rcnn.inference import detect_timed, evaluate_model, peak_memory_mb
+from rcnn.inference import Predictor, evaluate_model, peak_memory_mb
 from rcnn.io.files import write_text
 from rcnn.training.datasets import proposal_source
 from rcnn.training.pretrain import CropDataset, pretrain
@@ -74,16 +73,18 @@ def measure_model(
     summary = run_training(config, run, overwrite=True, evaluate=False, progress=False, log=lambda s: None)
     wall = time.perf_counter() - tic
 
-    model, config, _ = load_model(run)
+    loaded = load_model(run)
+    config = loaded.config
     val = prepare_data(config, need_train=False).val
     proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
-    metrics = evaluate_model(model, val, proposals=proposals)
-    # test time per image, proposals and the rest, on the first val images
-    search = SelectiveSearch() if proposals is not None else None
+    metrics = evaluate_model(Predictor(loaded.model, proposals=proposals), val)
+    # test time per image, proposals (selective search for the models that need them) and the rest,
+    # on the first val images
+    timer = Predictor(loaded.model)
     prop_s, rest_s = [], []
     for index in range(min(timing_images, len(val))):
         image, _ = val[index]
-        _, timing = detect_timed(model, image, search)
+        _, timing = timer.timed(image)
         prop_s.append(timing["proposals_s"])
         rest_s.append(timing["rest_s"])
     curve = []
