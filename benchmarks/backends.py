@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torchvision
 
-from benchmarks.common import command_line, read_result, table, time_rounds, write_result
+from benchmarks.harness import command_line, read_result, table, time_rounds, write_result
 from benchmarks.faster_rcnn import build_pair, calibrate_batchnorm, copy_weights
-from rcnn.export import OnnxDetector, export_onnx
+from rcnn.deploy.export import OnnxDetector, export_onnx
 from rcnn.inference import Predictor
 from rcnn.models import mask_rcnn
 
@@ -85,7 +85,7 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
     calls = {"torchvision": lambda: peer([image]), "eager": lambda: eager.detect([image]),
              "onnxruntime": lambda: ort.detect([image])}  # fmt: skip
     if int8_calibration:
-        from rcnn.quantize import quantize_onnx
+        from rcnn.deploy.quantize import quantize_onnx
 
         g = torch.Generator().manual_seed(2)
         pictures = [(torch.rand(3, *size, generator=g) * 255).round() / 255 for _ in range(int8_calibration)]
@@ -109,7 +109,7 @@ def case(kind: str, arch: str, size: tuple[int, int], rounds: int, threads: int,
 def parse_recipe(text: str) -> dict[str, Any]:
     """``quantize_onnx``'s settings from ``METHOD[+fc][+keep=PATH;PATH...][+keep=][+p=PERCENTILE]``
     (``+keep=`` alone: nothing kept float), e.g. ``entropy+keep=backbone.fpn``."""
-    from rcnn.quantize import CALIBRATION_METHODS
+    from rcnn.deploy.quantize import CALIBRATION_METHODS
 
     method, *parts = text.split("+")
     if method not in CALIBRATION_METHODS:
@@ -135,7 +135,7 @@ def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any
     settings give; each int8 graph calibrated on ``calibrate_images`` images of ``train_set``
     spread evenly over it."""
     from rcnn.inference import evaluate_model
-    from rcnn.quantize import quantize_onnx
+    from rcnn.deploy.quantize import quantize_onnx
 
     model = copy.deepcopy(model).eval()
     fp32 = export_onnx(model, workdir / "trained-fp32.onnx", class_names, example_size=(256, 256))
@@ -163,7 +163,7 @@ def int8_accuracy(model: torch.nn.Module, class_names: list[str], train_set: Any
 def run_accuracy(run: str, threads: int, workdir: Path, calibrate_images: int, recipes: list[str] = ()) -> dict[str, Any]:
     """:func:`int8_accuracy` of a trained run folder on its own data set (train split calibrates, val scores)."""
     from rcnn.build import load_model
-    from rcnn.data.build import build_dataset
+    from rcnn.data.reading import build_dataset
 
     loaded = load_model(run, for_inference=False)
     data = loaded.config.data

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, table, time_rounds, write_result
+from benchmarks.harness import command_line, table, time_rounds, write_result
 from benchmarks.faster_rcnn import build_pair
 from rcnn.inference import Clock, Predictor
 
@@ -231,8 +231,8 @@ def physical_limit(plain: torch.nn.Module, optimized: torch.nn.Module, image: to
     """Achieved GFLOP/s of each backend against the matmul peak (see the module docstring)."""
     from pathlib import Path
 
-    from rcnn.export import OnnxDetector, export_onnx
-    from rcnn.quantize import quantize_onnx
+    from rcnn.deploy.export import OnnxDetector, export_onnx
+    from rcnn.deploy.quantize import quantize_onnx
 
     names = ["__background__"] + [f"class_{i}" for i in range(1, plain.num_classes)]
     fp32 = export_onnx(plain, Path(workdir) / "model.onnx", names, example_size=tuple(image.shape[1:]), input_format="float")

@@ -28,7 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.common import (
+from benchmarks.harness import (
     accuracy_model_names,
     accuracy_provenance,
     command_line,

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from benchmarks.common import ROOT, RESULTS, command_line, machine, read_result
+from benchmarks.harness import ROOT, RESULTS, command_line, machine, read_result
 from rcnn.config import SHAPES_CONFIGS, load_config
 from rcnn.io.files import write_text
 from rcnn.training.lineage import markdown as table

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torchvision
 
-from benchmarks.common import (
+from benchmarks.harness import (
     accuracy_model_names,
     accuracy_provenance,
     command_line,

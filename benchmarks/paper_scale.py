@@ -28,7 +28,7 @@ timed on two subsets of the batch and scaled to 128; feature caching of every re
 multi-task step on N = 2 images of R = 128 RoIs. Both generations fine-tune the same layers
 (VGG16 from conv3_1, AlexNet from conv2, Fast R-CNN §4.5) with SGD (momentum 0.9).
 
-Every timing follows the benchmarks' protocol (``benchmarks.common``): the methods interleaved
+Every timing follows the benchmarks' protocol (``benchmarks.harness``): the methods interleaved
 round by round (A B C, C B A, ...) after a warm-up, best of the rounds per image, then the median
 over the images; CPU seconds (all threads) beside wall seconds. Writes
 ``benchmarks/results/paper_scale.json`` and ``docs/img/paper_scale_lineage.png``.
@@ -50,9 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import ROOT, RESULTS, command_line, table, time_rounds, write_result
+from benchmarks.harness import ROOT, RESULTS, command_line, table, time_rounds, write_result
 from rcnn.components.proposals.selective_search import SelectiveSearch
-from rcnn.data.build import build_dataset, find_splits
+from rcnn.data.reading import build_dataset, find_splits
 from rcnn.inference import Clock, Predictor
 from rcnn.models import fast_rcnn, faster_rcnn, rcnn
 from rcnn.training.rcnn_stages import extract_features, train_box_regressors, train_svms

@@ -33,7 +33,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.common import ROOT, command_line, table, write_result
+from benchmarks.harness import ROOT, command_line, table, write_result
 from rcnn.data import build_dataset
 from rcnn.models import faster_rcnn
 

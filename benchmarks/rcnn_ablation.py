@@ -33,16 +33,16 @@ from typing import Any
 import cv2
 import torch
 
-from benchmarks.common import command_line, measure, read_result, table, time_one, time_pair, write_result
+from benchmarks.harness import command_line, measure, read_result, table, time_one, time_pair, write_result
 from rcnn.config import Config, load_config
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.inference import Clock, Predictor, evaluate_model
 from rcnn.components.proposals.io import proposal_stats
 from rcnn.components.proposals.selective_search import SelectiveSearch, ensure_dataset_proposals, selective_search_file
 from rcnn.components.svm import ClassSVMs
 from rcnn.build import load_model
 from rcnn.io.files import read_json, write_json
-from rcnn.training.datasets import proposal_source
+from rcnn.components.proposals.io import proposal_source
 from rcnn.training.rcnn_stages import FeatureCache, mining_summary, train_svms
 from rcnn.training.run import run_training
 

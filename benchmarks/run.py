@@ -14,7 +14,7 @@ import importlib
 import sys
 import time
 
-from benchmarks.common import ROOT, read_result
+from benchmarks.harness import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
 EXTRA = ("backends", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load")

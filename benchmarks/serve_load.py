@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import command_line, table, write_result
+from benchmarks.harness import command_line, table, write_result
 from rcnn.serve import sample_images
 
 __all__ = ["markdown", "read_rss_mb", "run_load", "start_server", "main"]

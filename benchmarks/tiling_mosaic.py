@@ -6,7 +6,7 @@ The validation photographs of a LabelImg / VOC / COCO data set are pasted into o
 (``--grid`` x ``--grid`` cells of ``--cell`` pixels; their boxes moved with them), so that each
 object is ``grid`` times smaller relative to the picture than in its photograph. The model runs
 once on the whole mosaic (which its resize shrinks to its input size) and once on tiles of
-``--tile`` pixels (``rcnn.tiling.predict_tiled``, each merge); recall and precision at IoU 0.5 of
+``--tile`` pixels (``rcnn.inference.tiling.predict_tiled``, each merge); recall and precision at IoU 0.5 of
 the detections scoring at least ``--score-thresh`` are printed and written to ``OUT/tiling.json``,
 and ``OUT/tiling.png`` shows the two passes side by side.
 """
@@ -23,10 +23,10 @@ from PIL import Image
 
 from rcnn.build import load_model
 from rcnn.core.boxes import box_iou
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.io.images import read_image
 from rcnn.inference import Clock, Predictor, Tiling
-from rcnn.tiling import MERGES, tile_count
+from rcnn.inference.tiling import MERGES, tile_count
 from rcnn.viz import draw_detections, save_grid, to_pil
 
 

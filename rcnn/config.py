@@ -158,7 +158,7 @@ class DataConfig(_Section):
     workers: int = Field(default=2, ge=0, le=MAX_WORKERS)  # data loader processes
 
     def reader_options(self) -> dict[str, Any]:
-        """What :func:`rcnn.data.build.build_dataset` takes from this section besides the root and split."""
+        """What :func:`rcnn.data.reading.build_dataset` takes from this section besides the root and split."""
         return {"images_dir": self.images, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
                 "skip_broken": self.skip_broken}  # fmt: skip
 

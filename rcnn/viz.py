@@ -31,7 +31,7 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 MASK_ALPHA = 0.45
 # The PNG text chunk that marks a picture as drawn by rcnn: a later run may overwrite such a file
-# (rcnn.commands.common.guard_output), never a picture of the user's own that happens to be in the way.
+# (rcnn.commands.options.guard_output), never a picture of the user's own that happens to be in the way.
 PNG_MARK = ("Software", "rcnn")
 
 

@@ -30,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def proposals(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Selective search proposals files of the train and val splits of ``shapes_root``."""
-    from rcnn.data.build import build_dataset
+    from rcnn.data.reading import build_dataset
     from rcnn.components.proposals.selective_search import ensure_dataset_proposals
 
     out = tmp_path_factory.mktemp("proposals")

@@ -16,7 +16,7 @@ from rcnn.cli import main
 from rcnn.data.coco import CocoDetection
 from rcnn.evaluation import evaluate_coco
 from rcnn.evaluation.analysis import analyse, confusion_matrix, tide_errors
-from rcnn.evaluation.common import prepare_predictions
+from rcnn.evaluation.outputs import prepare_predictions
 from tiny_runs import tiny_run
 
 # One 200x200 image, classes a (label 1) and b (label 2): objects A, B, C of class a and E of class b.

@@ -26,8 +26,9 @@ LAYERS = {  # layer -> the packages and modules in it
     "data": ("rcnn.data", "rcnn.evaluation", "rcnn.viz"),
     "components": ("rcnn.components",),
     "models": ("rcnn.models",),
-    "build": ("rcnn.config", "rcnn.build", "rcnn.inference", "rcnn.tiling", "rcnn.convert", "rcnn.export", "rcnn.quantize", "rcnn.backends",
-              "rcnn.explain"),
+    "build": ("rcnn.config", "rcnn.build"),
+    "deploy": ("rcnn.deploy",),
+    "inference": ("rcnn.inference", "rcnn.explain"),
     "training": ("rcnn.training",),
     "commands": ("rcnn.commands", "rcnn.cli", "rcnn.serve"),
 }

@@ -1,4 +1,4 @@
-"""One detector, two backends (rcnn.backends): eager PyTorch and ONNX Runtime give the same
+"""One detector, two backends (rcnn.deploy.backends): eager PyTorch and ONNX Runtime give the same
 detections, through the Python API, rcnn predict, rcnn evaluate and rcnn serve."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 
-from rcnn.backends import load_detector, weights_digest
+from rcnn.deploy.backends import load_detector, weights_digest
 from rcnn.cli import main
-from rcnn.data.build import build_dataset
-from rcnn.export import OnnxDetector, onnx_metadata
+from rcnn.data.reading import build_dataset
+from rcnn.deploy.export import OnnxDetector, onnx_metadata
 from rcnn.inference import evaluate_model
 from tiny_runs import tiny_run
 
@@ -77,7 +77,7 @@ def test_a_stale_or_damaged_cache_is_exported_afresh(run, tmp_path):
     assert meta["weights_sha256"] == weights_digest(copy) and meta["input"] == "float"  # the backend's images, as given
     # a cache of the same weights that takes uint8 images (made by an earlier version) is made again
     from rcnn.build import load_model
-    from rcnn.export import export_onnx
+    from rcnn.deploy.export import export_onnx
 
     model = load_model(copy, for_inference=False)
     export_onnx(model.model, loaded.checkpoint, model.class_names, metadata={"rcnn.weights_sha256": weights_digest(copy)})
@@ -198,7 +198,7 @@ def float_convolutions(path) -> list[str]:
 def test_int8_calibration_methods_and_float_layers(run, both, shapes_root, tmp_path, capsys):
     from torchvision.ops import box_iou
 
-    from rcnn.quantize import quantize_onnx, recipe
+    from rcnn.deploy.quantize import quantize_onnx, recipe
 
     fp32 = both[1].checkpoint
     val = build_dataset(shapes_root, "val")
@@ -246,7 +246,7 @@ def test_precision_int8_quantises_a_run_once_and_caches_it(run, both, shapes_roo
     stamp = loaded.checkpoint.stat().st_mtime_ns
     assert load_detector(copy, precision="int8").checkpoint.stat().st_mtime_ns == stamp  # cached, not redone
     # a cached graph quantised by other settings than today's defaults is made again
-    from rcnn.quantize import quantize_onnx, recipe
+    from rcnn.deploy.quantize import quantize_onnx, recipe
 
     images = [build_dataset(shapes_root, "val")[0][0]]
     quantize_onnx(loaded.checkpoint.with_name("model.onnx"), loaded.checkpoint, images, method="minmax")

@@ -24,10 +24,10 @@ def test_author_split_is_exactly_images_1_to_160_and_161_to_200(tmp_path):
 def test_raccoon_benchmark_writes_its_fields(tmp_path, monkeypatch):
     if not (RACCOON / "annotations").is_dir():
         pytest.skip(f"the raccoon photographs are not at {RACCOON}")
-    import benchmarks.common
+    import benchmarks.harness
     from benchmarks import raccoon
 
-    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(benchmarks.harness, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(raccoon, "MIN_SIZE", 64)  # a smoke run: small images
     monkeypatch.setattr(raccoon, "MAX_SIZE", 96)
     picture = tmp_path / "pred.png"

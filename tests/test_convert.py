@@ -18,7 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from rcnn.build import load_model
 from rcnn.cli import main
-from rcnn.convert import TORCHVISION_ARCHS, convert_torchvision
+from rcnn.deploy.torchvision import TORCHVISION_ARCHS, convert_torchvision
 from rcnn.core import fastpaths
 
 # small images and fewer proposals (the v2 box head's convolutions cost ~115 GFLOP per 1000

@@ -11,7 +11,7 @@ import pytest
 from layout_sets import Img, Obj, write_labelimg
 from rcnn.cli import main
 from rcnn.data.anchors import best_anchor_iou, default_anchor_sizes, scaled_box_shapes, suggest_anchors
-from rcnn.data.common import ImageRecord
+from rcnn.data.records import ImageRecord
 
 
 def _records(boxes: list[list[float]], height: int = 600, width: int = 800, n: int = 5) -> list[ImageRecord]:

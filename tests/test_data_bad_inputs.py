@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rcnn.data import VOC_CLASSES, CocoDetection, DataWarning, VOCDetection, build_dataset
-from rcnn.data.common import load_image
+from rcnn.data.records import load_image
 
 BAD = Path(__file__).parent / "data" / "bad"
 IMAGES = BAD / "images"

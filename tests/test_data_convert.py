@@ -11,7 +11,7 @@ import torch
 from layout_sets import CLASSES, mixed_set, polygon_set, write_coco, write_labelimg, write_yolo
 from rcnn.cli import main
 from rcnn.data import CocoDetection, VOCDetection, build_dataset
-from rcnn.data.convert import convert_dataset
+from rcnn.data.writing import convert_dataset
 from rcnn.data.layouts import LayoutDetection
 
 

@@ -26,7 +26,7 @@ from layout_sets import (
     write_yolo,
 )
 from rcnn.data import CocoDetection, DataWarning, build_dataset
-from rcnn.data.build import find_splits, resolve_dataset
+from rcnn.data.reading import find_splits, resolve_dataset
 from rcnn.data.layouts import LayoutDetection
 
 

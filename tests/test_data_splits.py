@@ -11,7 +11,7 @@ import pytest
 from layout_sets import Img, Obj, mixed_set, write_coco, write_labelimg
 from rcnn.cli import main
 from rcnn.data import DataWarning, build_dataset
-from rcnn.data.build import find_splits
+from rcnn.data.reading import find_splits
 from rcnn.data.check import check_dataset
 from rcnn.data.splits import stratified_split
 

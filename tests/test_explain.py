@@ -14,7 +14,7 @@ from rcnn.build import load_model
 from rcnn.cli import main
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.core.ops import roi_align, roi_align_points, roi_pool, roi_pool_bins
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.explain import GroundTruth, analyse_errors, dataset_ground_truth, explain, explain_model, load_ground_truth
 from rcnn.io.images import load_image
 from tiny_runs import tiny_run

@@ -14,7 +14,7 @@ import torch
 
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from rcnn.export import OnnxDetector, export_onnx, onnx_metadata
+from rcnn.deploy.export import OnnxDetector, export_onnx, onnx_metadata
 from rcnn.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 
 NAMES = ["__background__", "circle", "square", "triangle"]

@@ -10,13 +10,13 @@ from torch import nn
 
 from rcnn.cli import main
 from rcnn.config import load_config
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.inference import evaluate_model
 from rcnn.models import FastRCNN, fast_rcnn
 from rcnn.models.fast_rcnn import compress_box_head
 from rcnn.components.proposals.io import MissingProposalsError, load_proposals, save_proposals
 from rcnn.build import load_model
-from rcnn.training.datasets import proposal_source
+from rcnn.components.proposals.io import proposal_source
 from rcnn.training.run import run_training
 
 QUIET = dict(progress=False, log=lambda s: None)

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +33,7 @@ from rcnn.config import load_config
 from rcnn.data.coco import CocoDetection
 from rcnn.io.runs import claim_run_folder
 from rcnn.training.loop import train
-from tiny_runs import SMALL, TWO_STAGE, tiny_run
+from tiny_runs import TWO_STAGE, tiny_run
 
 BAD = Path(__file__).parent / "data" / "bad"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

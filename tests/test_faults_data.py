@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from layout_sets import Img, Obj, mixed_set, voc_xml, write_cvat, write_labelimg
 from rcnn.cli import main
 from rcnn.data import DataWarning, build_dataset
 from rcnn.data.coco import rle_string_totals
-from rcnn.data.convert import convert_dataset
+from rcnn.data.writing import convert_dataset
 from user_files import assert_unchanged, snapshot
 
 

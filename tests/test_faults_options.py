@@ -149,7 +149,7 @@ def test_numbers_out_of_range_are_refused_naming_the_option_and_the_range(argv, 
 
 
 def test_values_at_the_bounds_are_accepted():
-    from rcnn.commands.common import float_range, int_range
+    from rcnn.commands.options import float_range, int_range
 
     assert int_range(64, 4096)("64") == 64 and int_range(64, 4096)("4096") == 4096
     assert float_range(0.0, 0.9)("0") == 0.0 and float_range(0.0, 0.9)("0.9") == 0.9
@@ -477,7 +477,7 @@ ONNX_MISTAKES = {
 
 @pytest.mark.parametrize("case", list(ONNX_MISTAKES))
 def test_onnx_metadata_that_does_not_fit_the_graph_is_refused_when_loaded(case, onnx_file, image, tmp_path, capsys):
-    from rcnn.backends import load_detector
+    from rcnn.deploy.backends import load_detector
 
     make, message = ONNX_MISTAKES[case]
     path = make(onnx_file, tmp_path / "edited.onnx")
@@ -559,7 +559,7 @@ def test_tiling_that_would_make_too_many_tiles_is_refused_before_it_runs(run, tm
     Image.new("RGB", (3000, 2000), (60, 60, 60)).save(big)
     started = time.perf_counter()
     argv = ["predict", "--weights", str(run), str(big), "--out", str(tmp_path / "o"), "--quiet", "--tile", "64"]
-    from rcnn.tiling import tile_count
+    from rcnn.inference.tiling import tile_count
 
     assert main([*argv, "--overlap", "0.9"]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -574,7 +574,7 @@ def test_tiling_that_would_make_too_many_tiles_is_refused_before_it_runs(run, tm
 
 def test_tiling_settings_are_bounded_in_python_too():
     from rcnn.inference import Tiling
-    from rcnn.tiling import predict_tiled, tile_windows
+    from rcnn.inference.tiling import predict_tiled, tile_windows
 
     for tile, overlap, message in [(1, 0.2, "tile must be a whole number of pixels in 64..4096"),
                                    (32, 0.999, "tile must be"), (128, 0.999, r"overlap must be in \[0, 0.9\]"),

@@ -1,6 +1,6 @@
 """One inference path: ``rcnn predict``, ``rcnn explain`` and ``rcnn serve`` run an image through the
 same predictor (rcnn.inference.Predictor) and say the same thing about it, in one JSON schema; every
-backend is a rcnn.backends.Detector; detections (masks too) come back in the original's pixels."""
+backend is a rcnn.deploy.backends.Detector; detections (masks too) come back in the original's pixels."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from rcnn.backends import Detector, EagerDetector, as_detector, load_detector
+from rcnn.deploy.backends import Detector, EagerDetector, as_detector, load_detector
 from rcnn.build import load_model
 from rcnn.cli import main
 from rcnn.inference import Predictor
@@ -104,7 +104,7 @@ def test_masks_come_back_in_the_originals_pixels(runs, photo):
 
 @pytest.mark.slow
 def test_every_backend_is_a_detector(runs, tmp_path):
-    from rcnn.export import OnnxDetector, export_onnx
+    from rcnn.deploy.export import OnnxDetector, export_onnx
 
     loaded = load_model(runs["faster_rcnn"], for_inference=False)
     eager = as_detector(loaded.model)

@@ -42,7 +42,7 @@ def test_paper_scale_runs_and_writes_every_figure(shapes_root: Path, tmp_path: P
 
 
 def test_time_rounds_interleaves_and_keeps_the_best_of_each_figure() -> None:
-    from benchmarks.common import time_rounds
+    from benchmarks.harness import time_rounds
 
     order, parts = [], iter([0.5, 0.2, 0.9])
     calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b") or {"rpn_wall_s": next(parts)}}

@@ -14,7 +14,7 @@ from rcnn.components.ridge import BoxRegressors
 from rcnn.cli import main
 from rcnn.build import build_model
 from rcnn.config import load_config
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.inference import evaluate_model, predict_dataset
 from rcnn.models import RCNN, rcnn
 from rcnn.components.proposals.io import MissingProposalsError, load_proposals, save_proposals
@@ -22,7 +22,7 @@ from rcnn.components.svm import ClassSVMs
 from rcnn.build import load_model
 from rcnn.io.checkpoints import load_checkpoint
 from rcnn.training.rcnn_stages import FeatureCache, extract_features
-from rcnn.training.datasets import proposal_source
+from rcnn.components.proposals.io import proposal_source
 from rcnn.training.run import run_training
 
 QUIET = dict(progress=False, log=lambda s: None)

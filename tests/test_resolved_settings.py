@@ -192,7 +192,7 @@ def test_a_saved_run_loads_with_its_record(tmp_path):
 def test_converted_torchvision_runs_record_every_setting(tmp_path):
     import torchvision
 
-    from rcnn.convert import convert_torchvision
+    from rcnn.deploy.torchvision import convert_torchvision
 
     peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4)
     torch.save(peer.state_dict(), tmp_path / "peer.pth")

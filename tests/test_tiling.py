@@ -16,11 +16,11 @@ from torch import nn
 
 from rcnn.components.transform import DetectionTransform
 from rcnn.core.boxes import box_iou
-from rcnn.tiling import merge_detections, predict_tiled, tile_windows
+from rcnn.inference.tiling import merge_detections, predict_tiled, tile_windows
 
 
 class BrightSquares(nn.Module):
-    """A stand-in detector (``rcnn.backends.Detector``): a box around each bright square."""
+    """A stand-in detector (``rcnn.deploy.backends.Detector``): a box around each bright square."""
 
     name = "bright_squares"
     num_classes = 2

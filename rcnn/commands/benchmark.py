@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.common import MAX_THREADS, float_range, int_range
+from rcnn.commands.options import MAX_THREADS, float_range, int_range
 
 MAX_BUDGET_S = 7 * 86_400.0  # training seconds per model: a week
 

@@ -9,7 +9,7 @@ import argparse
 
 
 def _run_torchvision(args: argparse.Namespace) -> int:
-    from rcnn.convert import convert_torchvision
+    from rcnn.deploy.torchvision import convert_torchvision
 
     convert_torchvision(args.file, args.arch, args.out, class_names=args.classes)
     print(f"run folder: {args.out} (rcnn predict / evaluate / export --weights {args.out}; "
@@ -18,7 +18,7 @@ def _run_torchvision(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from rcnn.convert import TORCHVISION_ARCHS
+    from rcnn.deploy.torchvision import TORCHVISION_ARCHS
 
     parser = subparsers.add_parser(
         "convert",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from rcnn.commands.common import float_range, int_range
+from rcnn.commands.options import float_range, int_range
 from rcnn.components.settings import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 
 MAX_SHAPES_IMAGES = 1_000_000  # per split of the synthetic set: far beyond a demo or a test
@@ -76,7 +76,7 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from rcnn.data.convert import convert_dataset
+    from rcnn.data.writing import convert_dataset
 
     start = time.perf_counter()
     report = convert_dataset(

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from rcnn.config import load_config
     from rcnn.inference import predict_dataset
     from rcnn.io.files import write_json
-    from rcnn.training.datasets import proposal_source
+    from rcnn.components.proposals.io import proposal_source
     from rcnn.training.run import prepare_data, run_training
     from rcnn.viz import draw_detections, save_grid
 

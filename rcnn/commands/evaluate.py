@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcnn.commands.common import (
+from rcnn.commands.options import (
     add_backend_arguments,
     add_config_arguments,
     add_force_argument,
@@ -51,13 +51,13 @@ def _guard(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from rcnn.commands.common import detector_from_args
+    from rcnn.commands.options import detector_from_args
     from rcnn.config import apply_overrides, config_from_dict, config_to_yaml, load_config
-    from rcnn.data.build import build_dataset
+    from rcnn.data.reading import build_dataset
     from rcnn.inference import Predictor, check_score_thresh, evaluate_model
     from rcnn.io.checkpoints import find_checkpoint
     from rcnn.io.files import write_json
-    from rcnn.training.datasets import proposal_source
+    from rcnn.components.proposals.io import proposal_source
 
     _guard(args)
     loaded = detector_from_args(args)

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rcnn.commands.common import (
+from rcnn.commands.options import (
     add_force_argument,
     guard_output,
     int_range,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_score_thresh(args.score_thresh, predictor.detector, "--score-thresh")
     gt = None
     if args.data is not None:
-        from rcnn.data.build import build_dataset
+        from rcnn.data.reading import build_dataset
 
         dataset = build_dataset(args.data, args.split)
         path, gt = dataset_ground_truth(dataset, args.index, class_names)

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rcnn.commands.common import (
+from rcnn.commands.options import (
     MAX_CALIBRATION_IMAGES,
     add_force_argument,
     float_range,
@@ -22,7 +22,7 @@ from rcnn.components.settings import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 def run(args: argparse.Namespace) -> int:
     from rcnn.build import load_model
-    from rcnn.export import export_onnx
+    from rcnn.deploy.export import export_onnx
 
     if args.format != "onnx":
         raise ValueError(f"--format {args.format}: only onnx is supported")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"onnx": str(path), "model": type(loaded.model).name, "input": args.input,
                "classes": len(loaded.class_names) - 1}  # fmt: skip
     if args.int8:
-        from rcnn.quantize import calibration_images, quantize_onnx
+        from rcnn.deploy.quantize import calibration_images, quantize_onnx
 
         images = calibration_images(args.calibrate, args.split, args.calibrate_images, loaded.config)
         path = quantize_onnx(float_path, out, images, fc=args.int8_fc, method=args.calibration_method,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from rcnn.quantize import CALIBRATION_METHODS, DEFAULT_METHOD, KEEP_FLOAT
+    from rcnn.deploy.quantize import CALIBRATION_METHODS, DEFAULT_METHOD, KEEP_FLOAT
 
     parser = subparsers.add_parser(
         "export",

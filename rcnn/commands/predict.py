@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from rcnn.commands.common import (
+from rcnn.commands.options import (
     add_backend_arguments,
     add_force_argument,
     detector_from_args,
@@ -25,7 +25,7 @@ from rcnn.commands.common import (
     is_video_records,
     score_threshold,
 )
-from rcnn.tiling import MAX_OVERLAP, MAX_TILE, MAX_TILES, MERGES, MIN_TILE
+from rcnn.inference.tiling import MAX_OVERLAP, MAX_TILE, MAX_TILES, MERGES, MIN_TILE
 
 MAX_BATCH = 256  # images (or tiles) per model call: beyond it only memory grows
 MAX_STRIDE = 100_000  # video frames: one frame an hour at 30 fps

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.common import float_range, int_range
+from rcnn.commands.options import float_range, int_range
 from rcnn.components.settings import MAX_IMAGE_SIDE, MAX_SEED, MIN_IMAGE_SIDE
 from rcnn.io.files import dumps_json
 
 
 def run(args: argparse.Namespace) -> int:
     from rcnn.config import TrainConfig
-    from rcnn.data.build import build_dataset
+    from rcnn.data.reading import build_dataset
     from rcnn.training.pretrain import CropDataset, ImageFolderDataset, pretrain
 
     if (args.images is None) == (args.data is None):

@@ -12,7 +12,7 @@ import argparse
 import json
 import time
 
-from rcnn.commands.common import add_force_argument, float_range, guard_output, int_range
+from rcnn.commands.options import add_force_argument, float_range, guard_output, int_range
 
 MAX_PROPOSALS = 100_000  # boxes per image: selective search's quality mode gives ~10k
 MAX_REGION_SIDE = 4096.0  # --min-size: a box side in pixels (the largest image side a model takes)

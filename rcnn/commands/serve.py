@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.common import MAX_THREADS, add_precision_arguments, float_range, int_range
+from rcnn.commands.options import MAX_THREADS, add_precision_arguments, float_range, int_range
 
 # The ranges of the options are those of rcnn.serve.ServeSettings (kept here as numbers: the
 # server's module loads FastAPI, which ``rcnn --help`` need not).
@@ -22,7 +22,7 @@ def served_models(specs: list[str], device: str, backend: str | None = None, thr
                   **precision) -> list:  # fmt: skip
     """``RUN`` or ``ID=RUN`` (a run folder, or an ONNX file from ``rcnn export``) -> loaded models;
     ids default to the model's name, made unique. ``backend``, ``precision``, ``calibrate``,
-    ``calibrate_images``: see :func:`rcnn.backends.load_detector`."""
+    ``calibrate_images``: see :func:`rcnn.deploy.backends.load_detector`."""
     from rcnn.serve import ServedModel
 
     models, taken = [], set()
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rcnn.serve import ServeSettings, create_app
 
-    from rcnn.commands.common import precision_options, runs_in_onnxruntime
+    from rcnn.commands.options import precision_options, runs_in_onnxruntime
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu and not runs_in_onnxruntime(args) else "cpu"
     settings = ServeSettings(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.common import add_config_arguments, config_from_args
+from rcnn.commands.options import add_config_arguments, config_from_args
 from rcnn.io.files import dumps_json
 
 

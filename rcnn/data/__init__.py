@@ -4,9 +4,9 @@ layouts (LabelImg, YOLO, LabelMe, VIA, CVAT) read in place, splits, conversion, 
 ``build_dataset(path, split)`` detects the format; see docs/data.md.
 """
 
-from rcnn.data.build import build_dataset, find_splits, resolve_dataset
+from rcnn.data.reading import build_dataset, find_splits, resolve_dataset
 from rcnn.data.coco import CocoDetection
-from rcnn.data.common import DataWarning, DetectionDataset, Problem, load_image
+from rcnn.data.records import DataWarning, DetectionDataset, Problem, load_image
 from rcnn.data.layouts import LayoutDetection
 from rcnn.data.shapes import SHAPES_CLASSES, make_shapes, shapes_paths
 from rcnn.data.transforms import Compose, RandomHorizontalFlip, Resize, collate_fn

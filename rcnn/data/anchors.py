@@ -35,7 +35,7 @@ import torch
 from rcnn.core.anchors import cell_anchors
 from rcnn.core.boxes import box_iou
 from rcnn.core.images import resized_shape
-from rcnn.data.common import ImageRecord
+from rcnn.data.records import ImageRecord
 
 __all__ = [
     "DEFAULT_ASPECT_RATIOS",

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from rcnn.data.build import DatasetSource, coco_keys, dataset_splits, layout_index, resolve_dataset
+from rcnn.data.reading import DatasetSource, coco_keys, dataset_splits, layout_index, resolve_dataset
 from rcnn.data.coco import image_name, read_coco
-from rcnn.data.common import ImageRecord, Problem, check_images, skip_broken_images
+from rcnn.data.records import ImageRecord, Problem, check_images, skip_broken_images
 from rcnn.data.layouts import RawSet
 from rcnn.data.splits import split_positions
 from rcnn.data.voc import read_voc

@@ -3,7 +3,7 @@
 Category ids (any integers) map to contiguous labels 1..K in increasing id order; the mapping
 is kept (``label_to_cat_id``) to write results back. Boxes are converted from COCO's
 ``[x, y, width, height]`` to ``(x1, y1, x2, y2)`` and validated once at construction (see
-``rcnn.data.common`` for the policy); images are read in ``__getitem__``.
+``rcnn.data.records`` for the policy); images are read in ``__getitem__``.
 
 Shape shorthand:
     N: number of annotated objects in an image
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from rcnn.data.common import (
+from rcnn.data.records import (
     DetectionDataset,
     ImageRecord,
     OVERHANG_FRACTION,

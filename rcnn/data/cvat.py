@@ -33,7 +33,7 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from rcnn.data.common import Problem
+from rcnn.data.records import Problem
 from rcnn.data.labelme import circle_polygon
 from rcnn.data.layouts import RawImage, RawObject, RawSet, find_image
 

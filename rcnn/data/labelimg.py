@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from rcnn.data.common import Problem
+from rcnn.data.records import Problem
 from rcnn.data.layouts import RawImage, RawObject, RawSet, find_image, list_images, read_class_list
 from rcnn.data.voc import parse_voc_xml
 

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rcnn.data.common import Problem
+from rcnn.data.records import Problem
 from rcnn.data.layouts import RawImage, RawObject, RawSet, find_image, read_class_list
 
 __all__ = ["circle_polygon", "is_labelme_folder", "read_labelme"]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from rcnn.data.coco import decode_masks, polygon_area
-from rcnn.data.common import (
+from rcnn.data.records import (
     DetectionDataset,
     ImageRecord,
     Problem,
@@ -437,7 +437,7 @@ class LayoutDetection(DetectionDataset):
     """One split of an annotation-tool layout (LabelImg, YOLO, LabelMe, VIA, CVAT) as a data set.
 
     Built by :func:`rcnn.data.build_dataset` from a :class:`LayoutIndex`. Items are those of every
-    reader (:class:`~rcnn.data.common.DetectionDataset`); ``masks [N, H, W]`` come from the
+    reader (:class:`~rcnn.data.records.DetectionDataset`); ``masks [N, H, W]`` come from the
     polygons (``with_masks``), and LabelImg's VOC ``difficult`` flag is kept as VOC's is
     (``keep_difficult``, default ``not train``). ``image_names`` are the images' keys (what split
     files list); ``format``, ``root`` and ``split`` say where the data came from.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcnn.data.build import LAYOUT_FORMATS, SPEC_FILE, read_raw, resolve_dataset
+from rcnn.data.reading import LAYOUT_FORMATS, SPEC_FILE, read_raw, resolve_dataset
 from rcnn.data.splits import SPLIT_ALL, stratified_split, write_split_files
 from rcnn.io.files import write_json
 

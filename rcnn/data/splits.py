@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.data.common import Problem
+from rcnn.data.records import Problem
 from rcnn.io.files import write_text
 
 __all__ = [

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rcnn.core.images import resize_boxes, resize_image, resize_masks, resized_shape
-from rcnn.data.common import Transform
+from rcnn.data.records import Transform
 
 __all__ = ["Compose", "RandomHorizontalFlip", "Resize", "collate_fn"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcnn.data.common import (
+from rcnn.data.records import (
     DetectionDataset,
     ImageRecord,
     Problem,

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from rcnn.data.common import Problem, image_size
+from rcnn.data.records import Problem, image_size
 from rcnn.data.layouts import RawImage, RawObject, RawSet, list_images, read_class_list
 
 __all__ = ["find_yolo_yaml", "is_yolo_folder", "read_yolo", "yolo_label_path"]

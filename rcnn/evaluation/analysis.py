@@ -38,9 +38,9 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from rcnn.core.boxes import box_iou
-from rcnn.data.common import DetectionDataset
+from rcnn.data.records import DetectionDataset
 from rcnn.evaluation.coco import _results_coco, coco_results
-from rcnn.evaluation.common import Detections, prepare_predictions
+from rcnn.evaluation.outputs import Detections, prepare_predictions
 from rcnn.io.files import atomic_write, write_json, write_text
 
 __all__ = [

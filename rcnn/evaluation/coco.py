@@ -28,8 +28,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from rcnn.data.common import DetectionDataset
-from rcnn.evaluation.common import Detections, prepare_predictions
+from rcnn.data.records import DetectionDataset
+from rcnn.evaluation.outputs import Detections, prepare_predictions
 from rcnn.io.files import write_json
 
 __all__ = ["COCO_STAT_NAMES", "coco_results", "evaluate_coco", "result_entries", "write_coco_results"]

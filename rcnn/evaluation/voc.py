@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from rcnn.core.boxes import box_iou
-from rcnn.data.common import DetectionDataset
-from rcnn.evaluation.common import prepare_predictions
+from rcnn.data.records import DetectionDataset
+from rcnn.evaluation.outputs import prepare_predictions
 
 __all__ = ["evaluate_voc", "voc_ap"]
 

@@ -140,7 +140,7 @@ def load_ground_truth(
 
 
 def dataset_ground_truth(dataset: Any, index: int, class_names: Sequence[str]) -> tuple[Path, GroundTruth]:
-    """The image file and the objects of ``dataset[index]`` (a :class:`rcnn.data.common.DetectionDataset`),
+    """The image file and the objects of ``dataset[index]`` (a :class:`rcnn.data.records.DetectionDataset`),
     its labels mapped onto the model's ``class_names`` by name."""
     if not 0 <= index < len(dataset):
         raise ValueError(f"index {index} outside the data set's {len(dataset)} images")

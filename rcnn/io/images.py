@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["EXIF_ORIENTATIONS", "MAX_PIXELS", "DecodedImage", "exif_orientation", "image_size", "load_image", "read_image"]
+__all__ = ["EXIF_ORIENTATIONS", "MAX_PIXELS", "DecodedImage", "as_float", "exif_orientation", "image_size", "load_image", "read_image"]
 
 _ORIENTATION_TAG = 0x0112
 # EXIF Orientation -> the transposition that shows the image upright (PIL.ImageOps.exif_transpose's table).
@@ -249,3 +249,8 @@ def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]
 def exif_orientation(path: str | os.PathLike) -> int:
     """The EXIF orientation tag (1..8) of an image file, from its header; 1 when it has none."""
     return _open_image(Path(path), decode=False)[1]
+
+
+def as_float(image: Tensor) -> Tensor:
+    """A float image in 0..1 from a uint8 one (0..255); a float image as it is."""
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image

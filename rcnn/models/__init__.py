@@ -4,7 +4,7 @@
 capability attributes (:class:`rcnn.models.base.DetectorCapabilities`).
 """
 
-from rcnn.models.base import DetectorCapabilities, TwoStageDetector
+from rcnn.models.base import DetectorCapabilities, TwoStageDetector, model_device
 from rcnn.models.fast_rcnn import FastRCNN, FastRCNNOptions, fast_rcnn
 from rcnn.models.faster_rcnn import FasterRCNN, FasterRCNNOptions, faster_rcnn
 from rcnn.models.mask_rcnn import MaskRCNN, MaskRCNNOptions, mask_rcnn
@@ -22,6 +22,7 @@ __all__ = [
     "FasterRCNN",
     "FasterRCNNOptions",
     "MaskRCNN",
+    "model_device",
     "MaskRCNNOptions",
     "RCNNSettings",
     "TwoStageDetector",

@@ -26,6 +26,7 @@ Shape shorthand:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -66,6 +67,12 @@ __all__ = [
 #   "rpn":      the RPN only (steps 1 and 3); the RoI heads are not run;
 #   "detector": the RoI heads only, on given proposals or on the (fixed) RPN's (steps 2 and 4).
 TRAIN_MODES = ("joint", "rpn", "detector")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (or buffers, for a model of buffers only); the CPU for none."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 class DetectorCapabilities:

@@ -130,10 +130,10 @@ class ServedModel:
     @classmethod
     def load(cls, run: str | os.PathLike, id: str | None = None, device: str = "cpu", backend: str | None = None,
              threads: int | None = None, **precision) -> ServedModel:  # fmt: skip
-        """The model of a run folder or of an exported ONNX file (``rcnn.backends.load_detector``;
+        """The model of a run folder or of an exported ONNX file (``rcnn.deploy.backends.load_detector``;
         ``backend`` None: ONNX Runtime for a ``.onnx`` file, else eager; ``precision``, ``calibrate``,
         ``calibrate_images`` as there), its id default its ``model.name``."""
-        from rcnn.backends import load_detector
+        from rcnn.deploy.backends import load_detector
 
         is_onnx = str(run).endswith(".onnx")
         loaded = load_detector(

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rcnn.config import TrainConfig
-from rcnn.inference import model_device
+from rcnn.models import model_device
 from rcnn.io.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from rcnn.io.files import read_json
 from rcnn.training.datasets import TrainingSet

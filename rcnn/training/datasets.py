@@ -6,19 +6,16 @@ Shape shorthand:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rcnn.components.proposals.io import load_proposals
-from rcnn.data.common import DetectionDataset
+from rcnn.components.proposals.io import ProposalSource
+from rcnn.data.records import DetectionDataset
 
-__all__ = ["ProposalSource", "TrainingSet", "proposal_source"]
-
-ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original image coordinates
+__all__ = ["TrainingSet"]
 
 
 class TrainingSet(Dataset):
@@ -49,8 +46,3 @@ class TrainingSet(Dataset):
             image, target = self.transforms(image, target)
         return image, target
 
-
-def proposal_source(path: str | os.PathLike) -> ProposalSource:
-    """``image_id -> proposals [P, 4]`` read from a proposals file (see docs/proposals.md)."""
-    proposals = load_proposals(path)
-    return lambda image_id: proposals[image_id]

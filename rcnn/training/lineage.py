@@ -31,11 +31,11 @@ import torch
 from rcnn.build import load_model, model_class
 from rcnn.config import MODEL_NAMES as MODELS
 from rcnn.config import SHAPES_CONFIGS, TrainConfig, load_config
-from rcnn.data.build import build_dataset
+from rcnn.data.reading import build_dataset
 from rcnn.data.shapes import make_shapes
 from rcnn.inference import Predictor, evaluate_model, peak_memory_mb
 from rcnn.io.files import write_text
-from rcnn.training.datasets import proposal_source
+from rcnn.components.proposals.io import proposal_source
 from rcnn.training.pretrain import CropDataset, pretrain
 from rcnn.training.run import prepare_data, run_training
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from rcnn.components.ridge import BoxRegressors, select_regression_examples
 from rcnn.components.svm import ClassSVMs, ImageRegions
 from rcnn.config import TrainConfig
-from rcnn.inference import model_device
+from rcnn.models import model_device
 from rcnn.io.checkpoints import save_checkpoint
 from rcnn.io.files import atomic_write, read_json, write_json
 from rcnn.io.tensors import save_tensors

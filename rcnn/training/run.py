@@ -18,18 +18,18 @@ import torch
 from torch import nn
 
 from rcnn.build import build_model, initialize_from, model_class, resolved_config
-from rcnn.components.proposals.io import load_proposals
+from rcnn.components.proposals.io import load_proposals, proposal_source
 from rcnn.components.proposals.selective_search import ensure_dataset_proposals
 from rcnn.config import Config, config_to_yaml
-from rcnn.data.build import build_dataset
-from rcnn.data.common import DetectionDataset
+from rcnn.data.reading import build_dataset
+from rcnn.data.records import DetectionDataset
 from rcnn.data.shapes import NotAShapesFolder, make_shapes
 from rcnn.data.transforms import Compose, RandomHorizontalFlip
 from rcnn.evaluation.classes import match_classes
 from rcnn.inference import evaluate_model
 from rcnn.io.runs import claim_run_folder
 from rcnn.training.alternating import train_alternating
-from rcnn.training.datasets import TrainingSet, proposal_source
+from rcnn.training.datasets import TrainingSet
 from rcnn.training.loop import train
 from rcnn.training.rcnn_stages import train_rcnn
 

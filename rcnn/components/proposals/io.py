@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MissingProposalsError",
+    "ProposalSource",
     "ProposalsFile",
     "convert_proposals",
     "load_proposals",
+    "proposal_source",
     "proposal_stats",
     "save_proposals",
 ]
@@ -53,6 +55,8 @@ FORMAT_VERSION = "1"
 _BOXES = "boxes/"
 _SCORES = "scores/"
 _MAX_LISTED = 5  # how many missing image ids an error message lists
+
+ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original image coordinates
 
 
 class MissingProposalsError(KeyError, ValueError):
@@ -409,3 +413,9 @@ def proposal_stats(
     stats["recall"] = {t: float((best_iou >= t).float().mean()) if best_iou.numel() else float("nan") for t in thresholds}
     stats["mean_best_iou"] = float(best_iou.mean()) if best_iou.numel() else float("nan")
     return stats
+
+
+def proposal_source(path: str | os.PathLike) -> ProposalSource:
+    """``image_id -> proposals [P, 4]`` read from a proposals file (see docs/proposals.md)."""
+    proposals = load_proposals(path)
+    return lambda image_id: proposals[image_id]

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rcnn.data.build import build_dataset, dataset_splits, read_raw, resolve_dataset
-from rcnn.data.common import DetectionDataset, ImageRecord
+from rcnn.data.reading import build_dataset, dataset_splits, read_raw, resolve_dataset
+from rcnn.data.records import DetectionDataset, ImageRecord
 from rcnn.data.layouts import RawSet
 from rcnn.io.files import atomic_write, write_json, write_text
 

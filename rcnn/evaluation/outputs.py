@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rcnn.data.common import DetectionDataset
+from rcnn.data.records import DetectionDataset
 from rcnn.core.masks import MASK_THRESHOLD
 
 __all__ = ["Detections", "prepare_predictions"]

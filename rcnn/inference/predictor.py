@@ -9,7 +9,7 @@ A :class:`Predictor` owns everything between an image and its detections: the de
 detector's), the decode size (files are decoded reduced to the detector's input size, unless
 tiled or asked whole), the proposals of the generations that need them (a proposals file by image
 id, else selective search on the image), batching, tiling, and the backend (anything that
-implements :class:`rcnn.backends.Detector`: the eager model, ONNX Runtime). What it returns is in
+implements :class:`rcnn.deploy.backends.Detector`: the eager model, ONNX Runtime). What it returns is in
 the original image's pixels, boxes and masks alike. ``rcnn predict``, ``evaluate``, ``serve``,
 ``explain``, ``benchmark`` and the benchmarks all run a model through it.
 
@@ -47,15 +47,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rcnn.backends import Detector, as_detector, model_device
+from rcnn.deploy.backends import Detector, as_detector
+from rcnn.models import model_device
+from rcnn.components.proposals.io import ProposalSource
 from rcnn.components.proposals.selective_search import SelectiveSearch
-from rcnn.data.common import DetectionDataset
+from rcnn.data.records import DetectionDataset
 from rcnn.evaluation.classes import match_classes
 from rcnn.evaluation.coco import evaluate_coco, result_entries
 from rcnn.evaluation.voc import evaluate_voc
 from rcnn.io.files import write_json, write_text
-from rcnn.io.images import MAX_PIXELS, DecodedImage, read_image
-from rcnn.tiling import MAX_TILES, MERGES, as_float, check_tiling, predict_tiled, tile_count
+from rcnn.io.images import MAX_PIXELS, DecodedImage, as_float, read_image
+from rcnn.inference.tiling import MAX_TILES, MERGES, check_tiling, predict_tiled, tile_count
 from rcnn.viz import draw_detections, image_pixels, save_png
 
 T = TypeVar("T")
@@ -86,8 +88,6 @@ __all__ = [
     "score_range",
     "time_split",
 ]
-
-ProposalSource = Callable[[int], Tensor]  # image_id -> proposals [P, 4] in original image coordinates
 
 # The generations' display names, by model name (a table to look names up in, never to compare them).
 GENERATIONS = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
@@ -219,7 +219,7 @@ def time_split(recorder: Recorder) -> dict[str, float | None]:
 # -- the predictor -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled prediction settings (:func:`rcnn.tiling.predict_tiled`; their ranges: :mod:`rcnn.tiling`)."""
+    """Tiled prediction settings (:func:`rcnn.inference.tiling.predict_tiled`; their ranges: :mod:`rcnn.inference.tiling`)."""
 
     tile: int
     overlap: float = 0.2
@@ -324,7 +324,7 @@ class Predictor:
     """The one way the library runs a detector on images (see the module docstring).
 
     Args:
-        detector: any backend's :class:`rcnn.backends.Detector`, or a model of :mod:`rcnn.models`
+        detector: any backend's :class:`rcnn.deploy.backends.Detector`, or a model of :mod:`rcnn.models`
             (run by the eager backend).
         proposals: for a detector that needs proposals, ``image_id -> [P, 4]`` (a proposals file:
             ``rcnn.training.datasets.proposal_source``) for the images of :meth:`dataset`; other

@@ -42,7 +42,7 @@ def calibration_images(source: str | os.PathLike, split: str | None, count: int,
     time as the calibration asks for them. ``config`` gives the reader's options and the default
     split (the run's training split).
     """
-    from rcnn.data.build import build_dataset
+    from rcnn.data.reading import build_dataset
     from rcnn.io.images import load_image
     from rcnn.io.sources import IMAGE_EXTENSIONS
 
@@ -118,7 +118,7 @@ def quantize_onnx(
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from rcnn.export import onnx_metadata
+    from rcnn.deploy.export import onnx_metadata
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")

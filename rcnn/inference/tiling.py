@@ -39,8 +39,9 @@ from torch import Tensor, nn
 from rcnn.components.settings import MAX_IMAGE_SIDE
 from rcnn.core.boxes import box_area
 from rcnn.core.ops import batched_nms
+from rcnn.io.images import as_float
 
-__all__ = ["MAX_OVERLAP", "MAX_TILE", "MAX_TILES", "MERGES", "MIN_TILE", "as_float", "check_tiling", "merge_detections",
+__all__ = ["MAX_OVERLAP", "MAX_TILE", "MAX_TILES", "MERGES", "MIN_TILE", "check_tiling", "merge_detections",
            "predict_tiled", "tile_count", "tile_windows"]  # fmt: skip
 
 MERGES = ("nms", "ios")
@@ -121,11 +122,6 @@ def merge_detections(
     if merge == "nms":
         return batched_nms(boxes, scores, labels, threshold)[:max_detections]
     return _suppress_ios(boxes, scores, labels, threshold)[:max_detections]
-
-
-def as_float(image: Tensor) -> Tensor:
-    """A float image in 0..1 from a uint8 one (0..255); a float image as it is."""
-    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
 
 def _run(model: nn.Module, crops: list[Tensor]) -> list[dict[str, Tensor]]:

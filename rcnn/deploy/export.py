@@ -124,7 +124,7 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "precision": props.get("rcnn.precision", "fp32"),
         "has_rpn": props.get("rcnn.has_rpn", str(props.get("rcnn.model") in ("faster_rcnn", "mask_rcnn")).lower()) == "true",
         "weights_sha256": props.get("rcnn.weights_sha256"),
-        "int8_recipe": props.get("rcnn.int8_recipe"),  # how an int8 graph was quantised (rcnn.quantize.recipe)
+        "int8_recipe": props.get("rcnn.int8_recipe"),  # how an int8 graph was quantised (rcnn.deploy.quantize.recipe)
         "graph_num_classes": _graph_num_classes(model),
     }
 
@@ -262,7 +262,7 @@ def export_onnx(
 
 class OnnxDetector:
     """An exported model run by ONNX Runtime on the CPU: the ONNX Runtime backend, a
-    :class:`rcnn.backends.Detector`. ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]``
+    :class:`rcnn.deploy.backends.Detector`. ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]``
     (images float ``[3, H, W]`` in 0..1, as everywhere in the library; they are converted to the
     file's input format).
 

@@ -161,7 +161,7 @@ def is_our_png(path: Path) -> bool:
 
 def is_our_onnx(path: Path) -> bool:
     """An ONNX file of ``rcnn export`` (its metadata says so)."""
-    from rcnn.export import onnx_metadata
+    from rcnn.deploy.export import onnx_metadata
 
     try:
         return bool(onnx_metadata(path))
@@ -211,7 +211,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, *, weights_required: bool = False) -> None:
-    """``--weights RUN | --model FILE.onnx``, ``--backend``, ``--threads`` (see :mod:`rcnn.backends`)."""
+    """``--weights RUN | --model FILE.onnx``, ``--backend``, ``--threads`` (see :mod:`rcnn.deploy.backends`)."""
     parser.add_argument("--weights", required=weights_required,
                         help="checkpoint: run directory, step_* directory or model.safetensors")  # fmt: skip
     parser.add_argument("--model", dest="model_file", metavar="FILE.onnx",
@@ -249,8 +249,8 @@ def runs_in_onnxruntime(args: argparse.Namespace) -> bool:
 
 
 def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
-    """The detector the backend arguments ask for (``rcnn.backends.load_detector``)."""
-    from rcnn.backends import load_detector
+    """The detector the backend arguments ask for (``rcnn.deploy.backends.load_detector``)."""
+    from rcnn.deploy.backends import load_detector
 
     if args.weights is None and args.model_file is None:
         raise ValueError("give --weights RUN (a run folder) or --model FILE.onnx (from rcnn export)")

@@ -11,7 +11,7 @@ Every backend implements :class:`Detector` (a ``typing.Protocol``): the call ``d
 proposals=None, recorder=None)`` (images float ``[3, H, W]`` in 0..1 on ``detector.device``; boxes
 in the image's pixels) and the capabilities the predictor reads (``needs_proposals``,
 ``predicts_masks``, ``num_classes``, ``input_size``, ``device``, ...). :class:`EagerDetector` is
-the eager backend (a model of :mod:`rcnn.models` in PyTorch); :class:`rcnn.export.OnnxDetector`
+the eager backend (a model of :mod:`rcnn.models` in PyTorch); :class:`rcnn.deploy.export.OnnxDetector`
 the ONNX Runtime one. :class:`rcnn.inference.Predictor` runs any of them, so ``rcnn predict``,
 ``rcnn evaluate``, ``rcnn serve`` and the Python functions of :mod:`rcnn.inference` run either
 (``--backend eager|onnxruntime``, ``--model FILE``). Their outputs agree within the tolerances
@@ -19,18 +19,18 @@ that ``tests/test_backends.py`` pins (boxes to 1e-2 px, scores to 1e-4, for the 
 changes the numbers, its AP is measured in ``docs/benchmarks.md``).
 
 - ``eager``: the run folder's model in PyTorch (CPU or CUDA), BatchNorm folded for inference.
-- ``onnxruntime``: the graph of :func:`rcnn.export.export_onnx` in ONNX Runtime on the CPU. Given
+- ``onnxruntime``: the graph of :func:`rcnn.deploy.export.export_onnx` in ONNX Runtime on the CPU. Given
   a run folder, the graph is exported on first use and cached beside the weights
   (``<checkpoint>/onnx/model.onnx``, or under ``~/.cache/rcnn/onnx`` where the run folder is
   read-only), keyed by the weights' SHA-256: a retrained checkpoint is exported afresh. The cached
   graph takes the float ``[3, H, W]`` image the backend is given (``input_format="float"``): no
   conversion to uint8 and back, 3% less CPU time for R50-FPN at 800x1066 than a uint8 graph.
-  R-CNN has no ONNX form (see :mod:`rcnn.export`); it runs eager only.
+  R-CNN has no ONNX form (see :mod:`rcnn.deploy.export`); it runs eager only.
 
 A new backend is one class that implements :class:`Detector` and one branch of :func:`load_detector`.
 
-An ONNX file is checked when it is loaded (:func:`rcnn.export.check_graph`, run by
-:class:`rcnn.export.OnnxDetector` for every way in: ``--model``, ``rcnn serve``, the cache): rcnn
+An ONNX file is checked when it is loaded (:func:`rcnn.deploy.export.check_graph`, run by
+:class:`rcnn.deploy.export.OnnxDetector` for every way in: ``--model``, ``rcnn serve``, the cache): rcnn
 metadata that does not fit the graph — fewer or more class names than its classifier has classes,
 a foreign graph with other inputs or outputs given rcnn's metadata — is one ``ValueError`` naming
 the file and what does not fit, never an ``IndexError`` or ``KeyError`` in the middle of a prediction.
@@ -42,7 +42,6 @@ Shape shorthand:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from rcnn.build import LoadedModel, load_model
-from rcnn.models import DetectorCapabilities, TwoStageDetector
+from rcnn.models import DetectorCapabilities, TwoStageDetector, model_device
 
 __all__ = ["BACKENDS", "PRECISIONS", "Detector", "EagerDetector", "as_detector", "cached_onnx_file", "load_detector",
            "model_device", "set_threads", "weights_digest"]  # fmt: skip
@@ -92,12 +91,6 @@ class Detector(Protocol):
         proposals: Sequence[Tensor] | None = None,
         recorder: MutableMapping[str, Any] | None = None,
     ) -> list[dict[str, Tensor]]: ...
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of an eager model's parameters (or buffers, for a model of buffers only)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 class EagerDetector:
@@ -224,7 +217,7 @@ def as_detector(model: Detector | nn.Module) -> Detector:
         return TorchvisionDetector(model)
     raise TypeError(
         f"{type(model).__name__} is not a detector: give a model of rcnn.models, a torchvision detection model "
-        "or a backend's detector (rcnn.backends.load_detector)"
+        "or a backend's detector (rcnn.deploy.backends.load_detector)"
     )
 
 
@@ -254,7 +247,7 @@ def _cache_folder(checkpoint: Path, digest: str) -> Path:
 
 def _current(path: Path, digest: str, precision: str) -> bool:
     """Whether ``path`` is a readable graph of these weights at this precision (else it is made again)."""
-    from rcnn.export import onnx_metadata
+    from rcnn.deploy.export import onnx_metadata
 
     if not path.is_file():
         return False
@@ -263,7 +256,7 @@ def _current(path: Path, digest: str, precision: str) -> bool:
     except ValueError:
         return False  # a damaged cache file
     if precision == "int8":  # made by today's default quantisation settings
-        from rcnn.quantize import recipe
+        from rcnn.deploy.quantize import recipe
 
         if meta.get("int8_recipe") != recipe():
             return False
@@ -288,7 +281,7 @@ def cached_onnx_file(
     as ``model-int8.onnx`` beside the fp32 graph; a cached int8 graph is reused whatever
     ``calibrate`` says (delete it, or use ``rcnn export --int8``, to calibrate afresh).
     """
-    from rcnn.export import export_onnx
+    from rcnn.deploy.export import export_onnx
     from rcnn.io.checkpoints import find_checkpoint
 
     if precision not in PRECISIONS:
@@ -313,7 +306,7 @@ def cached_onnx_file(
     if precision == "fp32":
         return path
     from rcnn.config import load_config
-    from rcnn.quantize import calibration_images, quantize_onnx
+    from rcnn.deploy.quantize import calibration_images, quantize_onnx
 
     config = load_config(checkpoint / "config.yaml") if (checkpoint / "config.yaml").is_file() else None
     if calibrate is None:
@@ -351,7 +344,7 @@ def load_detector(
 ) -> LoadedModel:
     """A trained detector ready for inference, run by ``backend``: ``LoadedModel(model, config,
     class_names, checkpoint, categories)`` where ``model`` is the eager ``nn.Module`` or an
-    :class:`rcnn.export.OnnxDetector` (:func:`as_detector` makes either a :class:`Detector`).
+    :class:`rcnn.deploy.export.OnnxDetector` (:func:`as_detector` makes either a :class:`Detector`).
 
     ``weights``: a run folder, ``step_*`` folder or ``model.safetensors``; ``model_file``: an ONNX
     file from ``rcnn export`` (implies ``backend="onnxruntime"``; the class names, categories and
@@ -386,7 +379,7 @@ def load_detector(
     if torch.device(device).type != "cpu":
         raise ValueError("--backend onnxruntime runs on the CPU (the onnxruntime package is the CPU build); "
                          "on CUDA use --backend eager")  # fmt: skip
-    from rcnn.export import OnnxDetector
+    from rcnn.deploy.export import OnnxDetector
 
     if model_file is None:
         from rcnn.build import model_class

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rcnn.data.coco import CocoDetection, image_name
-from rcnn.data.common import DetectionDataset, ImageRecord, Transform
+from rcnn.data.records import DetectionDataset, ImageRecord, Transform
 from rcnn.data.cvat import find_cvat_file, is_cvat_file, read_cvat
 from rcnn.data.labelimg import is_labelimg_folder, read_labelimg
 from rcnn.data.labelme import is_labelme_folder, read_labelme
