@@ -126,9 +126,6 @@ class LoadedModel:
     checkpoint: Path
     categories: list[dict[str, Any]] | None = None  # index = label: {"id", "name"}, the data's own ids
 
-    def __iter__(self):  # (model, config, class_names), as before
-        return iter((self.model, self.config, self.class_names))
-
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, for_inference: bool = True) -> LoadedModel:
     """Rebuild a trained model from its checkpoint alone: ``(model, config, class names)``.

@@ -96,7 +96,8 @@ def test_trains_from_a_proposals_file_and_the_loss_drops(shapes_root, proposals,
     first, last = sum(totals[:5]) / 5, sum(totals[-5:]) / 5
     assert last < 0.75 * first, (first, last)
 
-    model, loaded_config, class_names = load_model(tmp_path / "run")
+    loaded = load_model(tmp_path / "run")
+    model, loaded_config, class_names = loaded.model, loaded.config, loaded.class_names
     assert isinstance(model, FastRCNN) and loaded_config.model.name == "fast_rcnn"
     val = build_dataset(shapes_root, "val")
     metrics = evaluate_model(model, val, proposals=proposal_source(proposals["val"]))

@@ -39,7 +39,8 @@ def test_replace_the_predictor_train_evaluate_predict(shapes_root, tmp_path):
     config = load_config("faster_rcnn_tiny_shapes", [f"data.root={shapes_root}", "data.shapes=null",
                                                     "train.iterations=4", *SMALL])  # fmt: skip
     run_training(config, tmp_path / "source", evaluate=False, **QUIET)
-    model, _, names = load_model(tmp_path / "source", for_inference=False)
+    loaded = load_model(tmp_path / "source", for_inference=False)
+    model, names = loaded.model, loaded.class_names
     assert model.num_classes == 6 and len(names) == 6
 
     train_set, val_set = (two_class_subset(shapes_root, s, tmp_path) for s in ("train", "val"))

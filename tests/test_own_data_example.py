@@ -49,7 +49,8 @@ def test_worked_example_runs_as_written(tmp_path, monkeypatch, capsys):
         if words[1] == "evaluate":
             assert "VOC mAP@0.5" in out
     assert len(list((tmp_path / "runs" / "fruit" / "predictions").glob("fruit_0012*.png"))) == 2
-    model, config, names = load_model(tmp_path / "runs" / "fruit")
+    loaded = load_model(tmp_path / "runs" / "fruit")
+    model, config, names = loaded.model, loaded.config, loaded.class_names
     assert names == ["__background__", "apple", "banana", "orange"] and config.model.min_size == 240
 
     (snippet,) = _blocks("python", "## 5.")

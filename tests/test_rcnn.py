@@ -129,7 +129,8 @@ def test_stages_run_end_to_end(trained, shapes_root, proposals):
     assert ClassSVMs.load(run_dir / "svms.safetensors").history[-1].round == 1
     assert 0.0 <= summary["metrics"]["bbox"]["AP50"] <= 1.0
 
-    model, config, class_names = load_model(run_dir)
+    loaded = load_model(run_dir)
+    model, config, class_names = loaded.model, loaded.config, loaded.class_names
     assert isinstance(model, RCNN) and bool(model.trained_parts.all()) and len(class_names) == 6
     val = build_dataset(shapes_root, "val")
     outputs, _ = predict_dataset(model, val, proposals=proposal_source(proposals["val"]))

@@ -203,7 +203,8 @@ def test_cli_train_evaluate_predict(shapes_root, tmp_path, capsys):
     assert main(["predict", "--weights", str(run), *map(str, images), "--out", str(tmp_path / "pred"),
                  "--score-thresh", "0.0"]) == 0  # fmt: skip
     assert (tmp_path / "pred" / f"{images[0].name}.png").is_file() and (tmp_path / "pred" / f"{images[0].name}.json").is_file()
-    model, config, names = load_model(run)
+    loaded = load_model(run)
+    model, config, names = loaded.model, loaded.config, loaded.class_names
     assert names == ["__background__", "circle", "square", "triangle", "star", "hexagon"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(run)]) == 2
     assert "nope.yaml not found" in capsys.readouterr().err

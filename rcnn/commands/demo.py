@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     summary["total_seconds"] = time.perf_counter() - start
 
     # pictures: predictions beside the ground truth on the first validation images
-    model, config, class_names = load_model(out / "run")
+    loaded = load_model(out / "run")
+    model, config, class_names = loaded.model, loaded.config, loaded.class_names
     data = prepare_data(config, need_train=False)
     proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
     outputs, _ = predict_dataset(model, data.val, proposals=proposals, limit=args.pictures)

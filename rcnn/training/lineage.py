@@ -33,7 +33,7 @@ from rcnn.config import MODEL_NAMES as MODELS
 from rcnn.config import SHAPES_CONFIGS, TrainConfig, load_config
 from rcnn.data.reading import build_dataset
 from rcnn.data.shapes import make_shapes
-from rcnn.inference import Predictor, evaluate_model, peak_memory_mb
+from rcnn.inference import GENERATIONS, Predictor, evaluate_model, peak_memory_mb
 from rcnn.io.files import write_text
 from rcnn.components.proposals.io import proposal_source
 from rcnn.training.pretrain import CropDataset, pretrain
@@ -215,7 +215,7 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike) -> list[str]:
     img_dir = Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = result["models"]
-    names = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
+    names = GENERATIONS
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     points = [(names[key], row, "o") for key, row in rows.items()]
     if result.get("faster_rcnn_random_init"):
@@ -296,7 +296,7 @@ def plot(result: dict[str, Any], img_dir: str | os.PathLike) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The lineage table (and the seed's claims checked) as markdown."""
-    names = {"rcnn": "R-CNN", "fast_rcnn": "Fast R-CNN", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN"}
+    names = GENERATIONS
     lines = [
         "| generation | AP | AP@0.5 | mask AP | ms/image | of which proposals | train s | iterations | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|",
