@@ -104,36 +104,17 @@ class EagerDetector:
     precision = "fp32"
     records = True
 
+    # the model class's capabilities (class attributes of rcnn.models: fixed for an instance)
+    _CAPABILITIES = ("name", "needs_proposals", "has_rpn", "predicts_masks", "trains_in_stages", "display_score_thresh")
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        for capability in self._CAPABILITIES:
+            setattr(self, capability, getattr(type(model), capability))
 
     @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def num_classes(self) -> int:
+    def num_classes(self) -> int:  # (a property of the model: replace_predictor changes it)
         return self.model.num_classes
-
-    @property
-    def needs_proposals(self) -> bool:
-        return self.model.needs_proposals
-
-    @property
-    def has_rpn(self) -> bool:
-        return self.model.has_rpn
-
-    @property
-    def predicts_masks(self) -> bool:
-        return self.model.predicts_masks
-
-    @property
-    def trains_in_stages(self) -> bool:
-        return self.model.trains_in_stages
-
-    @property
-    def display_score_thresh(self) -> float:
-        return self.model.display_score_thresh
 
     @property
     def device(self) -> torch.device:
