@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fault_run import QUIET, small_model
 from rcnn.config import TrainConfig
 from rcnn.data.coco import CocoDetection
 from rcnn.data.shapes import shapes_paths
 from rcnn.data.transforms import RandomHorizontalFlip
-from rcnn.models import faster_rcnn
 from rcnn.training.datasets import TrainingSet
 from rcnn.training.loop import _loader, build_optimizer, build_trainer, train
 from rcnn.training.trainer import Hook, Trainer, effective_lr, lr_factor
-
-QUIET = dict(progress=False, log=lambda s: None)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(shapes_root):
     return CocoDetection(*shapes_paths(shapes_root, "train"), train=True)
-
-
-def small_model(num_classes: int, seed: int = 0):
-    torch.manual_seed(seed)
-    return faster_rcnn(
-        "tiny", num_classes, min_size=64, max_size=64,
-        rpn={"pre_nms_top_n_train": 200, "post_nms_top_n_train": 50}, roi={"batch_size_per_image": 16},
-    )  # fmt: skip
 
 
 def cfg(**kw) -> TrainConfig:
