@@ -155,7 +155,16 @@ class DataConfig(_Section):
     split_seed: Seed = 0  # the seed of that split (stratified by class)
     skip_broken: bool = False  # list unreadable images / annotations and use the rest (default: refuse the set)
     hflip: Probability = 0.5  # horizontal flip probability in training (Fast R-CNN §2.3)
+    scale_jitter: tuple[PositiveFloat, PositiveFloat] | None = None  # zoom range in training, e.g. [0.5, 1.5] (rcnn.data.transforms.ScaleJitter)
+    color_jitter: float | None = Field(default=None, ge=0.0, le=1.0)  # photometric jitter strength in training, e.g. 0.3 (ColorJitter)
     workers: int = Field(default=2, ge=0, le=MAX_WORKERS)  # data loader processes
+
+    @field_validator("scale_jitter")
+    @classmethod
+    def _jitter_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (0.1 <= value[0] <= value[1] <= 10.0):
+            raise ValueError(f"must be [low, high] with 0.1 <= low <= high <= 10, got {list(value)}")
+        return value
 
     def reader_options(self) -> dict[str, Any]:
         """What :func:`rcnn.data.reading.build_dataset` takes from this section besides the root and split."""
