@@ -185,6 +185,7 @@ class TrainConfig(_Section):
 
     scheme: Literal["joint", "alternating"] = "joint"
     init_from: str | None = None  # start from another run's weights (its class-specific layers only if the classes match)
+    pretrained: str | None = None  # published weights by torchvision's name (a COCO detector or an ImageNet backbone), or such a file (rcnn.deploy.published)
     iterations: int = Field(default=1000, gt=0, le=MAX_ITERATIONS)
     time_budget_s: float | None = Field(default=None, gt=0.0, le=366 * 86_400.0)  # stop early once this much training time has passed (a year at most)
     batch_size: int = Field(default=2, gt=0, le=MAX_BATCH)  # images per step (per process under DDP)
@@ -192,6 +193,7 @@ class TrainConfig(_Section):
     # ``lr`` is for this total batch; scaled linearly (default: batch_size x accumulate)
     lr_batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH * 1024)
     accumulate: int = Field(default=1, gt=0, le=1024)  # micro-batches of batch_size images whose gradients make one step
+    aspect_ratio_grouping: bool = True  # batch images of one aspect ratio together (less padding; rcnn.training.datasets)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
@@ -228,6 +230,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _controls_need_evaluations(self) -> TrainConfig:
+        if self.pretrained is not None and self.init_from is not None:
+            raise ValueError("train.pretrained: train.init_from gives the starting weights too; keep one of them")
         if self.patience is not None and self.keep_best is None:
             raise ValueError("train.patience: early stopping watches the train.keep_best metric; set train.keep_best too")
         if self.keep_best is not None and self.eval_every is None:

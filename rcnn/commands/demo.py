@@ -20,11 +20,10 @@ from rcnn.config import SHAPES_CONFIGS
 def run(args: argparse.Namespace) -> int:
     from rcnn.build import load_model, model_class
     from rcnn.config import load_config
-    from rcnn.inference import predict_dataset
     from rcnn.io.files import write_json
     from rcnn.components.proposals.io import proposal_source
+    from rcnn.training.folder import draw_val_predictions
     from rcnn.training.run import prepare_data, run_training
-    from rcnn.viz import draw_detections, save_grid
 
     out = Path(args.out)
     overrides = [f"data.root={out / 'shapes'}", *args.overrides]
@@ -44,14 +43,8 @@ def run(args: argparse.Namespace) -> int:
     model, config, class_names = loaded.model, loaded.config, loaded.class_names
     data = prepare_data(config, need_train=False)
     proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
-    outputs, _ = predict_dataset(model, data.val, proposals=proposals, limit=args.pictures)
-    tiles = []
-    for index in range(min(args.pictures, len(data.val))):
-        image, target = data.val[index]
-        tiles.append(draw_detections(image, target, class_names, scale=2.0))
-        threshold = model.display_score_thresh  # R-CNN: SVM scores, 0 = the decision boundary
-        tiles.append(draw_detections(image, outputs[int(target["image_id"])], class_names, threshold, scale=2.0))
-    picture = save_grid(tiles, out / "predictions.png", ncols=4)
+    picture = draw_val_predictions(model, data.val, class_names, out / "predictions.png", count=args.pictures,
+                                   proposals=proposals)  # fmt: skip
     summary["pictures"] = str(picture)
     write_json(out / "summary.json", summary)
 

@@ -18,6 +18,10 @@ anchor centred on the object. Real anchors sit on a grid of the feature stride, 
 numbers are a lower bound on what is missed; and the RPN still makes each object's best
 anchor a positive, so an uncovered object is learnt from a poor match rather than lost.
 
+The input size (``model.min_size`` / ``max_size``) comes from the data too
+(:func:`suggest_input_size`): the images' shorter side large enough that the smallest objects
+span :data:`SMALLEST_OBJECT` pixels, starting from a config's size and bounded on both sides.
+
 Shape shorthand:
     N: number of objects
     A: number of anchor shapes (sizes x ratios)
@@ -40,12 +44,17 @@ from rcnn.data.records import ImageRecord
 __all__ = [
     "DEFAULT_ASPECT_RATIOS",
     "POSITIVE_IOU",
+    "LARGEST_SUGGESTED_SIZE",
+    "SMALLEST_OBJECT",
     "AnchorSuggestion",
+    "InputSizeSuggestion",
     "best_anchor_iou",
     "default_anchor_sizes",
     "format_anchor_suggestion",
     "scaled_box_shapes",
     "suggest_anchors",
+    "suggest_input_size",
+    "uncovered_objects",
 ]
 
 POSITIVE_IOU = 0.7  # Faster R-CNN §3.1.2: an anchor with IoU >= 0.7 with a ground-truth box is positive
@@ -53,6 +62,14 @@ DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)  # model.aspect_ratios' default: 1:2, 1:
 _MIN_SPACING = math.sqrt(2.0)  # neighbouring suggested sizes / ratios differ by at least this factor
 _GRID_STEPS_PER_OCTAVE = 8
 _MAX_SEARCH_BOXES = 20000  # the start size of an FPN's sizes is searched on at most this many boxes
+# The input size: the smallest objects should span the smallest anchor of the FPN pyramids (32 ..
+# 512), which is also COCO's bound of a "small" object (32 x 32 px); the shorter side is grown for
+# them up to the FPN detectors' 800 px (Lin et al., 2017), beyond which the cost of a step grows
+# as its square for little gain; sizes are multiples of the coarsest RoI stride, 32.
+SMALLEST_OBJECT = 32
+LARGEST_SUGGESTED_SIZE = 800
+_SIZE_STEP = 32
+_SMALL_QUANTILE = 0.05  # "the smallest objects": the 5% quantile of the boxes' sizes
 
 
 def default_anchor_sizes(levels: int) -> tuple[tuple[float, ...], ...]:
@@ -122,6 +139,33 @@ def best_anchor_iou(
     return box_iou(boxes, anchors).max(dim=1).values.numpy()  # [N]
 
 
+def _uncovered(
+    widths: np.ndarray, heights: np.ndarray, sizes: Sequence[Sequence[float]], ratios: Sequence[float],
+    iou_threshold: float,
+) -> int:
+    """How many boxes ``widths[i] x heights[i]`` no anchor of ``sizes`` (per level) x ``ratios`` covers."""
+    flat = sorted({s for level in sizes for s in level})
+    return int((best_anchor_iou(widths, heights, flat, ratios) < iou_threshold).sum())
+
+
+def uncovered_objects(
+    records: Sequence[ImageRecord],
+    anchor_sizes: Sequence[Sequence[float]],
+    aspect_ratios: Sequence[float],
+    *,
+    min_size: int,
+    max_size: int,
+    iou_threshold: float = POSITIVE_IOU,
+) -> int:
+    """The objects of ``records`` without an anchor of ``anchor_sizes`` (per level, as
+    ``model.anchor_sizes``) x ``aspect_ratios`` at IoU >= ``iou_threshold``, centred on them, once
+    their images are rescaled by ``min_size`` / ``max_size`` (the count :func:`suggest_anchors`
+    reports, for any anchors: a model's defaults, say)."""
+    widths, heights = scaled_box_shapes(records, min_size, max_size)
+    keep = (widths > 0) & (heights > 0)
+    return _uncovered(widths[keep], heights[keep], anchor_sizes, aspect_ratios, iou_threshold)
+
+
 def _spread(values: Sequence[float]) -> list[float]:
     """Three sorted values pushed at least a factor sqrt(2) apart around the middle one."""
     lo, mid, hi = sorted(values)
@@ -184,8 +228,7 @@ def suggest_anchors(
         anchor_sizes = [[s] for s in _pyramid_sizes(widths, heights, aspect_ratios, levels)]
 
     def uncovered(sizes: Sequence[Sequence[float]], ratios_: Sequence[float]) -> int:
-        flat = sorted({s for level in sizes for s in level})
-        return int((best_anchor_iou(widths, heights, flat, ratios_) < iou_threshold).sum())
+        return _uncovered(widths, heights, sizes, ratios_, iou_threshold)
 
     defaults = [list(level) for level in default_anchor_sizes(levels)]
     return AnchorSuggestion(
@@ -226,3 +269,84 @@ def format_anchor_suggestion(suggestion: AnchorSuggestion) -> str:
         f"(anchor_sizes {sizes_text(s.default_sizes)}, aspect_ratios [{', '.join(f'{v:g}' for v in s.default_ratios)}])",
         "  (best case: each object's anchors centred on it; anchors on the feature grid can only do worse)",
     ])
+
+
+@dataclass
+class InputSizeSuggestion:
+    """What :func:`suggest_input_size` found for a data set."""
+
+    min_size: int | list[int]  # as model.min_size (a list: multi-scale training, scaled together)
+    max_size: int  # as model.max_size
+    image_short_side: float  # the images' median shorter side, px
+    small_object_fraction: float  # the 5% quantile of the boxes' sqrt(w * h) / their image's shorter side
+    needed: int  # the shorter side at which those objects span ``smallest_object`` px (a multiple of 32)
+    smallest_object: int
+
+    @property
+    def small_object_px(self) -> float:
+        """The 5%-quantile object's sqrt(w * h) at the suggested size (the largest ``min_size``)."""
+        largest = max(self.min_size) if isinstance(self.min_size, list) else self.min_size
+        return self.small_object_fraction * largest
+
+
+def _step_up(value: float) -> int:
+    """``value`` rounded up to a multiple of 32 (at least 32)."""
+    return max(_SIZE_STEP, math.ceil(value / _SIZE_STEP - 1e-9) * _SIZE_STEP)
+
+
+def suggest_input_size(
+    records: Sequence[ImageRecord],
+    min_size: int | Sequence[int],
+    max_size: int,
+    *,
+    smallest_object: int = SMALLEST_OBJECT,
+    largest: int = LARGEST_SUGGESTED_SIZE,
+) -> InputSizeSuggestion:
+    """The input size for the images and boxes of ``records``, from a config's ``min_size`` /
+    ``max_size`` (the detectors' rescaling: shorter side ``min_size``, longer at most ``max_size``).
+
+    The shorter side ``s`` is the one at which the smallest objects (the 5% quantile of the boxes'
+    ``sqrt(w * h)``, each relative to its image's shorter side) span ``smallest_object`` px,
+    rounded up to a multiple of 32, then bounded:
+
+    - at least the config's ``min_size`` (its largest value, for a list), or the images' own
+      median shorter side (rounded up to 32) when that is less: small images are not enlarged
+      when their objects do not need it;
+    - at most ``largest`` (or the config's ``min_size`` when that is larger).
+
+    ``min_size`` and ``max_size`` are then scaled together by ``s`` / the config's ``min_size``
+    (a list keeps its spread, each value a multiple of 32; ``max_size`` at least ``s``), so the
+    config's ratio of the longer side's cap to the shorter side stays. Raises ``ValueError`` when
+    there are no boxes.
+    """
+    sizes = [int(v) for v in min_size] if isinstance(min_size, Sequence) else [int(min_size)]
+    if not sizes or min(sizes) <= 0 or max_size <= 0:
+        raise ValueError(f"suggest_input_size: min_size and max_size must be positive, got {min_size}, {max_size}")
+    shorter, fractions = [], []
+    for record in records:
+        short = min(record.height, record.width)
+        shorter.append(short)
+        if len(record.boxes) and short > 0:
+            boxes = record.boxes.astype(np.float64)  # [n, 4]
+            side = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+            fractions.append(side[side > 0] / short)
+    fractions = np.concatenate(fractions) if fractions else np.zeros(0)
+    if not len(fractions):
+        raise ValueError("suggest_input_size: the data set has no boxes to choose the input size from")
+    base = max(sizes)
+    small = float(np.quantile(fractions, _SMALL_QUANTILE))
+    needed = _step_up(smallest_object / small)
+    image_short = float(np.median(shorter))
+    low = min(base, _step_up(image_short))
+    high = max(base, largest)
+    chosen = min(max(needed, low), high)
+    factor = chosen / base
+    if len(sizes) == 1 and not isinstance(min_size, Sequence):
+        new_min: int | list[int] = chosen
+    else:
+        new_min = [chosen if v == base else max(_SIZE_STEP, round(v * factor / _SIZE_STEP) * _SIZE_STEP) for v in sizes]
+    new_max = max(chosen, _step_up(max_size * factor))
+    return InputSizeSuggestion(
+        min_size=new_min, max_size=new_max, image_short_side=image_short, small_object_fraction=small,
+        needed=needed, smallest_object=smallest_object,
+    )  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,19 @@ from rcnn.config import Config, config_to_yaml
 from rcnn.data.reading import build_dataset
 from rcnn.data.records import DetectionDataset
 from rcnn.data.shapes import NotAShapesFolder, make_shapes
-from rcnn.data.transforms import Compose, RandomHorizontalFlip
+from rcnn.data.transforms import augmentation
+from rcnn.deploy.published import apply_pretrained, prepare_pretrained
 from rcnn.evaluation.classes import match_classes
 from rcnn.inference import evaluate_model
+from rcnn.io.files import write_json
 from rcnn.io.runs import claim_run_folder
 from rcnn.training.alternating import train_alternating
 from rcnn.training.datasets import TrainingSet
+from rcnn.training.folder import FolderFit, fit_to_boxes, folder_config, report_val, split_for_run
 from rcnn.training.loop import train
 from rcnn.training.rcnn_stages import train_rcnn
 
-__all__ = ["Data", "ensure_proposal_files", "prepare_data", "run_training"]
+__all__ = ["Data", "ensure_proposal_files", "prepare_data", "run_training", "train_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,7 @@ def run_training(
     evaluate: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    fit: FolderFit | None = None,
 ) -> dict[str, Any]:
     """Train the configured model on the configured data, evaluate on the val split.
 
@@ -103,21 +107,52 @@ def run_training(
     training into it is refused, and so is one into a folder holding an earlier run, unless
     ``resume`` (continue it) or ``overwrite`` (delete it and start over).
 
+    ``fit`` (a run on a folder, ``rcnn train --data``; :mod:`rcnn.training.folder`): draw a split
+    into ``out_dir`` for data without one, fit the input size and anchors to the boxes, and at the
+    end say the val AP and draw the val predictions (``picture`` in the summary).
+
     Returns a summary: iterations, training seconds, final losses, evaluation metrics and the
     checkpoint path.
     """
     out_dir = Path(out_dir)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, the first process holds the folder
-        return _run_training(config, out_dir, resume, evaluate, progress, log)
+        return _run_training(config, out_dir, resume, evaluate, progress, log, fit)
     with claim_run_folder(out_dir, resume=resume, overwrite=overwrite):
-        return _run_training(config, out_dir, resume, evaluate, progress, log)
+        return _run_training(config, out_dir, resume, evaluate, progress, log, fit)
+
+
+def train_folder(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    **options: Any,
+) -> dict[str, Any]:
+    """``rcnn train --data FOLDER --out OUT``: train a detector for photographs on ``folder``
+    (``config``: another config file or packaged name; ``overrides``: ``--set`` strings), with a
+    split drawn into ``out_dir`` when the folder has none and the input size and anchors fitted
+    to its boxes (:mod:`rcnn.training.folder`). ``options``: those of :func:`run_training`
+    (``resume``, ``overwrite``, ``evaluate``, ``progress``, ``log``). Returns its summary, with
+    ``picture``: the val predictions beside the ground truth."""
+    config, fit = folder_config(folder, config, overrides)
+    return run_training(config, out_dir, fit=fit, **options)
 
 
 def _run_training(
-    config: Config, out_dir: Path, resume: bool, evaluate: bool, progress: bool, log: Callable[[str], None]
+    config: Config, out_dir: Path, resume: bool, evaluate: bool, progress: bool, log: Callable[[str], None],
+    fit: FolderFit | None = None,
 ) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
-    data = prepare_data(config)
+    fetched = None
+    if config.train.pretrained:  # published weights by name, fetched (once) before the data is read
+        config, fetched = prepare_pretrained(config, progress=progress, log=log)
+        if int(os.environ.get("RANK", 0)) == 0:
+            write_json(out_dir / "pretrained.json", fetched.record())
+    if fit is None:
+        data = prepare_data(config)
+    else:  # a folder run: its split, then the input size and anchors fitted to its training boxes
+        config, data = _prepare_folder(config, out_dir, resume, fit, log)
     objects = sum(int((~r.iscrowd).sum()) for r in data.train.records)
     if objects == 0:  # images without objects are valid negatives, but a set of nothing else teaches nothing
         raise ValueError(
@@ -137,6 +172,8 @@ def _run_training(
     model = build_model(config.model, data.train.num_classes)
     if config.train.init_from:
         log(str(initialize_from(model, config.train.init_from, data.train.class_names)))
+    if fetched is not None:
+        log(apply_pretrained(model, fetched, data.train.class_names))
     ensure_proposal_files(config, data, log=log, progress=progress)
     train_proposals = proposal_source(config.data.proposals_train) if config.data.proposals_train else None
     val_proposals = proposal_source(config.data.proposals_val) if config.data.proposals_val else None
@@ -145,7 +182,7 @@ def _run_training(
             f"model {config.model.name} needs proposals files: set data.proposals_train and data.proposals_val "
             "(compute them with `rcnn proposals selective-search`)"
         )
-    transforms = Compose([RandomHorizontalFlip(config.data.hflip)]) if config.data.hflip > 0 else None
+    transforms = augmentation(config.data.hflip, config.data.scale_jitter, config.data.color_jitter)
     training_set = TrainingSet(data.train, transforms, train_proposals)
 
     evaluator = None
@@ -171,7 +208,7 @@ def _run_training(
     else:
         val_items = TrainingSet(data.val, None, val_proposals) if evaluate and data.val is not None else None
         result = train(model, training_set, config.train, out_dir, val_set=val_items, **common)
-    return {
+    summary = {
         "model": config.model.name,
         "backbone": config.model.backbone,
         "iterations": result.iterations,
@@ -180,5 +217,21 @@ def _run_training(
         "skipped_steps": result.skipped_steps,
         "metrics": result.metrics,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        **({"pretrained": fetched.record()} if fetched is not None else {}),
         **({"best": result.best, "stopped_early": result.stopped_early} if result.best else {}),
     }
+    if fit is not None and int(os.environ.get("RANK", 0)) == 0:
+        summary.update(report_val(summary, data.val, out_dir, fit, log, val_proposals))
+    return summary
+
+
+def _prepare_folder(
+    config: Config, out_dir: Path, resume: bool, fit: FolderFit, log: Callable[[str], None]
+) -> tuple[Config, Data]:
+    """The split and fitted config of a folder run, and its data (:mod:`rcnn.training.folder`)."""
+    say = log if int(os.environ.get("RANK", 0)) == 0 else (lambda text: None)
+    config, drawn = split_for_run(config, out_dir, resume=resume)
+    data = prepare_data(config)
+    if drawn is not None:
+        drawn.settle(data.train, data.val, say)
+    return fit_to_boxes(config, data.train.records, fit.keep, say), data
