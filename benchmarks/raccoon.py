@@ -1,22 +1,28 @@
-"""Faster R-CNN MobileNetV3-Large-FPN on real photographs, against torchvision's, from scratch.
+"""Faster R-CNN on real photographs from random initialisation: our photographs recipe against
+torchvision's same detector and against our previous setting, under one wall-clock budget.
 
-    python -m benchmarks.raccoon [--quick] [--budget S] [--pretrain-budget S] [--data DIR]
+    python -m benchmarks.raccoon [--quick] [--budget S] [--models NAME ...] [--ablation] [--split-seed N]
 
 The raccoon photographs (``../shared/data/raccoon``: 200 photographs, LabelImg XML, one class)
-with their author's split, written as split files with an ``rcnn_dataset.json`` into a temporary
-folder (the data is read in place): images 1-160 train, 161-200 val. Three detectors, each
-trained by the library's loop for the same wall-clock budget with the same image sizes, batch,
-learning rate, schedule and horizontal flips, then evaluated on val by the same COCO evaluator
+with their author's split (images 1-160 train, 161-200 val; ``--split-seed N`` draws another
+160/40 split), written as split files with an ``rcnn_dataset.json`` into a temporary folder (the
+data is read in place). Each detector is trained by the library's loop for the same wall-clock
+budget with the same image sizes and batch, then evaluated on val by the same COCO evaluator
 (pycocotools):
 
-- ``ours``: our Faster R-CNN MobileNetV3-Large-FPN from random initialisation;
-- ``peer``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)``;
-- ``ours_pretrained``: ours from a backbone pre-trained first (``--pretrain-budget`` seconds, not
-  counted in the detector's budget) by ``rcnn pretrain``'s code on crops of the training
-  photographs' raccoons against background regions.
+- ``ours``: the packaged photographs recipe (``rcnn/configs/faster_rcnn_photos.yaml``, what
+  ``rcnn train --data FOLDER`` trains): its backbone, heads, losses, augmentation and schedule;
+- ``previous``: the setting this benchmark used before that recipe (every ingredient of
+  :data:`INGREDIENTS` off: MobileNetV3-FPN at stride 32, torchvision's RoI/RPN sampling sizes,
+  smooth L1, flips only);
+- ``peer``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)``,
+  trained by the same loop with the recipe's schedule and augmentation;
+- ``ours_pretrained`` (only with ``--models``): ``previous`` from a backbone pre-trained first
+  (``--pretrain-budget`` seconds, not counted in the detector's budget) by ``rcnn pretrain``'s code.
 
-Writes ``benchmarks/results/raccoon.json`` and, with ``--picture``, a picture of the three
-detectors' predictions on val photographs.
+``--ablation`` adds ``ours`` with each ingredient of :data:`INGREDIENTS` turned off in turn.
+Writes ``benchmarks/results/raccoon.json`` (``raccoon_seedN.json`` for another split) and, with
+``--picture``, a picture of the detectors' predictions on val photographs.
 """
 
 from __future__ import annotations
@@ -34,19 +40,42 @@ import torchvision
 from torch import nn
 
 from benchmarks.harness import ROOT, command_line, table, write_result
+from rcnn.build import build_model
+from rcnn.config import Config, TrainConfig, load_config
 from rcnn.data import build_dataset
-from rcnn.models import faster_rcnn
 
 DATA = ROOT.parent / "shared" / "data" / "raccoon"
 TRAIN_IMAGES, VAL_IMAGES = range(1, 161), range(161, 201)  # the author's split, by image number
 MODELS = {
-    "ours": "rcnn, random initialisation",
-    "peer": "torchvision, random initialisation",
-    "ours_pretrained": "rcnn, backbone from `rcnn pretrain` on the training photographs",
+    "ours": "rcnn, photographs recipe",
+    "previous": "rcnn, previous setting",
+    "peer": "torchvision, same loop and budget",
+    "ours_pretrained": "rcnn, previous setting, backbone from `rcnn pretrain`",
 }
-# shared by the three trainings
+DEFAULT_MODELS = ("ours", "previous", "peer")
+RECIPE = "faster_rcnn_photos"  # the packaged config of `rcnn train --data FOLDER`
+# Each ingredient of the recipe, as the --set overrides that turn it off (the previous setting: all off).
+INGREDIENTS: dict[str, list[str]] = {
+    "FPN from stride 8": ["model.backbone=mobilenet_v3_fpn", "model.anchor_sizes=null"],
+    "lighter step (128 RoIs, 1000/500 proposals)": [
+        "model.roi.batch_size_per_image=512", "model.rpn.pre_nms_top_n_train=2000", "model.rpn.post_nms_top_n_train=2000"],
+    "GIoU box loss": ["model.roi.box_loss=smooth_l1", "model.roi.box_loss_weight=1.0"],
+    "scale jitter": ["data.scale_jitter=null"],
+    "colour jitter": ["data.color_jitter=null"],
+    "weight EMA": ["train.ema_decay=null"],
+}
+# shared by every training
 MIN_SIZE, MAX_SIZE = 320, 640  # torchvision's low-resolution MobileNetV3 detector's sizes
 BATCH, LR = 4, 0.02
+
+
+def random_split(seed: int) -> tuple[list[int], list[int]]:
+    """Another 160 / 40 split of the 200 photographs, drawn with ``seed`` (image numbers, sorted)."""
+    import random
+
+    numbers = list(range(1, 201))
+    random.Random(seed).shuffle(numbers)
+    return sorted(numbers[:160]), sorted(numbers[160:])
 
 
 def author_split(data: Path, folder: Path, train: Sequence[int] = TRAIN_IMAGES, val: Sequence[int] = VAL_IMAGES) -> Path:
@@ -61,15 +90,29 @@ def author_split(data: Path, folder: Path, train: Sequence[int] = TRAIN_IMAGES, 
     return folder
 
 
-def train_config(budget_s: float | None, iterations: int | None = None):
-    """The one training setting of all three detectors: SGD, warm-up then cosine over the budget."""
-    from rcnn.config import TrainConfig
+def recipe(off: Sequence[str] = ()) -> Config:
+    """The photographs recipe with the ingredients named in ``off`` turned off, at this benchmark's
+    image sizes and batch (the recipe's own, unless a smoke run changes them)."""
+    overrides = [o for name in off for o in INGREDIENTS[name]]
+    sizes = [f"model.min_size={MIN_SIZE}", f"model.max_size={MAX_SIZE}", f"train.batch_size={BATCH}", f"train.lr={LR}",
+             f"train.lr_batch_size={BATCH}"]  # fmt: skip
+    return load_config(RECIPE, [*overrides, *sizes])
 
-    return TrainConfig(
-        iterations=iterations or 10**7, time_budget_s=budget_s if iterations is None else None, batch_size=BATCH,
-        lr=LR, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_iterations=50, clip_grad_norm=10.0,
-        checkpoint_every=10**9, log_every=10**9, seed=0,
-    )  # fmt: skip
+
+def model_recipe(name: str) -> Config:
+    """The config a row of the table trains with (the peer: the recipe's schedule and augmentation)."""
+    if name in ("previous", "ours_pretrained"):
+        return recipe(tuple(INGREDIENTS))
+    if name.startswith("ours -"):
+        return recipe((name.removeprefix("ours -"),))
+    return recipe()
+
+
+def train_config(config: Config, budget_s: float | None, iterations: int | None = None) -> TrainConfig:
+    """``config``'s training section bounded by the budget (or ``iterations``), without checkpoints or logs."""
+    return config.train.model_copy(update={
+        "iterations": iterations or 10**7, "time_budget_s": budget_s if iterations is None else None,
+        "checkpoint_every": 10**9, "log_every": 10**9, "seed": 0})  # fmt: skip
 
 
 def build(name: str, num_classes: int, pretrained: str | None = None) -> nn.Module:
@@ -78,7 +121,10 @@ def build(name: str, num_classes: int, pretrained: str | None = None) -> nn.Modu
         return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
             weights=None, weights_backbone=None, num_classes=num_classes, min_size=MIN_SIZE, max_size=MAX_SIZE
         )
-    return faster_rcnn("mobilenet_v3_fpn", num_classes, min_size=MIN_SIZE, max_size=MAX_SIZE, pretrained_backbone=pretrained)
+    section = model_recipe(name).model
+    if pretrained is not None:
+        section = section.model_copy(update={"pretrained_backbone": pretrained})
+    return build_model(section, num_classes)
 
 
 def pretrain_backbone(train_set: Any, val_set: Any, budget_s: float | None, out: Path, iterations: int | None = None) -> dict[str, Any]:
@@ -98,17 +144,28 @@ def pretrain_backbone(train_set: Any, val_set: Any, budget_s: float | None, out:
             "val_accuracy": summary["metrics"].get("top1"), "weights": summary["weights"]}  # fmt: skip
 
 
-def train_and_evaluate(model: nn.Module, data: Any, budget_s: float | None, run_dir: Path, iterations: int | None = None) -> dict[str, Any]:
-    from rcnn.data.transforms import RandomHorizontalFlip
+def train_and_evaluate(
+    model: nn.Module, data: Any, budget_s: float | None, run_dir: Path, iterations: int | None = None, config: Config | None = None
+) -> dict[str, Any]:
+    """Train ``model`` with ``config``'s schedule and augmentation (default the recipe's) and evaluate
+    it on val (with a weight EMA, the averaged weights: those a run folder keeps)."""
+    from safetensors.torch import load_file
+
+    from rcnn.data.transforms import augmentation
     from rcnn.inference import evaluate_model
     from rcnn.training.datasets import TrainingSet
     from rcnn.training.loop import train
 
-    result = train(model, TrainingSet(data["train"], RandomHorizontalFlip(0.5)), train_config(budget_s, iterations),
-                   run_dir, progress=False, log=lambda s: None)  # fmt: skip
+    config = config or recipe()
+    cfg = train_config(config, budget_s, iterations)
+    transforms = augmentation(config.data.hflip, config.data.scale_jitter, config.data.color_jitter)
+    result = train(model, TrainingSet(data["train"], transforms), cfg, run_dir, progress=False, log=lambda s: None)
+    if cfg.ema_decay is not None and result.checkpoint is not None:
+        model.load_state_dict(load_file(str(result.checkpoint / "model.safetensors")))
     metrics = evaluate_model(model, data["val"])
     return {"iterations": result.iterations, "train_s": result.seconds, "AP": metrics["bbox"]["AP"],
-            "AP50": metrics["bbox"]["AP50"], "ms_per_image": 1000 * metrics["seconds_per_image"]}  # fmt: skip
+            "AP50": metrics["bbox"]["AP50"], "AP75": metrics["bbox"]["AP75"],
+            "ms_per_image": 1000 * metrics["seconds_per_image"]}  # fmt: skip
 
 
 def run(
@@ -116,7 +173,7 @@ def run(
     work: Path,
     budget_s: float | None,
     pretrain_budget_s: float | None,
-    names: Sequence[str] = tuple(MODELS),
+    names: Sequence[str] = DEFAULT_MODELS,
     split: tuple[Sequence[int], Sequence[int]] = (TRAIN_IMAGES, VAL_IMAGES),
     iterations: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, nn.Module], Any]:
@@ -137,7 +194,8 @@ def run(
             pretrained = out["pretrain"]["weights"]
             print("pretrain", out["pretrain"], flush=True)
         models[name] = build(name, num_classes, pretrained)
-        out[name] = train_and_evaluate(models[name], data, budget_s, work / name, iterations)
+        out[name] = train_and_evaluate(models[name], data, budget_s, work / name.replace(" ", "_"), iterations,
+                                       model_recipe("ours" if name == "peer" else name))  # fmt: skip
         print(name, out[name], flush=True)
     return out, models, data["val"]
 
@@ -180,18 +238,26 @@ CONVERT_COMMAND = ("rcnn convert torchvision fasterrcnn_mobilenet_v3_large_fpn-f
                    "--arch fasterrcnn_mobilenet_v3_large_fpn --out runs/coco_mobilenet")  # fmt: skip
 
 
+def title(name: str) -> str:
+    """A row's title: the detector's description, or the recipe without one ingredient."""
+    return MODELS[name] if name in MODELS else f"rcnn, photographs recipe without {name.removeprefix('ours -')}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     acc = result["accuracy"]
-    rows = [[title, acc[k]["iterations"], acc[k]["train_s"], acc[k]["AP"], acc[k]["AP50"], acc[k]["ms_per_image"]]
-            for k, title in MODELS.items() if k in acc]  # fmt: skip
+    names = [k for k in MODELS if k in acc] + [k for k in acc if k.startswith("ours -")]
+    rows = [[title(k), acc[k]["iterations"], acc[k]["train_s"], acc[k]["AP"], acc[k]["AP50"], acc[k].get("AP75"),
+             acc[k]["ms_per_image"]] for k in names]  # fmt: skip
+    split = ("the author's split: images 1-160 train" if acc.get("split_seed") is None
+             else f"a random split drawn with seed {acc['split_seed']}:")  # fmt: skip
     parts = [
-        f"Faster R-CNN MobileNetV3-Large-FPN on the raccoon photographs (`../shared/data/raccoon`, read in place; "
-        f"the author's split: images 1-160 train ({acc['train_images']}), 161-200 val ({acc['val_images']})), "
-        f"each detector trained for {acc['budget_s']:.0f} s of wall clock by the library's loop: images scaled to "
-        f"{acc['min_size']} px on the short side (at most {acc['max_size']}), batch {acc['batch']}, SGD lr {acc['lr']} "
-        "(momentum 0.9, weight decay 1e-4, gradient norm clipped at 10), 50 warm-up steps then cosine over the "
-        "budget, horizontal flips; COCO AP on val by the library's evaluator (pycocotools):", "",
-        table(["detector", "steps", "train s", "AP", "AP@0.5", "ms/image"], rows),
+        f"Faster R-CNN from random initialisation on the raccoon photographs (`../shared/data/raccoon`, read in place; "
+        f"{split} {acc['train_images']} train, {acc['val_images']} val), each detector trained for "
+        f"{acc['budget_s']:.0f} s of wall clock by the library's loop at {acc['min_size']} px on the short side (at "
+        f"most {acc['max_size']}), batch {acc['batch']}, the photographs recipe's schedule (`{RECIPE}`: SGD lr "
+        f"{acc['lr']}, warm-up then cosine over the budget) and augmentation; the previous setting with flips only. "
+        "COCO AP on val by the library's evaluator (pycocotools):", "",
+        table(["detector", "steps", "train s", "AP", "AP@0.5", "AP@0.75", "ms/image"], rows),
     ]  # fmt: skip
     parts += ["", "The split is two split files and an `rcnn_dataset.json` naming the photographs in place "
               "(what the benchmark writes into a temporary folder; `rcnn data split` would draw a random one):", "",
@@ -244,6 +310,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--picture", default="docs/img/raccoon_predictions.png",
                         help="where to draw predictions on val photographs ('' for none)")  # fmt: skip
     parser.add_argument("--first", type=int, help="only the first N photographs of each split (a smoke run)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS),
+                        help="the detectors to train (default: %(default)s)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the recipe with each ingredient turned off in turn (one training each)")
+    parser.add_argument("--split-seed", type=int, help="a random 160/40 split drawn with this seed instead of the author's")
     parser.add_argument("--int8", type=int, default=0, metavar="N",
                         help="also the AP of the best-trained rcnn detector as int8 (ONNX Runtime, calibrated on N "
                         "training photographs) beside its fp32 graph")  # fmt: skip
@@ -262,8 +333,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrain_budget = args.pretrain_budget or (60.0 if args.quick else 300.0)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rcnn_bench_raccoon_") as work:
-        split = (TRAIN_IMAGES[: args.first], VAL_IMAGES[: args.first]) if args.first else (TRAIN_IMAGES, VAL_IMAGES)
-        accuracy, models, val = run(data, Path(work), budget, pretrain_budget, split=split)
+        split = random_split(args.split_seed) if args.split_seed is not None else (TRAIN_IMAGES, VAL_IMAGES)
+        if args.first:
+            split = (split[0][: args.first], split[1][: args.first])
+        names = [*args.models, *(f"ours -{i}" for i in INGREDIENTS if args.ablation)]
+        accuracy, models, val = run(data, Path(work), budget, pretrain_budget, names, split=split)
+        accuracy["split_seed"] = args.split_seed
         if args.int8:
             from benchmarks.backends import int8_accuracy
 
@@ -273,12 +348,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                Path(work), args.threads, args.int8, args.recipes)}  # fmt: skip
     result: dict[str, Any] = {"accuracy": accuracy}
     if args.picture:
-        picture(models, val, ROOT / args.picture)
+        picture({k: m for k, m in models.items() if k in MODELS}, val, ROOT / args.picture)
         result["picture"] = str(Path(args.picture).relative_to("docs")) if args.picture.startswith("docs/") else args.picture
     result["wall_s"] = time.perf_counter() - tic
     if args.notes:
         result["notes"] = args.notes
-    write_result("raccoon", result, command_line("benchmarks.raccoon", argv))
+    write_result("raccoon" if args.split_seed is None else f"raccoon_seed{args.split_seed}", result,
+                 command_line("benchmarks.raccoon", argv))  # fmt: skip
     print(markdown(result))
     return result
 

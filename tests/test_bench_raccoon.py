@@ -31,7 +31,8 @@ def test_raccoon_benchmark_writes_its_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(raccoon, "MIN_SIZE", 64)  # a smoke run: small images
     monkeypatch.setattr(raccoon, "MAX_SIZE", 96)
     picture = tmp_path / "pred.png"
-    raccoon.main(["--budget", "0.5", "--pretrain-budget", "0.5", "--first", "4", "--threads", "1", "--picture", str(picture)])
+    raccoon.main(["--budget", "0.5", "--pretrain-budget", "0.5", "--first", "4", "--threads", "1", "--picture", str(picture),
+                  "--models", *raccoon.MODELS])  # fmt: skip
     saved = json.loads((tmp_path / "results" / "raccoon.json").read_text())
     acc = saved["accuracy"]
     assert saved["command"].startswith("python -m benchmarks.raccoon") and saved["machine"]["cores"] >= 1
@@ -39,8 +40,25 @@ def test_raccoon_benchmark_writes_its_fields(tmp_path, monkeypatch):
     for name in raccoon.MODELS:
         row = acc[name]
         assert row["iterations"] >= 1 and row["train_s"] > 0 and row["ms_per_image"] > 0, name
-        assert 0.0 <= row["AP"] <= row["AP50"] <= 1.0, name
+        assert 0.0 <= row["AP"] <= row["AP50"] <= 1.0 and 0.0 <= row["AP75"] <= row["AP50"], name
     assert acc["pretrain"]["iterations"] >= 1 and 0.0 <= acc["pretrain"]["val_accuracy"] <= 1.0
     assert picture.stat().st_size > 10_000
     text = raccoon.markdown(saved)
-    assert "rcnn convert torchvision" in text and len([l for l in text.splitlines() if l.startswith("| rcnn")]) == 2
+    assert "rcnn convert torchvision" in text and len([l for l in text.splitlines() if l.startswith("| rcnn")]) == 3
+
+
+def test_the_ablation_turns_off_one_ingredient_at_a_time():
+    from benchmarks import raccoon
+
+    full = raccoon.recipe()
+    previous = raccoon.model_recipe("previous")
+    assert previous.data.scale_jitter is None and previous.data.color_jitter is None and previous.train.ema_decay is None
+    assert previous.model.backbone == "mobilenet_v3_fpn" and previous.model.roi.box_loss in (None, "smooth_l1")
+    for name in raccoon.INGREDIENTS:
+        config = raccoon.model_recipe(f"ours -{name}")
+        changed = {section for section in ("model", "data", "train")
+                   if getattr(config, section) != getattr(full, section)}  # fmt: skip
+        assert len(changed) <= 1, (name, changed)  # one ingredient, in one section
+        assert raccoon.title(f"ours -{name}").endswith(f"without {name}")
+    assert sorted(raccoon.random_split(1)[0] + raccoon.random_split(1)[1]) == list(range(1, 201))
+    assert raccoon.random_split(1) != raccoon.random_split(2)
