@@ -56,13 +56,9 @@ DEFAULT_MODELS = ("ours", "previous", "peer")
 RECIPE = "faster_rcnn_photos"  # the packaged config of `rcnn train --data FOLDER`
 # Each ingredient of the recipe, as the --set overrides that turn it off (the previous setting: all off).
 INGREDIENTS: dict[str, list[str]] = {
-    "FPN from stride 8": ["model.backbone=mobilenet_v3_fpn", "model.anchor_sizes=null"],
     "lighter step (128 RoIs, 1000/500 proposals)": [
         "model.roi.batch_size_per_image=512", "model.rpn.pre_nms_top_n_train=2000", "model.rpn.post_nms_top_n_train=2000"],
     "GIoU box loss": ["model.roi.box_loss=smooth_l1", "model.roi.box_loss_weight=1.0"],
-    "scale jitter": ["data.scale_jitter=null"],
-    "colour jitter": ["data.color_jitter=null"],
-    "weight EMA": ["train.ema_decay=null"],
 }
 # shared by every training
 MIN_SIZE, MAX_SIZE = 320, 640  # torchvision's low-resolution MobileNetV3 detector's sizes
