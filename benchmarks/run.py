@@ -3,7 +3,8 @@
     python -m benchmarks.run                 # quick settings: Faster R-CNN vs torchvision, the lineage (~30 min)
     python -m benchmarks.run --full          # full settings of the same, the lineage at the papers' scale and the
                                              # raccoon photographs (about 3.5 hours on 2 CPU cores)
-    python -m benchmarks.run --all [--full]  # also Mask R-CNN vs torchvision and the R-CNN ablations
+    python -m benchmarks.run --all [--full]  # also Mask R-CNN vs torchvision, the R-CNN ablations, the backends, the
+                                             # server under load, the data loader and COCO evaluation at scale
     python -m benchmarks.run --report-only   # only rebuild docs/benchmarks.md from benchmarks/results/*.json
 """
 
@@ -17,7 +18,7 @@ import time
 from benchmarks.harness import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
-EXTRA = ("backends", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load")
+EXTRA = ("backends", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling")
 FULL = ("paper_scale", "raccoon")  # with --full or --all (or --only NAME): too long for the quick settings
 TITLES = {
     "lineage": "The lineage: four generations, one data set, one budget",
@@ -28,6 +29,9 @@ TITLES = {
     "mask_rcnn": "Mask R-CNN against torchvision; RoIAlign against RoIPool",
     "rcnn_ablation": "R-CNN and Fast R-CNN ablations",
     "serve_load": "The server under load",
+    "data_loading": "The training data loader: throughput, waiting for data, padding",
+    "eval_scale": "COCO evaluation at scale: bounded memory, pycocotools' numbers",
+    "scaling": "Data at scale: cost curves against the number of images",
     "raccoon": "Real photographs: raccoons, against torchvision, from scratch and pre-trained",
 }
 
@@ -62,7 +66,7 @@ about 70 minutes in all on such a machine, projected from those parts. It also r
 def render() -> str:
     """docs/benchmarks.md from the result files present."""
     sections = [HEADER]
-    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "eager_profile", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load"):
+    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "eager_profile", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling"):
         result = read_result(name)
         if result is None:
             continue

@@ -28,7 +28,10 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``argv`` naming one, of that command only: each command
+    module is imported to register it, and some import the models (torch, torchvision: seconds and
+    hundreds of megabytes) that a command such as `rcnn data check` never needs."""
     parser = argparse.ArgumentParser(
         prog="rcnn",
         description="R-CNN, Fast R-CNN, Faster R-CNN and Mask R-CNN: train, evaluate, predict.",
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"rcnn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    named = next((a for a in argv if not a.startswith("-")), None) if argv else None
+    for name in (named,) if named in COMMAND_MODULES else COMMAND_MODULES:
         try:
             module = importlib.import_module(f"rcnn.commands.{name}")
         except ModuleNotFoundError as exc:  # a command not built yet is simply not offered
@@ -49,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -1,7 +1,7 @@
 """``rcnn data``: make the synthetic shapes data set; check, split and convert a data set.
 
     rcnn data shapes ROOT --train 400 --val 100 --seed 0 --size 128
-    rcnn data check PATH [--split SPLIT] [--images DIR] [--quick] [--skip-broken]
+    rcnn data check PATH [--split SPLIT] [--images DIR] [--quick | --decode] [--skip-broken]
                          [--val-fraction F --seed S] [--suggest-anchors --min-size 600 --max-size 1000 --levels 5]
     rcnn data split PATH [--val-fraction 0.2] [--seed 0] [--out DIR] [--force]
     rcnn data convert SRC OUT --to coco|voc|yolo [--split SPLIT ...] [--link] [--skip-broken] [--force]
@@ -48,10 +48,12 @@ def _run_check(args: argparse.Namespace) -> int:
         args.path,
         args.split,
         images_dir=args.images,
-        decode_images=not args.quick,
+        decode_images=args.decode,
+        headers_only=args.quick,
         val_fraction=args.val_fraction,
         split_seed=args.seed,
         skip_broken=args.skip_broken,
+        progress=True,  # on a terminal only (tqdm leaves a pipe alone)
     )
     print(f"data set: {args.path}")
     print(format_report(reports))
@@ -146,7 +148,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("path", help="data set folder or file")
     check.add_argument("--split", help="split to check (default: every split found; 'all' for a folder without splits)")
     check.add_argument("--images", help="images folder of a COCO .json file (default: found next to it)")
-    check.add_argument("--quick", action="store_true", help="read image headers only instead of decoding every image")
+    reading = check.add_mutually_exclusive_group()
+    reading.add_argument(
+        "--quick", action="store_true",
+        help="read each image's header only (its size; default: also its end, which finds a file cut short)",
+    )
+    reading.add_argument(
+        "--decode", action="store_true",
+        help="decode every pixel of every image (also finds corrupt data inside a file; slow on a large data set)",
+    )
     check.add_argument(
         "--skip-broken", action="store_true",
         help="show unreadable images and annotations as the images a reader with skip_broken would leave out",

@@ -17,8 +17,10 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rcnn.config import Config, load_config
+if TYPE_CHECKING:  # imported where used: it imports the models (seconds), which most commands' parsers never need
+    from rcnn.config import Config
 
 # Bounds shared by several commands (each with its reason).
 MAX_THREADS = 1024  # CPU threads: beyond any machine's cores
@@ -207,6 +209,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool) -> Non
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    from rcnn.config import load_config
+
     return load_config(args.config, args.overrides)
 
 

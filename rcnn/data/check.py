@@ -4,7 +4,9 @@ The summary gives what choosing a model's settings needs: images and their sizes
 per class, a histogram of box sizes (``sqrt(w * h)``, to choose anchor sizes), box aspect
 ratios (to choose anchor ratios), images without objects, and every problem found, each
 naming its file and annotation. Unlike the readers, the check does not stop at the first
-error, and it decodes every image (``decode_images=False`` reads headers only). With
+error. Every image file is checked against its annotation: its header (size) and its end (a
+file cut short), in a few threads (``decode_images`` decodes every pixel, ``headers_only`` reads
+the headers alone; docs/data.md, "Large data sets"). With
 ``skip_broken`` the problems that a reader with ``skip_broken=True`` would skip are shown as the
 warnings it would give, and the summary is of the images it would keep.
 """
@@ -13,15 +15,15 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from rcnn.data.reading import DatasetSource, coco_keys, dataset_splits, layout_index, resolve_dataset
-from rcnn.data.coco import image_name, read_coco
-from rcnn.data.records import ImageRecord, Problem, check_images, skip_broken_images
+from rcnn.data.coco import image_names, read_coco
+from rcnn.data.records import ImageCheck, ImageRecord, Problem, RecordTable, check_images, skip_broken_images
 from rcnn.data.layouts import RawSet
 from rcnn.data.splits import split_positions
 from rcnn.data.voc import read_voc
@@ -42,7 +44,7 @@ class SplitReport:
     description: str = ""  # the format and files; default ``source.describe()``
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] | None = None  # the COCO category id of each class, where the data has them
-    records: list[ImageRecord] = field(default_factory=list)
+    records: Sequence[ImageRecord] = field(default_factory=list)  # a RecordTable once read
     image_names: list[str] = field(default_factory=list)
     with_segmentation: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -56,10 +58,22 @@ class SplitReport:
         return sum(p.severity == "warning" for p in self.problems)
 
 
+def _image_check(decode_images: bool, headers_only: bool) -> ImageCheck:
+    if decode_images and headers_only:
+        raise ValueError("check_dataset: decode_images and headers_only exclude each other")
+    return "decode" if decode_images else "header" if headers_only else "complete"
+
+
 def check_split(
-    source: DatasetSource, decode_images: bool = True, *, skip_broken: bool = False, raw: RawSet | None = None
+    source: DatasetSource,
+    images: ImageCheck = "complete",
+    *,
+    skip_broken: bool = False,
+    raw: RawSet | None = None,
+    progress: bool = False,
 ) -> SplitReport:
-    """Read one split without stopping at errors, then check its images.
+    """Read one split without stopping at errors, then check its images (``images``: how, one of
+    :data:`~rcnn.data.records.IMAGE_CHECKS`; ``progress``: a progress bar on a terminal).
 
     ``raw``: the layout already parsed (one parse serves every split of a check).
     """
@@ -68,13 +82,15 @@ def check_split(
         if source.format == "coco":
             index = read_coco(source.images_dir, source.ann_file, check_masks=True)
             records, problems = index.records, list(index.problems)
-            names = [image_name(r.path, source.images_dir) for r in records]  # type: ignore[arg-type]
+            names = image_names(records.path_strings(), source.images_dir)  # type: ignore[arg-type]
             if source.val_fraction is not None:
-                classes = [{index.class_names[label - 1] for label in r.labels.tolist()} for r in records]
+                classes = [{index.class_names[label - 1] for label in records.labels_of(i).tolist()}
+                           for i in range(len(records))]  # fmt: skip
                 keep = split_positions(coco_keys(records, source.images_dir), classes, source.split,
                                        source.val_fraction, source.split_seed)
-                mine = {str(records[i].path) for i in keep}
-                others = {str(r.path) for r in records} - mine
+                paths = records.path_strings()
+                mine = {paths[i] for i in keep}
+                others = set(paths) - mine
 
                 def shown_here(problem: Problem) -> bool:
                     if problem.image is None or problem.image in mine:
@@ -83,13 +99,13 @@ def check_split(
                     return problem.image not in others and source.split != "val"
 
                 problems = [p for p in problems if shown_here(p)]
-                records, names = [records[i] for i in keep], [names[i] for i in keep]
+                records, names = records.take(keep), [names[i] for i in keep]
         elif source.format == "voc":
             index = read_voc(source.root, source.split, source.options.get("class_names"))
-            records, problems, names = index.records, list(index.problems), index.image_names
+            records, problems, names = RecordTable.from_records(index.records), list(index.problems), index.image_names
         else:
             index = layout_index(source, raw)
-            records, problems, names = index.records, list(index.problems), index.image_names
+            records, problems, names = RecordTable.from_records(index.records), list(index.problems), index.image_names
             report.description = index.raw.description + (
                 f", split on the fly: val_fraction {source.val_fraction}, seed {source.split_seed}"
                 if source.val_fraction is not None else ""
@@ -98,12 +114,13 @@ def check_split(
         file = str(source.ann_file or source.root)
         report.problems.append(Problem("error", file, str(exc).removeprefix(f"{file}: ")))
         return report
-    problems += check_images(records, decode=decode_images)
+    problems += check_images(records, images, progress=progress)
     if skip_broken:
         kept, problems = skip_broken_images(records, problems)
-        kept_ids = {id(r) for r in kept}
-        names = [n for n, r in zip(names, records) if id(r) in kept_ids]
-        records = kept
+        if len(kept) != len(records):
+            kept_paths = set(kept.path_strings())  # type: ignore[attr-defined]
+            names = [n for n, path in zip(names, records.path_strings()) if path in kept_paths]
+        records = kept  # type: ignore[assignment]
     report.class_names = index.class_names
     cat_ids = getattr(index, "label_to_cat_id", None)
     if cat_ids:
@@ -111,7 +128,7 @@ def check_split(
     report.records = records
     report.image_names = names
     report.problems = problems
-    report.with_segmentation = sum(s is not None for r in records for s in (r.segmentations or []))
+    report.with_segmentation = records.segmentation_count()
     return report
 
 
@@ -120,23 +137,32 @@ def check_dataset(
     split: str | None = None,
     *,
     images_dir: str | os.PathLike | None = None,
-    decode_images: bool = True,
+    decode_images: bool = False,
+    headers_only: bool = False,
     val_fraction: float | None = None,
     split_seed: int = 0,
     skip_broken: bool = False,
+    progress: bool = False,
 ) -> list[SplitReport]:
     """Check ``split`` (default: every split found) of a data set; one report per split.
 
     With ``val_fraction`` the splits are ``train`` and ``val`` drawn on the fly (as
     ``build_dataset`` draws them); a layout without splits is checked as the one split ``all``.
+
+    Each image file is checked against its annotation: by default its header (its size) and its
+    end (a file cut short is found); ``decode_images`` decodes every pixel instead (also finds
+    corrupt data inside a file; slow on a large data set); ``headers_only`` reads the headers
+    alone. ``progress``: a progress bar while the images are checked, on a terminal.
     """
+    how = _image_check(decode_images, headers_only)
     splits, raw = dataset_splits(path_or_spec, split, images_dir=images_dir, val_fraction=val_fraction)
     reports = [
         check_split(
             resolve_dataset(path_or_spec, s, images_dir, val_fraction=val_fraction, split_seed=split_seed),
-            decode_images,
+            how,
             skip_broken=skip_broken,
             raw=raw,
+            progress=progress,
         )
         for s in splits
     ]
@@ -184,21 +210,18 @@ def _split_lines(report: SplitReport) -> list[str]:
     if not report.class_names:
         lines.append("  could not be read")
     else:
-        records = report.records
-        boxes = np.concatenate([r.boxes for r in records]) if records else np.zeros((0, 4), np.float32)
-        labels = np.concatenate([r.labels for r in records]) if records else np.zeros(0, np.int64)
-        crowd = np.concatenate([r.iscrowd for r in records]) if records else np.zeros(0, bool)
-        difficult = np.concatenate([r.difficult for r in records]) if records else np.zeros(0, bool)
-        sizes = Counter((r.width, r.height) for r in records)
+        records = RecordTable.from_records(report.records)  # the columns: no record built
+        boxes, labels, crowd, difficult = records.boxes, records.labels, records.iscrowd, records.difficult
+        sizes = Counter(zip(records.widths.tolist(), records.heights.tolist()))
         size_text = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
         more = f", {len(sizes) - 3} other sizes" if len(sizes) > 3 else ""
-        lines.append(f"  images:                 {len(records)}" + (f"  (WxH: {size_text}{more})" if records else ""))
+        lines.append(f"  images:                 {len(records)}" + (f"  (WxH: {size_text}{more})" if len(records) else ""))
         has_difficult = source.format in ("voc", "labelimg")
         flags = f"crowd {int(crowd.sum())}" + (f", difficult {int(difficult.sum())}" if has_difficult else "")
         lines.append(f"  instances:              {len(labels)}  ({flags})")
         if source.format not in ("voc", "labelimg"):
             lines.append(f"  with segmentation:      {report.with_segmentation} of {len(labels)}")
-        empty = [name for name, r in zip(report.image_names, records) if len(r.labels) == 0]
+        empty = [name for name, count in zip(report.image_names, records.counts().tolist()) if count == 0]
         shown = f"  ({', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''})" if empty else ""
         lines.append(f"  images without objects: {len(empty)}{shown}")
         lines.append("  instances per class:")
@@ -232,7 +255,7 @@ def format_report(reports: list[SplitReport]) -> str:
         lines.append("")
     if len(reports) > 1:
         images = sum(len(r.records) for r in reports)
-        instances = sum(len(rec.labels) for r in reports for rec in r.records)
+        instances = sum(len(RecordTable.from_records(r.records).labels) for r in reports)
         classes = max((len(r.class_names) for r in reports), default=0)
         lines.append(f"all splits: {images} images, {instances} instances, {classes} class(es)")
     errors = sum(r.errors for r in reports)

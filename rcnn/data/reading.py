@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcnn.data.coco import CocoDetection, image_name
-from rcnn.data.records import DetectionDataset, ImageRecord, Transform
+from rcnn.data.coco import CocoDetection, image_names
+from rcnn.data.records import DetectionDataset, ImageRecord, RecordTable, Transform
 from rcnn.data.cvat import find_cvat_file, is_cvat_file, read_cvat
 from rcnn.data.labelimg import is_labelimg_folder, read_labelimg
 from rcnn.data.labelme import is_labelme_folder, read_labelme
@@ -342,7 +342,8 @@ def dataset_splits(
 
 def coco_keys(records: Sequence[ImageRecord], images_dir: Path) -> list[str]:
     """The keys of COCO images for on-the-fly splits: ``file_name`` without the extension."""
-    return [os.path.splitext(image_name(r.path, images_dir))[0] for r in records]
+    paths = records.path_strings() if isinstance(records, RecordTable) else [str(r.path) for r in records]
+    return [os.path.splitext(name)[0] for name in image_names(paths, images_dir)]
 
 
 def layout_index(source: DatasetSource, raw: RawSet | None = None, *, require_masks: bool = False) -> LayoutIndex:
@@ -392,7 +393,8 @@ def build_dataset(
         if val_fraction is None:
             return dataset
         keys = coco_keys(dataset.records, source.images_dir)  # type: ignore[arg-type]
-        classes = [{dataset.class_names[label] for label in r.labels.tolist()} for r in dataset.records]
+        table = dataset.records
+        classes = [{dataset.class_names[label] for label in table.labels_of(i).tolist()} for i in range(len(table))]
         return dataset.subset(split_positions(keys, classes, split, val_fraction, split_seed))
     if source.format == "voc":
         if with_masks:

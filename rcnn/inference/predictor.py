@@ -53,9 +53,9 @@ from rcnn.components.proposals.io import ProposalSource
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.records import DetectionDataset
 from rcnn.evaluation.classes import match_classes
-from rcnn.evaluation.coco import evaluate_coco, result_entries
+from rcnn.evaluation.coco import JsonListWriter, evaluate_coco, result_entries
 from rcnn.evaluation.voc import evaluate_voc
-from rcnn.io.files import write_json, write_text
+from rcnn.io.files import dumps_json, write_json, write_text
 from rcnn.io.images import MAX_PIXELS, DecodedImage, as_float, read_image
 from rcnn.inference.tiling import MAX_TILES, MERGES, check_tiling, predict_tiled, tile_count
 from rcnn.viz import draw_detections, image_pixels, save_png
@@ -688,30 +688,34 @@ class CocoResults:
     """Every detection as one COCO results list (``path``, a JSON list; category ids from
     ``categories``, the data's ``{"id", "name"}`` per label) and ``images_path`` listing the images
     (``{"images": [{"id", "file_name", "height", "width"}], "categories"}``; a video frame is named
-    ``N#frame=I``). Written when closed."""
+    ``N#frame=I``). Both are streamed to temporary files as the images come (nothing held in
+    memory) and put in place when closed; aborted, they are removed."""
 
     def __init__(self, path: str | os.PathLike, images_path: Path, categories: Sequence[Mapping[str, Any]]) -> None:
         self.path, self.images_path, self.categories = path, images_path, list(categories)
         self.category_ids = {i: int(c["id"]) for i, c in enumerate(self.categories)}
-        self.results: list[dict[str, Any]] = []
-        self.images: list[dict[str, Any]] = []
+        self.results = JsonListWriter(path)
+        self.images = JsonListWriter(images_path, head='{"images": [',
+                                     tail=f'], "categories": {dumps_json(self.categories[1:], indent=None)}}}')  # fmt: skip
 
     def write(self, prediction: Prediction, image_id: int) -> None:
         source, frame = prediction.key
         output = prediction.output
         masks = _binary(output["masks"][:, 0]).numpy() if "masks" in output else None
-        self.results += result_entries(image_id, output["boxes"].numpy(), output["labels"].numpy(),
-                                       output["scores"].numpy(), self.category_ids, masks)  # fmt: skip
+        for entry in result_entries(image_id, output["boxes"].numpy(), output["labels"].numpy(),
+                                    output["scores"].numpy(), self.category_ids, masks):  # fmt: skip
+            self.results.write(entry)
         name = source.name if frame is None else f"{source.name}#frame={frame}"
         height, width = prediction.original_size
-        self.images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+        self.images.write({"id": image_id, "file_name": name, "height": height, "width": width})
 
     def close(self) -> None:
-        write_json(self.path, self.results, indent=None)
-        write_json(self.images_path, {"images": self.images, "categories": self.categories[1:]})
+        self.results.close()
+        self.images.close()
 
     def abort(self) -> None:
-        pass
+        self.results.abort()
+        self.images.abort()
 
 
 # -- memory --------------------------------------------------------------------------------------

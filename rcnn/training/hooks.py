@@ -363,7 +363,9 @@ class Checkpoints(Hook):
         states: dict[str, Any] = {}
         for hook in trainer.hooks:
             states.update(hook.state())
-        state = {"lr": trainer.lr, **dict(sorted(states.items()))}  # (in key order, whatever the hooks' order)
+        global_batch = trainer.cfg.batch_size * trainer.world * trainer.cfg.accumulate  # (a resume on other processes says so)
+        state = {"lr": trainer.lr, "processes": trainer.world, "global_batch": global_batch,
+                 **dict(sorted(states.items()))}  # (in key order, whatever the hooks' order)
         averaged = trainer.eval_model is not trainer.model
         trainer.checkpoint = save_checkpoint(
             self.run_dir, trainer.iteration, trainer.eval_model, optimizer=trainer.optimizer, extra_state=state,
@@ -394,34 +396,39 @@ class Progress(Hook):
 
 
 class InterruptAfterStep:
-    """Inside the block, Ctrl-C (SIGINT) asks the loop to stop once the current step is whole
-    (:meth:`requested` turns True), instead of killing it in the middle of an optimiser update
-    with the steps since the last checkpoint lost; a second Ctrl-C stops at once. Outside the
-    main thread (no signal handlers there) it never asks."""
+    """Inside the block, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop once the current step is
+    whole (:meth:`requested` turns True), instead of killing it in the middle of an optimiser update
+    with the steps since the last checkpoint lost; a second one stops at once. SIGTERM is what a
+    job scheduler sends before it preempts a job, and what torchrun sends the other processes of a
+    machine when one of them fails. Outside the main thread (no signal handlers there) it never asks."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
         self.asked = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.asked:
             raise KeyboardInterrupt("interrupted twice: stopped at once, without a checkpoint")
         self.asked = True
-        self.log("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"{name}: stopping after this step with a checkpoint ({name} again stops at once, without one)")
 
     def __enter__(self) -> InterruptAfterStep:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
     def release(self) -> None:
-        """Give Ctrl-C back to the handler before the block (once)."""
+        """Give Ctrl-C and SIGTERM back to the handlers before the block (once)."""
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
             self._previous = None
 
     def requested(self, device: torch.device | None = None) -> bool:

@@ -12,14 +12,13 @@ gradient accumulation, validation loss, keep-best, early stopping, weight EMA, t
 :func:`train` builds a :class:`~rcnn.training.trainer.Trainer` (the step: forward, backward,
 optimiser) and its hooks (:mod:`rcnn.training.hooks`: everything else), resumes them, and runs
 them. This module adds what is particular to a training from a data set: the optimiser, the
-device and the process group, and the endless, deterministic data order.
+device and the process group (the data order and the loader live in :mod:`rcnn.training.datasets`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from rcnn.config import TrainConfig
-from rcnn.data.transforms import collate_fn
 from rcnn.io.checkpoints import has_optimizer_state, load_checkpoint, resume_checkpoint
+from rcnn.training.datasets import BatchSampler, training_loader
 from rcnn.training.hooks import (
     Checkpoints,
     Evaluation,
@@ -58,6 +57,7 @@ __all__ = [
 ]
 
 Evaluator = Callable[[nn.Module], dict[str, Any]]
+_BatchSampler, _loader = BatchSampler, training_loader  # (their names before they moved to rcnn.training.datasets)
 
 
 @dataclass
@@ -121,63 +121,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-
-
-class _BatchSampler(Sampler[list[tuple[int, int]]]):
-    """Endless, deterministic batches: epoch e is a permutation seeded by (seed, e).
-
-    Each element is ``(dataset index, item seed)``; the item seed drives that item's random
-    augmentation, so the data a given iteration sees does not depend on workers or restarts.
-    Under DDP, rank r takes the r-th slice of every global batch. With ``accumulate`` N each
-    iteration yields N micro-batches, the N slices of the rank's share of a global batch N times
-    larger, with the item seeds of that batch: the data of an N-times larger batch.
-    """
-
-    def __init__(
-        self, size: int, batch_size: int, seed: int, start_iteration: int, rank: int, world: int, accumulate: int = 1
-    ) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start, self.rank, self.world, self.accumulate = start_iteration, rank, world, accumulate
-        self.global_batch = batch_size * world * accumulate
-        if size < self.global_batch:
-            raise ValueError(
-                f"the training set has {size} images, fewer than one batch of {self.global_batch} "
-                "(train.batch_size x processes x train.accumulate); lower train.batch_size or train.accumulate"
-            )
-        self.per_epoch = size // self.global_batch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        iteration = self.start
-        while True:
-            epoch, step = divmod(iteration, self.per_epoch)
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.size, generator=generator)
-            share = self.batch_size * self.accumulate
-            lo = step * self.global_batch + self.rank * share
-            for micro in range(self.accumulate):
-                batch = order[lo + micro * self.batch_size : lo + (micro + 1) * self.batch_size].tolist()
-                first = micro * self.batch_size
-                yield [(index, (self.seed * 7919 + iteration) * 65_537 + first + pos) for pos, index in enumerate(batch)]
-            iteration += 1
-
-    def __len__(self) -> int:  # endless; DataLoader only needs it for display
-        return 2**31
-
-
-class _SeededItems(Dataset):
-    """Fetch ``dataset[index]`` with the RNG seeded by the item seed (restored afterwards)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
 
 
 def train(
@@ -278,9 +221,9 @@ def build_trainer(
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    loader = _loader(dataset, cfg, start, rank, world, workers, device)
+    batches = training_loader(dataset, cfg, start, rank, world, workers, device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(model, optimizer, iter(loader), cfg, lr=lr, start=start, total=iterations or cfg.iterations,
+    return Trainer(model, optimizer, batches, cfg, lr=lr, start=start, total=iterations or cfg.iterations,
                    hooks=in_use, ddp=ddp, rank=rank, world=world, device=device, log=log)  # fmt: skip
 
 
@@ -325,25 +268,12 @@ def _resume(
     if world > 1:  # each process continues its own random stream
         torch.manual_seed(cfg.seed + rank + 1000 * start)
     log(f"resumed from {checkpoint} at iteration {start}")
+    before, batch = state.get("processes"), cfg.batch_size * world * cfg.accumulate
+    if before is not None and before != world:
+        was = state.get("global_batch", batch)
+        log(f"{checkpoint} was written by {before} process(es), this training has {world}: "
+            + ("the global batch is the same, so are the data order and the learning rate" if was == batch else
+               f"the global batch changes from {was} to {batch} images (train.batch_size x processes x "
+               "train.accumulate): the learning rate and the data order follow the new batch"))  # fmt: skip
     return start
 
-
-def _loader(
-    dataset: Dataset, cfg: TrainConfig, start: int, rank: int, world: int, workers: int, device: torch.device
-) -> DataLoader:
-    """The endless, deterministic micro-batches of this process from iteration ``start`` on."""
-    return DataLoader(
-        _SeededItems(dataset),
-        batch_sampler=_BatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, rank, world, cfg.accumulate),  # type: ignore[arg-type]
-        collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
-        num_workers=workers,
-        worker_init_fn=_ignore_interrupts if workers > 0 else None,
-        persistent_workers=workers > 0,
-        pin_memory=device.type == "cuda",
-    )
-
-
-def _ignore_interrupts(worker_id: int) -> None:
-    """A data-loading process leaves Ctrl-C to the training process, which stops after its step."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,10 +37,12 @@ from rcnn.config import TrainConfig
 __all__ = [
     "Batch",
     "Hook",
+    "ProcessLost",
     "Trainer",
     "TrainingInterrupted",
     "compute_losses",
     "effective_lr",
+    "lost_process",
     "lr_factor",
     "to_device",
 ]
@@ -100,6 +103,37 @@ def lr_factor(iteration: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a training after a whole step; the message names the checkpoint it saved."""
+
+
+class ProcessLost(ConnectionError):
+    """Under DDP another process of the training stopped (killed, crashed, its machine gone): the
+    others cannot go on without it. The first process saves the last whole step as a checkpoint
+    (``checkpoint``) before raising; the message says how to continue."""
+
+    def __init__(self, reason: str | None, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            saved = f"the checkpoint {checkpoint} is saved"
+        else:
+            saved = "the first process saves the checkpoint (if it is the one that stopped: its last periodic one)"
+        super().__init__(f"{reason}: {saved}; start every process again with the same command and --resume "
+                         "(any number of processes)")  # fmt: skip
+        self.checkpoint = checkpoint
+
+
+# What a collective call of gloo or NCCL says when the process at the other end has gone.
+_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+         "connection refused", "nccl communicator was aborted", "remote process exited", "timed out waiting")  # fmt: skip
+
+
+def lost_process(exc: BaseException) -> str | None:
+    """The cause, in a few words, when ``exc`` is a collective call failing because another
+    process of the job has gone; None otherwise."""
+    text = str(exc)
+    if not any(marker in text.lower() for marker in _LOST):
+        return None
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(exc).__name__)
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[../gloo/transport/tcp/pair.cc:534] " source prefix
+    return line.split(". ")[0].rstrip(".")[:200]  # the first sentence: what happened (the rest is advice)
 
 
 class Hook:
@@ -268,16 +302,29 @@ class Trainer:
     def run(self) -> None:
         """Steps from ``iteration`` to ``total``, or until a hook stops the run, with the hooks
         around them; after an interrupting stop, raises :class:`TrainingInterrupted` once the
-        hooks' ``after_train`` are done."""
+        hooks' ``after_train`` are done. Under DDP, when a collective call fails because another
+        process has gone, the run ends as after Ctrl-C (the first process checkpoints the last
+        whole step) and raises :class:`ProcessLost`."""
         with self.exit_stack:
             for hook in self.hooks:
                 hook.before_train(self)
-            while self.iteration < self.total and self.stop_reason is None:
-                self.step()
-                for hook in self.hooks:
-                    hook.after_step(self)
+            lost = None
+            try:
+                while self.iteration < self.total and self.stop_reason is None:
+                    self.step()
+                    for hook in self.hooks:
+                        hook.after_step(self)
+            except (dist.DistError, RuntimeError) as exc:
+                if self.world <= 1 or (lost := lost_process(exc)) is None:
+                    raise
+                # the weights and the optimiser are those of the last whole step (a failed collective
+                # call comes before the optimiser step, or after the step's hooks' work)
+                self.stop(f"another process of the training stopped at iteration {self.iteration} ({lost})",
+                          interrupted=True)  # fmt: skip
             for hook in reversed(self.hooks):
                 hook.after_train(self)
+            if lost is not None:
+                raise ProcessLost(self.stop_reason, self.checkpoint if self.is_main else None)
             if self.interrupted:
                 saved = f": the checkpoint {self.checkpoint} is saved; continue with the same command and --resume"
                 raise TrainingInterrupted(f"{self.stop_reason}{saved if self.checkpoint else ''}")
