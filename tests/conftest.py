@@ -43,9 +43,13 @@ def proposals(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One compute thread per test process when pytest-xdist runs several: no oversubscription."""
+    """The eager backend by default; one compute thread per test process when pytest-xdist runs
+    several: no oversubscription."""
     import os
 
+    # the commands default to --backend auto (timing eager, ONNX Runtime and OpenVINO on first use of
+    # a run); the suite compares the commands with the eager model, and auto's own tests unset this
+    os.environ.setdefault("RCNN_BACKEND", "eager")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 

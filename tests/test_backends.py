@@ -99,7 +99,8 @@ def test_the_commands_take_a_backend_and_an_onnx_file(run, both, shapes_root, tm
     onnx_file = both[1].checkpoint
     picture = sorted(p for p in shapes_root.rglob("*") if p.suffix in (".png", ".jpg"))[0]
     outputs = {}
-    for name, flags in {"eager": ["--weights", str(run)], "ort": ["--weights", str(run), "--backend", "onnxruntime"],
+    for name, flags in {"eager": ["--weights", str(run), "--backend", "eager"],
+                        "ort": ["--weights", str(run), "--backend", "onnxruntime"],
                         "file": ["--model", str(onnx_file)]}.items():  # fmt: skip
         assert main(["predict", str(picture), *flags, "--out", str(tmp_path / name), "--score-thresh", "0"]) == 0
         (found,) = [p for p in (tmp_path / name).glob("*.json")]
@@ -118,11 +119,11 @@ def test_wrong_combinations_are_refused_with_a_reason(run, both, tmp_path):
     onnx_file = both[1].checkpoint
     with pytest.raises(ValueError, match="either --weights or --model"):
         load_detector(run, model_file=onnx_file)
-    with pytest.raises(ValueError, match="--backend onnxruntime only"):
+    with pytest.raises(ValueError, match="runs with --backend onnxruntime or openvino only"):
         load_detector(model_file=onnx_file, backend="eager")
     with pytest.raises(ValueError, match="runs on the CPU"):
         load_detector(run, backend="onnxruntime", device="cuda")
-    with pytest.raises(ValueError, match="choose one of eager, onnxruntime"):
+    with pytest.raises(ValueError, match="choose one of auto, eager, onnxruntime, openvino"):
         load_detector(run, backend="tensorrt")
     with pytest.raises(ValueError, match="--threads"):
         load_detector(run, threads=0)
@@ -278,3 +279,76 @@ def test_precision_int8_quantises_a_run_once_and_caches_it(run, both, shapes_roo
     assert main(["evaluate", "--weights", str(copy), "--precision", "int8", "--calibrate", str(shapes_root),
                  "--calibrate-images", "2", "--data", str(shapes_root), "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 8
+
+
+def test_backend_auto_times_once_and_remembers_per_model_and_machine(run, shapes_root, tmp_path, monkeypatch, capsys):
+    """--backend auto: every fp32 backend timed on first use (here by a stand-in clock, not real
+    timings), the fastest chosen, printed once, remembered; new weights or other threads are timed afresh."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rcnn.deploy import backends
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copy = tmp_path / "run"
+    shutil.copytree((run / "last").resolve(), copy)
+    seconds = {"eager": 0.30, "onnxruntime": 0.20, "openvino": 0.25}
+    timed = []
+
+    def clock(call):  # the backend of the timed call, and its stand-in time
+        timed.append(call.func.backend)
+        return seconds[call.func.backend]
+
+    monkeypatch.setattr(backends, "_seconds", clock)
+    monkeypatch.delenv("RCNN_BACKEND", raising=False)
+    picture = sorted((shapes_root / "images" / "val").glob("*.png"))[0]
+    # rcnn predict of a run folder on the CPU: auto by default
+    assert main(["predict", str(picture), "--weights", str(copy), "--out", str(tmp_path / "p"), "--cpu"]) == 0
+    assert sorted(timed) == sorted(list(seconds) * backends.AUTO_ROUNDS)
+    printed = capsys.readouterr().out
+    assert printed.count("--backend auto: onnxruntime") == 1
+    assert "eager 0.300, onnxruntime 0.200, openvino 0.250" in printed
+    record = json.loads((tmp_path / "cache" / "rcnn" / backends.AUTO_CHOICES_FILE).read_text())
+    (entry,) = record.values()
+    assert entry["backend"] == "onnxruntime" and entry["size"] == "128x128"  # the run's input size
+    # a hit: nothing timed, nothing printed, the same backend
+    timed.clear()
+    assert main(["predict", str(picture), "--weights", str(copy), "--out", str(tmp_path / "p"), "--cpu"]) == 0
+    seconds["onnxruntime"] = 9.0  # (a new timing would choose otherwise)
+    assert load_detector(copy, backend="auto", progress=True).model.backend == "onnxruntime"
+    assert timed == [] and "--backend auto" not in capsys.readouterr().out
+    assert backends.choose_backend(copy) == "onnxruntime"
+    # other threads: another machine setting, timed afresh
+    assert backends.choose_backend(copy, threads=2, log=lambda line: None) == "openvino" and timed
+    torch.set_num_threads(1)  # (the eager backend took 2 threads; the module runs on one)
+    # new weights: timed afresh
+    timed.clear()
+    weights = load_file(copy / "model.safetensors")
+    next(w for w in weights.values() if w.is_floating_point()).mul_(1.01)
+    save_file(weights, copy / "model.safetensors")
+    seconds.update(eager=0.1)
+    assert load_detector(copy, backend="auto").model is not None and timed
+    assert backends.choose_backend(copy) == "eager"
+    assert len(json.loads((tmp_path / "cache" / "rcnn" / backends.AUTO_CHOICES_FILE).read_text())) == 3
+    # on CUDA, and for an explicit precision that one backend runs, nothing is timed
+    timed.clear()
+    assert backends.choose_backend(copy, device="cuda") == "eager"
+    assert backends.choose_backend(copy, precision="bf16") == "openvino" and timed == []
+
+
+def test_the_default_backend_of_the_commands(monkeypatch):
+    from rcnn.commands.options import BACKEND_CHOICES, PRECISION_CHOICES, default_backend
+    from rcnn.deploy import backends
+
+    assert BACKEND_CHOICES == backends.BACKEND_CHOICES and PRECISION_CHOICES == backends.PRECISIONS
+    monkeypatch.delenv("RCNN_BACKEND", raising=False)
+    assert default_backend(None) == "auto" and default_backend(None, precision="fp32") == "auto"
+    assert default_backend("eager") == "eager"
+    assert default_backend(None, model_file="m.onnx") is None  # a file runs in its own runtime
+    assert default_backend(None, precision="int8") is None and default_backend(None, precision="bf16") is None
+    monkeypatch.setenv("RCNN_BACKEND", "eager")
+    assert default_backend(None) == "eager"
+    monkeypatch.setenv("RCNN_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match=r"\$RCNN_BACKEND='tensorrt': choose one of auto, eager, onnxruntime, openvino"):
+        default_backend(None)

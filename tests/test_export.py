@@ -221,3 +221,57 @@ def test_parity_on_real_photographs(exported):
             (onnx,) = detector([picture])
             assert len(eager["boxes"]) > 0, photo
             assert_equal_detections(eager, onnx, box_tol=1e-2)
+
+
+def _mixed_clamp_weights(start, stop, cells, size, dtype):
+    """``rcnn.core.masks._torchvision_weights`` as it was when a converted torchvision Mask R-CNN could not
+    be exported: a float lower bound beside an integer upper one, which the exporter cannot decompose."""
+    pixels = torch.arange(size, device=start.device)
+    length = (stop - start + 1).clamp(min=1)
+    offset = (pixels[None, :] - start[:, None]).to(dtype)
+    source = ((offset + 0.5) * (cells / length.to(dtype))[:, None] - 0.5).clamp(min=0.0, max=cells - 1)
+    weights = (1.0 - (source[..., None] - torch.arange(cells, dtype=dtype)).abs()).clamp(min=0.0)
+    return weights * ((pixels[None, :] >= start[:, None]) & (pixels[None, :] <= stop[:, None]))[..., None].to(dtype)
+
+
+@pytest.mark.slow
+def test_torchvision_compat_mask_rcnn_exports_and_a_failing_export_says_where(tmp_path, monkeypatch, capsys):
+    """A converted torchvision Mask R-CNN pastes masks by torchvision's rule: it exports and equals the
+    eager model. Where the exporter fails, rcnn export says in one line which model failed at which
+    step, writes the exporter's log beside --out and exits 1."""
+    from rcnn.build import build_model, load_model, resolved_config
+    from rcnn.cli import main
+    from rcnn.config import config_from_dict, config_to_yaml
+    from rcnn.core import masks
+    from rcnn.io.checkpoints import save_checkpoint
+    from rcnn.io.runs import claim_run_folder
+
+    config = config_from_dict({"model": {"name": "mask_rcnn", "backbone": "tiny", "num_classes": 4, "min_size": 128,
+                                         "max_size": 160, "torchvision_compat": True,
+                                         "mask": {"num_convs": 1, "channels": 8}}}, "the test's model")  # fmt: skip
+    torch.manual_seed(5)
+    model = spread(build_model(config.model))
+    run = tmp_path / "run"
+    with claim_run_folder(run):
+        save_checkpoint(run, 0, model, config_yaml=config_to_yaml(resolved_config(config, model)), class_names=NAMES)
+    out = tmp_path / "mask.onnx"
+    with monkeypatch.context() as patch:
+        patch.setattr(masks, "_torchvision_weights", _mixed_clamp_weights)
+        assert main(["export", "--weights", str(run), "--out", str(out), "--example-size", "100", "140"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err + captured.out
+    assert captured.err.startswith(f"rcnn export: error: {run}: mask_rcnn (tiny): the ONNX exporter failed at step 2/3")
+    assert "aten.clamp" in captured.err and f"its full log is in {out}.log" in captured.err
+    log = (tmp_path / "mask.onnx.log").read_text()
+    assert log.startswith("rcnn export log: mask_rcnn (tiny)") and "Traceback" in log and "aten.clamp" in log
+    assert not out.exists()
+    # the library's own pasting as matrices exports, and equals the eager model
+    assert main(["export", "--weights", str(run), "--out", str(out), "--example-size", "100", "140"]) == 0
+    detector, eager = OnnxDetector(out), load_model(run).model
+    for seed, size in enumerate(SIZES[:2]):
+        picture = image(size, seed)
+        with torch.no_grad():
+            (expected,) = eager([picture])
+        (onnx,) = detector([picture])
+        assert len(expected["boxes"]) > 0
+        assert_equal_detections(expected, onnx, box_tol=1e-2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -214,27 +215,43 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+BACKEND_CHOICES = ("auto", "eager", "onnxruntime", "openvino")  # rcnn.deploy.backends.BACKEND_CHOICES
+BACKEND_ENV = "RCNN_BACKEND"  # the default --backend of a run folder in fp32 (auto where it is not set)
+PRECISION_CHOICES = ("fp32", "bf16", "int8")  # rcnn.deploy.backends.PRECISIONS
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser, *, weights_required: bool = False) -> None:
-    """``--weights RUN | --model FILE.onnx``, ``--backend``, ``--threads`` (see :mod:`rcnn.deploy.backends`)."""
+    """``--weights RUN | --model FILE``, ``--backend``, ``--threads`` (see :mod:`rcnn.deploy.backends`)."""
     parser.add_argument("--weights", required=weights_required,
                         help="checkpoint: run directory, step_* directory or model.safetensors")  # fmt: skip
-    parser.add_argument("--model", dest="model_file", metavar="FILE.onnx",
-                        help="an ONNX file from rcnn export, instead of --weights (runs in ONNX Runtime)")  # fmt: skip
-    parser.add_argument(
-        "--backend", choices=["eager", "onnxruntime"],
-        help="run the model in PyTorch (eager; the default for --weights) or in ONNX Runtime (the default for "
-        "--model; with --weights the run is exported once and cached beside its weights)",
-    )  # fmt: skip
+    parser.add_argument("--model", dest="model_file", metavar="FILE",
+                        help="an exported file instead of --weights: an ONNX file from rcnn export (runs in ONNX "
+                        "Runtime, or OpenVINO with --backend openvino) or an OpenVINO IR .xml from rcnn export "
+                        "--format openvino")  # fmt: skip
+    add_backend_argument(parser)
     parser.add_argument("--threads", type=int_range(1, MAX_THREADS), help="CPU threads for inference (default: all cores)")
     add_precision_arguments(parser)
 
 
-def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--precision fp32|int8`` with int8's calibration (``--calibrate DATA``, ``--calibrate-images N``)."""
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--backend auto|eager|onnxruntime|openvino``."""
     parser.add_argument(
-        "--precision", choices=["fp32", "int8"],
-        help="int8: run an int8 graph in ONNX Runtime; a run folder is quantised once (calibrated on --calibrate, "
-        "default the run's own training data) and cached beside its weights (default: fp32; an --model file as it is)",
+        "--backend", choices=BACKEND_CHOICES,
+        help="who runs the model: PyTorch (eager), ONNX Runtime or OpenVINO (with --weights the run is exported once "
+        "and cached beside its weights), or auto: the fastest of them on this CPU, timed on first use and remembered "
+        f"(default: auto for --weights in fp32, eager on CUDA; ${BACKEND_ENV} sets another; the file's runtime for "
+        "--model, the precision's for --precision bf16 or int8)",
+    )  # fmt: skip
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision fp32|bf16|int8`` with int8's calibration (``--calibrate DATA``, ``--calibrate-images N``)."""
+    parser.add_argument(
+        "--precision", choices=PRECISION_CHOICES,
+        help="bf16: run the fp32 graph in OpenVINO with bf16 arithmetic (CPUs with AVX-512 BF16 or AMX); int8: run an "
+        "int8 graph in ONNX Runtime (or OpenVINO with --backend openvino); a run folder is quantised once (calibrated "
+        "on --calibrate, default the run's own training data) and cached beside its weights (default: fp32; an "
+        "--model file as it is)",
     )  # fmt: skip
     parser.add_argument("--calibrate", metavar="DATA",
                         help="data set root or folder of images to calibrate --precision int8 on")  # fmt: skip
@@ -247,9 +264,23 @@ def precision_options(args: argparse.Namespace) -> dict:
     return {"precision": args.precision, "calibrate": args.calibrate, "calibrate_images": args.calibrate_images}
 
 
-def runs_in_onnxruntime(args: argparse.Namespace) -> bool:
-    """Whether the backend arguments ask for ONNX Runtime (on the CPU, whatever the device)."""
-    return args.backend == "onnxruntime" or bool(getattr(args, "model_file", None)) or args.precision == "int8"
+def default_backend(backend: str | None, *, model_file: str | None = None, precision: str | None = None) -> str | None:
+    """The backend a command runs a model with: ``--backend`` where given; for a run folder in fp32,
+    ``$RCNN_BACKEND`` or else ``auto`` (the fastest on this CPU, timed once and remembered; on CUDA the
+    eager backend); for a file or a lower precision, None (the file's runtime, the precision's backend)."""
+    if backend is not None or model_file is not None or precision not in (None, "fp32"):
+        return backend
+    value = os.environ.get(BACKEND_ENV, "").strip() or "auto"
+    if value not in BACKEND_CHOICES:
+        raise ValueError(f"${BACKEND_ENV}={value!r}: choose one of {', '.join(BACKEND_CHOICES)} (or unset it: auto)")
+    return value
+
+
+def runs_on_cpu_only(args: argparse.Namespace) -> bool:
+    """Whether the backend arguments ask for a runtime of exported graphs (ONNX Runtime, OpenVINO: the CPU,
+    whatever the device)."""
+    return (args.backend in ("onnxruntime", "openvino") or bool(getattr(args, "model_file", None))
+            or args.precision in ("int8", "bf16"))  # fmt: skip
 
 
 def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
@@ -257,8 +288,9 @@ def detector_from_args(args: argparse.Namespace, device: str = "cpu"):
     from rcnn.deploy.backends import load_detector
 
     if args.weights is None and args.model_file is None:
-        raise ValueError("give --weights RUN (a run folder) or --model FILE.onnx (from rcnn export)")
-    if runs_in_onnxruntime(args) and device != "cpu" and not getattr(args, "cpu", False):
-        device = "cpu"  # ONNX Runtime's CPU build; CUDA stays for the eager backend
-    return load_detector(args.weights, model_file=args.model_file, backend=args.backend, device=device,
+        raise ValueError("give --weights RUN (a run folder) or --model FILE (an ONNX file or OpenVINO IR from rcnn export)")
+    backend = default_backend(args.backend, model_file=args.model_file, precision=args.precision)
+    if (runs_on_cpu_only(args) or backend in ("onnxruntime", "openvino")) and device != "cpu":
+        device = "cpu"  # the runtimes' CPU builds; CUDA stays for the eager backend
+    return load_detector(args.weights, model_file=args.model_file, backend=backend, device=device,
                          threads=args.threads, progress=True, **precision_options(args))  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcnn.commands.options import MAX_THREADS, add_precision_arguments, float_range, int_range
+from rcnn.commands.options import MAX_THREADS, add_backend_argument, add_precision_arguments, float_range, int_range
 
 # The ranges of the options are those of rcnn.serve.ServeSettings (kept here as numbers: the
 # server's module loads FastAPI, which ``rcnn --help`` need not).
@@ -20,15 +20,19 @@ MAX_TIMEOUT_S = 86_400.0  # a day
 
 def served_models(specs: list[str], device: str, backend: str | None = None, threads: int | None = None,
                   **precision) -> list:  # fmt: skip
-    """``RUN`` or ``ID=RUN`` (a run folder, or an ONNX file from ``rcnn export``) -> loaded models;
-    ids default to the model's name, made unique. ``backend``, ``precision``, ``calibrate``,
+    """``RUN`` or ``ID=RUN`` (a run folder, or an ONNX file or OpenVINO IR from ``rcnn export``) -> loaded
+    models; ids default to the model's name, made unique. ``backend``: as given, else a run folder's
+    default (:func:`rcnn.commands.options.default_backend`: auto); ``precision``, ``calibrate``,
     ``calibrate_images``: see :func:`rcnn.deploy.backends.load_detector`."""
+    from rcnn.commands.options import default_backend
     from rcnn.serve import ServedModel
 
     models, taken = [], set()
     for spec in specs:
         given, _, run = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        served = ServedModel.load(run, given or None, device, backend=backend, threads=threads, **precision)
+        exported = run if run.endswith((".onnx", ".xml")) else None
+        chosen = default_backend(backend, model_file=exported, precision=precision.get("precision"))
+        served = ServedModel.load(run, given or None, device, backend=chosen, threads=threads, **precision)
         if not given:
             base, n = served.id, 2
             while served.id in taken:
@@ -46,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rcnn.serve import ServeSettings, create_app
 
-    from rcnn.commands.options import precision_options, runs_in_onnxruntime
+    from rcnn.commands.options import precision_options, runs_on_cpu_only
 
-    device = "cuda" if torch.cuda.is_available() and not args.cpu and not runs_in_onnxruntime(args) else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu and not runs_on_cpu_only(args) else "cpu"
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.workers, queue_size=args.queue,
         request_timeout_s=args.timeout,
@@ -68,10 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "that shows the same upload through each model side by side. Binds to localhost unless --host says otherwise.",
     )
     parser.add_argument("--weights", nargs="+", required=True, metavar="[ID=]RUN",
-                        help="run folders (or checkpoints, or ONNX files from rcnn export) to serve")
-    parser.add_argument("--backend", choices=["eager", "onnxruntime"],
-                        help="run the run folders in PyTorch (eager, the default) or in ONNX Runtime (exported once and "
-                        "cached; detections only, no stage-by-stage page); .onnx files always run in ONNX Runtime")
+                        help="run folders (or checkpoints, or ONNX files or OpenVINO IRs from rcnn export) to serve")
+    add_backend_argument(parser)  # ONNX Runtime and OpenVINO give detections only: no stage-by-stage page
     parser.add_argument("--threads", type=int_range(1, MAX_THREADS), help="CPU threads per model (default: all cores)")
     add_precision_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -142,7 +142,7 @@ def _torchvision_weights(start: Tensor, stop: Tensor, cells: int, size: int, dty
     length = (stop - start + 1).clamp(min=1)  # [D]
     offset = (pixels[None, :] - start[:, None]).to(dtype)  # [D, n]: position in the resized mask
     source = (offset + 0.5) * (cells / length.to(dtype))[:, None] - 0.5
-    source = source.clamp(min=0.0, max=cells - 1)
+    source = source.clamp(min=0.0, max=float(cells - 1))  # two float bounds: ONNX export refuses a mix
     index = torch.arange(cells, device=start.device, dtype=dtype)
     weights = (1.0 - (source[..., None] - index).abs()).clamp(min=0.0)  # [D, n, cells]
     inside = (pixels[None, :] >= start[:, None]) & (pixels[None, :] <= stop[:, None])  # [D, n]

@@ -35,21 +35,28 @@ region in chunks whose number depends on the proposals, and scores them with its
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
+import logging
 import os
+import traceback
 import warnings
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rcnn.io.files import atomic_write
 from rcnn.viz import image_pixels
 
-__all__ = ["OnnxDetector", "check_graph", "export_onnx", "onnx_metadata"]
+__all__ = ["ExportError", "ExportedDetector", "OnnxDetector", "check_graph", "export_onnx", "metadata_from_props",
+           "onnx_metadata"]
 
 _INPUTS = ("uint8", "float")
 
@@ -68,6 +75,101 @@ def _nms_first_onnx(boxes, scores, iou_threshold: float, max_kept: int):
 
     selected = op.NonMaxSuppression(op.Unsqueeze(boxes, [0]), op.Unsqueeze(scores, [0, 1]), max_kept, iou_threshold)
     return op.Reshape(op.Slice(selected, axes=[1], starts=[2], ends=[3]), [-1])  # [M, 3] -> box indices [M]
+
+
+class ExportError(ValueError):
+    """The exporter could not make a graph of a model: one line naming the model and the step that
+    failed; the exporter's full output and the traceback are in the file ``log``."""
+
+    def __init__(self, message: str, log: Path) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+# the steps of torch.onnx.export(dynamo=True), as its errors number them
+_EXPORT_STEPS = {
+    "step 1/3": "step 1/3, capturing the model with torch.export",
+    "step 2/3": "step 2/3, decomposing the captured graph into ONNX's operators",
+    "step 3/3": "step 3/3, translating the graph to ONNX",
+}
+LOG_HEADER = "rcnn export log"  # the first line of an exporter's log that rcnn wrote
+
+
+def export_log_path(path: Path) -> Path:
+    """Where the exporter's log of a failed export to ``path`` goes: ``<path>.log`` beside it (or
+    ``<path>.N.log`` where a file that rcnn did not write has that name)."""
+    candidates = [path.with_name(path.name + ".log")] + [path.with_name(f"{path.name}.{n}.log") for n in range(1, 100)]
+    for candidate in candidates:
+        if not candidate.exists():
+            return candidate
+        try:
+            with open(candidate, encoding="utf-8", errors="replace") as fh:
+                if fh.readline().startswith(LOG_HEADER):
+                    return candidate
+        except OSError:
+            continue
+    return candidates[-1]
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` as one short line (what the exporter could not take)."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    text = f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+@contextlib.contextmanager
+def _exporter_log(path: Path, model: str) -> Iterator[None]:
+    """Run the exporter quietly: its warnings, prints and log records are kept; if it fails, they and
+    the traceback are written to :func:`export_log_path` and an :class:`ExportError` of one line
+    naming ``model`` and the step is raised instead of the exporter's screen of internals."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setLevel(logging.INFO)  # (torch traces at DEBUG level to its own structured log)
+    logger = logging.getLogger("torch")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            warnings.simplefilter("ignore")  # the exporter's notes on deprecations inside torch and torchvision
+            yield
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        message = str(exc)
+        step = next((text for key, text in _EXPORT_STEPS.items() if key in message), "while exporting")
+        log = export_log_path(path)
+        text = (f"{LOG_HEADER}: {model} to {path}\nfailed at {step}\n\n{buffer.getvalue()}\n"
+                + "".join(traceback.format_exception(exc)))  # fmt: skip
+        atomic_write(log, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        raise ExportError(f"{model}: the ONNX exporter failed at {step} ({_failure_reason(exc)}); its full log is in "
+                          f"{log}", log) from None  # fmt: skip
+    finally:
+        logger.removeHandler(handler)
+
+
+def describe(model: nn.Module, config: Any = None) -> str:
+    """``mask_rcnn`` or ``mask_rcnn (resnet50_fpn)``: the model an export is of, for messages."""
+    backbone = getattr(getattr(config, "model", None), "backbone", None)
+    return f"{type(model).name} ({backbone})" if backbone else str(type(model).name)
+
+
+def _heads_folded(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose RoI heads' BatchNorm (torchvision's v2 box and mask heads) is folded
+    into the convolutions before it: that BatchNorm's batch is the number of RoIs, known only at run
+    time, and ``torch.export`` cannot capture ``batch_norm`` on such a batch (it guards on an empty
+    one). Folding is the same arithmetic, done once (the runtimes would fuse it themselves); the
+    model given is left as it is."""
+    from rcnn.components.backbones import fold_batchnorm
+
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+    if not any(isinstance(m, norms) for m in model.roi_heads.modules()):
+        return model
+    model = copy.deepcopy(model)
+    fold_batchnorm(model.roi_heads)
+    return model
 
 
 class _Graph(nn.Module):
@@ -92,7 +194,8 @@ class _Graph(nn.Module):
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The rcnn metadata of an exported file: class names, generation, input format, outputs."""
+    """The rcnn metadata of an exported ONNX file: class names, generation, input format, outputs (an
+    OpenVINO IR's: :func:`rcnn.deploy.openvino.ir_metadata`)."""
     import onnx
 
     try:
@@ -100,8 +203,15 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # protobuf's DecodeError and the like: name the file
         raise ValueError(f"{path}: not an ONNX file ({type(exc).__name__}: {exc})") from None
     props = {p.key: p.value for p in model.metadata_props}
+    return metadata_from_props(props, path, _graph_num_classes(model))
+
+
+def metadata_from_props(props: dict[str, str], path: str | os.PathLike, graph_num_classes: int | None,
+                        what: str = "an ONNX file") -> dict[str, Any]:  # fmt: skip
+    """:func:`onnx_metadata` from the file's ``rcnn.*`` string entries ``props`` (ONNX's metadata, or
+    an OpenVINO IR's runtime information); ``graph_num_classes``: K + 1 as the graph itself tells it."""
     if "rcnn.class_names" not in props:
-        raise ValueError(f"{path}: not an ONNX file exported by rcnn (no rcnn metadata)")
+        raise ValueError(f"{path}: not {what} exported by rcnn (no rcnn metadata)")
     decoded = {}
     for key in ("rcnn.class_names", "rcnn.categories"):
         if key in props:
@@ -125,7 +235,8 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "has_rpn": props.get("rcnn.has_rpn", str(props.get("rcnn.model") in ("faster_rcnn", "mask_rcnn")).lower()) == "true",
         "weights_sha256": props.get("rcnn.weights_sha256"),
         "int8_recipe": props.get("rcnn.int8_recipe"),  # how an int8 graph was quantised (rcnn.deploy.quantize.recipe)
-        "graph_num_classes": _graph_num_classes(model),
+        "graph_num_classes": graph_num_classes,
+        "props": {k: v for k, v in props.items() if k.startswith("rcnn.")},  # as written, for copies in other formats
     }
 
 
@@ -186,6 +297,7 @@ def export_onnx(
     categories: Sequence[dict[str, Any]] | None = None,
     config: Any = None,
     metadata: dict[str, str] | None = None,
+    log_beside: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``model`` (a trained Fast / Faster / Mask R-CNN, in eval mode) to ``path`` (see the module docstring).
 
@@ -195,6 +307,10 @@ def export_onnx(
     alone evaluates and writes COCO results with the data's category ids; ``metadata`` adds
     string entries. ``class_names`` (background first) default to ``class_0 .. class_K``, as a run
     folder without its ``classes.json`` names them.
+
+    Where the exporter fails, its output and traceback are written to ``<path>.log`` (or beside
+    ``log_beside``: :func:`export_log_path`) and an :class:`ExportError` of one line names the model,
+    the step that failed and that file.
     """
     if input_format not in _INPUTS:
         raise ValueError(f"input_format must be one of {_INPUTS}, got {input_format!r}")
@@ -210,7 +326,7 @@ def export_onnx(
         raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes (background included)")
     from torch.export import Dim
 
-    model.eval()
+    model = _heads_folded(model.eval())
     graph = _Graph(model, input_format).eval()
     height, width = example_size
     gen = torch.Generator().manual_seed(0)
@@ -230,8 +346,7 @@ def export_onnx(
         names.append("proposals")
     outputs = ["boxes", "labels", "scores"] + (["masks"] if graph.predicts_masks else [])
     path = Path(path)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's notes on deprecations inside torch and torchvision
+    with _exporter_log(Path(log_beside or path), describe(model, config)), torch.no_grad():
         program = torch.onnx.export(
             graph, args, dynamo=True, dynamic_shapes=dynamic, input_names=names, output_names=outputs,
             opset_version=opset, custom_translation_table={torch.ops.torchvision.roi_pool.default: _roi_pool_onnx,
@@ -260,40 +375,29 @@ def export_onnx(
     return path
 
 
-class OnnxDetector:
-    """An exported model run by ONNX Runtime on the CPU: the ONNX Runtime backend, a
-    :class:`rcnn.deploy.backends.Detector`. ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]``
-    (images float ``[3, H, W]`` in 0..1, as everywhere in the library; they are converted to the
-    file's input format).
+class ExportedDetector:
+    """What the backends that run an exported graph share (a :class:`rcnn.deploy.backends.Detector`):
+    the capabilities read from the file's metadata, and the call that feeds each image to the graph
+    and checks what comes back. A backend adds its runtime: ``_load`` and ``_run``.
 
-    Its capabilities (``class_names``, ``needs_proposals``, ``predicts_masks``, ``has_rpn``, ``name``,
+    ``detector([image]) -> [{"boxes", "labels", "scores"(, "masks")}]`` (images float ``[3, H, W]``
+    in 0..1, as everywhere in the library; they are converted to the file's input format). Its
+    capabilities (``class_names``, ``needs_proposals``, ``predicts_masks``, ``has_rpn``, ``name``,
     the run's ``config``) come from the file's metadata. The graph gives only detections: a
     ``recorder`` learns nothing of its stages (``records`` is false), and files are decoded whole
     for it (``input_size`` None: the graph resizes inside).
     """
 
-    backend = "onnxruntime"
+    backend = ""
     records = False
     trains_in_stages = False  # R-CNN has no ONNX form
     display_score_thresh = 0.5
-    device = torch.device("cpu")  # the onnxruntime package is the CPU build
+    device = torch.device("cpu")  # the runtimes run on the CPU
     input_size = None
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: ONNX model not found")
-        meta = onnx_metadata(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a damaged or foreign file: name it
-            raise ValueError(f"{path}: ONNX Runtime cannot load it ({exc})") from None
-        check_graph(path, meta, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+    def _describe(self, path: Path, meta: dict[str, Any], inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        """Check the metadata ``meta`` against the graph's ``inputs`` and ``outputs`` names and take the capabilities."""
+        check_graph(path, meta, inputs, outputs)
         self.path = path
         self.class_names: list[str] = meta["class_names"]
         self.input_format: str = meta["input"]
@@ -303,6 +407,7 @@ class OnnxDetector:
         self.num_classes = len(self.class_names)
         self.categories: list[dict[str, Any]] | None = meta["categories"]
         self.precision: str = meta["precision"]
+        self.weights_sha256: str | None = meta["weights_sha256"]
         self.config = None  # the run's Config, when the file carries it
         if meta["config"]:
             import yaml
@@ -311,7 +416,11 @@ class OnnxDetector:
 
             self.config = config_from_dict(yaml.safe_load(meta["config"]), f"{path} (its rcnn.config metadata)")
         self.has_rpn: bool = meta["has_rpn"]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = list(outputs)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs (in :attr:`outputs`' order) for one image's ``feeds``."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -329,8 +438,8 @@ class OnnxDetector:
                 array = image.detach().cpu().to(torch.float32).numpy()
             feeds = {"image": np.ascontiguousarray(array)}
             if self.needs_proposals:
-                feeds["proposals"] = proposals[i].detach().cpu().to(torch.float32).numpy()
-            values = self.session.run(self.outputs, feeds)
+                feeds["proposals"] = np.ascontiguousarray(proposals[i].detach().cpu().to(torch.float32).numpy())
+            values = self._run(feeds)
             out = {name: torch.from_numpy(np.asarray(v)) for name, v in zip(self.outputs, values)}
             if len(out["labels"]) and not 0 < int(out["labels"].min()) <= int(out["labels"].max()) < self.num_classes:
                 raise ValueError(f"{self.path}: the graph gave labels {sorted(set(out['labels'].tolist()))[:10]} but its "
@@ -339,3 +448,31 @@ class OnnxDetector:
                 out["masks"] = out["masks"][:, None]  # [D, 1, H, W], as the eager model's
             results.append(out)
         return results
+
+
+class OnnxDetector(ExportedDetector):
+    """An exported model run by ONNX Runtime on the CPU: the ONNX Runtime backend, a
+    :class:`rcnn.deploy.backends.Detector` (see :class:`ExportedDetector`)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ONNX model not found")
+        if path.suffix == ".xml":
+            raise ValueError(f"{path}: an OpenVINO IR runs with --backend openvino (ONNX Runtime runs .onnx files)")
+        meta = onnx_metadata(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged or foreign file: name it
+            raise ValueError(f"{path}: ONNX Runtime cannot load it ({exc})") from None
+        self._describe(path, meta, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.outputs, feeds)

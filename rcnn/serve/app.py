@@ -135,7 +135,7 @@ class ServedModel:
         ``calibrate_images`` as there), its id default its ``model.name``."""
         from rcnn.deploy.backends import load_detector
 
-        is_onnx = str(run).endswith(".onnx")
+        is_onnx = str(run).endswith((".onnx", ".xml"))  # an exported file: ONNX, or OpenVINO IR
         loaded = load_detector(
             None if is_onnx else run, model_file=run if is_onnx else None, backend=backend,
             device="cpu" if is_onnx else device,  # ONNX Runtime's CPU build, beside eager models on CUDA
@@ -487,7 +487,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings | None = N
         target = chosen(model)[0]
         checked_thresh(score_thresh, target)
         if not target.explainable:
-            raise ApiError(400, "not_explainable", f"model {target.id!r} runs in ONNX Runtime, which gives only its detections; "
+            raise ApiError(400, "not_explainable", f"model {target.id!r} runs in {target.info.get('backend')}, which gives only its detections; "
                            "serve the run folder with --backend eager to explain it stage by stage")  # fmt: skip
         data, name = await upload_bytes(request, settings.max_upload_bytes)
 
