@@ -111,10 +111,10 @@ def _objects_per_image(rng: np.random.Generator, images: int, boxes: int) -> np.
     return counts
 
 
-def _boxes(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+def _boxes(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """``[B, 4]`` COCO ``[x, y, w, h]`` boxes inside images of the given sizes (``[B]`` each), 2 decimals."""
     count = len(widths)
-    side = np.exp(rng.normal(np.log(BOX_SIDE_MEDIAN), BOX_SIDE_SIGMA, size=count))
+    side = np.exp(rng.normal(np.log(BOX_SIDE_MEDIAN * scale), BOX_SIDE_SIGMA, size=count))
     ratio = np.exp(rng.normal(0.0, ASPECT_SIGMA, size=count))  # h / w
     w = np.round(np.clip(side / np.sqrt(ratio), 1.0, widths), 2)
     h = np.round(np.clip(side * np.sqrt(ratio), 1.0, heights), 2)
@@ -150,12 +150,12 @@ def _rectangle_rle(box: np.ndarray, width: int, height: int) -> dict[str, object
     return {"counts": counts, "size": [height, width]}
 
 
-def _jpegs(out: Path) -> dict[tuple[int, int], Path]:
+def _jpegs(out: Path, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Path]:
     """One small flat JPEG per image size, in ``out/_jpeg``."""
     folder = out / "_jpeg"
     folder.mkdir()
     found = {}
-    for k, (width, height) in enumerate(SIZES):
+    for k, (width, height) in enumerate(sizes):
         path = folder / f"{width}x{height}.jpg"
         Image.new("RGB", (width, height), (96 + 8 * k, 128, 160)).save(path, quality=75)
         found[(width, height)] = path
@@ -169,25 +169,29 @@ def make_coco_scale(
     boxes: int | None = None,
     seed: int = 0,
     fmt: str = "coco",
+    scale: float = 1.0,
 ) -> Path:
     """Write the data set (module docstring) into ``out``; returns the annotation file (COCO) or
-    the folder (YOLO). ``boxes`` defaults to COCO's boxes per image times ``images``."""
+    the folder (YOLO). ``boxes`` defaults to COCO's boxes per image times ``images``. ``scale``
+    multiplies the image sizes and the boxes (0.25: 160x120 images, for measuring a data loader
+    whose decoding should cost little)."""
     out = Path(out)
     _check_out(out)
     boxes = round(images * COCO_BOXES / COCO_IMAGES) if boxes is None else boxes
     rng = np.random.default_rng(seed)
-    size_index = rng.choice(len(SIZES), size=images, p=np.asarray(SIZE_WEIGHTS) / sum(SIZE_WEIGHTS))
-    image_w = np.asarray([SIZES[k][0] for k in size_index])  # [I]
-    image_h = np.asarray([SIZES[k][1] for k in size_index])  # [I]
+    sizes = [(max(round(w * scale), 8), max(round(h * scale), 8)) for w, h in SIZES]
+    size_index = rng.choice(len(sizes), size=images, p=np.asarray(SIZE_WEIGHTS) / sum(SIZE_WEIGHTS))
+    image_w = np.asarray([sizes[k][0] for k in size_index])  # [I]
+    image_h = np.asarray([sizes[k][1] for k in size_index])  # [I]
     image_ids = np.sort(rng.choice(max(5 * images, 600_000), size=images, replace=False) + 1)  # [I]
     counts = _objects_per_image(rng, images, boxes)  # [I]
     owner = np.repeat(np.arange(images), counts)  # [B] the image of each box
-    bbox = _boxes(rng, image_w[owner], image_h[owner])  # [B, 4]
+    bbox = _boxes(rng, image_w[owner], image_h[owner], scale)  # [B, 4]
     weights = 1.0 / np.arange(1, len(CATEGORIES) + 1) ** 1.1
     category = rng.choice(len(CATEGORIES), size=boxes, p=weights / weights.sum())  # [B]
     crowd = rng.random(boxes) < CROWD_FRACTION  # [B]
     outlined = ~crowd & (rng.random(boxes) < POLYGON_FRACTION)  # [B]
-    jpegs = _jpegs(out)
+    jpegs = _jpegs(out, sizes)
     names = [f"{int(i):012d}.jpg" for i in image_ids]
     if fmt == "yolo":
         return _write_yolo(out, names, image_w, image_h, counts, bbox, category, jpegs)
@@ -257,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"boxes per image on average (default COCO's, {COCO_BOXES / COCO_IMAGES:.2f})")  # fmt: skip
     parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (default 0)")
     parser.add_argument("--format", choices=("coco", "yolo"), default="coco", help="what to write (default coco)")
+    parser.add_argument("--scale", type=float_range(0.05, 4.0), default=1.0,
+                        help="multiply the image sizes and boxes by this (default 1: COCO's sizes)")  # fmt: skip
     args = parser.parse_args(argv)
     boxes = None if args.boxes_per_image is None else round(args.images * args.boxes_per_image)
     tic = time.perf_counter()
-    written = make_coco_scale(args.out, args.images, boxes=boxes, seed=args.seed, fmt=args.format)
+    written = make_coco_scale(args.out, args.images, boxes=boxes, seed=args.seed, fmt=args.format, scale=args.scale)
     print(f"wrote {written} ({args.images} images) in {time.perf_counter() - tic:.0f} s")
     return 0
 
