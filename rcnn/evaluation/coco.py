@@ -14,7 +14,9 @@ objects: :class:`CocoEvaluator` appends each image's detections to a file as fix
 records (masks as their RLE bytes), then scores them a chunk of images at a time — pycocotools'
 own per-image matching (``COCOeval.evaluate``) on each chunk, its accumulation of precision and
 recall over all of them done here on compact arrays, with the same arithmetic, so the numbers are
-pycocotools' to the last bit. Results files are streamed to disk the same way (:class:`JsonListWriter`).
+pycocotools' to the last bit. :class:`CocoDatasetEvaluator` is ``evaluate_coco`` on it for outputs
+given one image at a time, as a predictor makes them (``rcnn evaluate``). Results files are streamed
+to disk the same way (:class:`JsonListWriter`).
 
 Shape shorthand:
     D: number of detections in an image
@@ -46,9 +48,11 @@ from rcnn.io.files import dumps_json
 __all__ = [
     "BACKENDS",
     "COCO_STAT_NAMES",
+    "CocoDatasetEvaluator",
     "CocoEvaluator",
     "CocoScores",
     "JsonListWriter",
+    "check_backend",
     "coco_results",
     "evaluate_coco",
     "result_entries",
@@ -180,10 +184,7 @@ class CocoEvaluator:
         self.iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
         if not self.iou_types or any(t not in IOU_TYPES for t in self.iou_types):
             raise ValueError(f"iou_type must be 'bbox', 'segm' or both, got {iou_types!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-        if backend == "faster-coco-eval":
-            _faster_coco_eval()  # installed, or a clear error before any work
+        check_backend(backend)  # installed, or a clear error before any work
         if chunk_detections < 1:
             raise ValueError(f"chunk_detections must be at least 1, got {chunk_detections}")
         self.gt, self.backend, self.chunk_detections = gt, backend, chunk_detections
@@ -364,6 +365,20 @@ def _faster_coco_eval() -> tuple[Any, Any]:
     return FasterCOCO, COCOeval_faster
 
 
+def check_backend(backend: str, what: str = "backend") -> str:
+    """``backend`` when it is one of :data:`BACKENDS` and can run here, else one ``ValueError`` line
+    naming ``what`` (the argument or option): an unknown name, or faster-coco-eval not installed
+    (with the command that installs it). Call it before any work that the evaluation would waste."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "faster-coco-eval":
+        try:
+            _faster_coco_eval()
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
+    return backend
+
+
 def _summarized(coco_eval: Any) -> CocoScores:
     """``coco_eval.summarize()`` (its lines captured) as :class:`CocoScores`."""
     text = io.StringIO()
@@ -479,6 +494,81 @@ def _checked(predictions: Mapping[int, Mapping[str, Any]], dataset: DetectionDat
         yield int(image_id), _check_one(int(image_id), output, dataset.num_classes, (int(info["height"]), int(info["width"])))
 
 
+def _check_iou_types(iou_type: str | Sequence[str], dataset: DetectionDataset) -> tuple[str, ...]:
+    iou_types = (iou_type,) if isinstance(iou_type, str) else tuple(iou_type)
+    if not iou_types or any(t not in IOU_TYPES for t in iou_types):
+        raise ValueError(f"iou_type must be 'bbox', 'segm' or both, got {iou_type!r}")
+    if "segm" in iou_types and not dataset.with_masks:
+        raise ValueError("'segm' evaluation needs a data set built with with_masks=True (ground-truth masks)")
+    return iou_types
+
+
+class CocoDatasetEvaluator:
+    """:func:`evaluate_coco` one image at a time: the model outputs of ``dataset``'s images are given
+    as they come (:meth:`add`), checked and stored on disk by a :class:`CocoEvaluator`, and scored
+    at the end (:meth:`result`, the dict of :func:`evaluate_coco`, the same numbers). Memory holds
+    one output at a time, whatever the number of images. The arguments are checked when it is made
+    (before any prediction is wasted): ``iou_type``, ground-truth masks for ``"segm"``, ``backend``.
+    Use it as a context manager (or call :meth:`close`): its temporary folder is removed."""
+
+    def __init__(
+        self, dataset: DetectionDataset, iou_type: str | Sequence[str] = ("bbox",), *, backend: str = "pycocotools"
+    ) -> None:
+        self.dataset = dataset
+        self.iou_types = _check_iou_types(iou_type, dataset)
+        self.category_of = np.zeros(dataset.num_classes, dtype=np.int64)  # [K + 1] label -> category id
+        for label, cat_id in dataset.label_to_cat_id.items():
+            self.category_of[label] = cat_id
+        self.evaluator = CocoEvaluator(dataset.coco, self.iou_types, backend=backend)
+
+    def __enter__(self) -> CocoDatasetEvaluator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the temporary folder."""
+        self.evaluator.close()
+
+    def add(self, image_id: int, output: Mapping[str, Any]) -> Detections:
+        """The model ``output`` of image ``image_id`` (original coordinates; :mod:`rcnn.evaluation.outputs`):
+        checked (``ValueError`` naming the image id), stored, and returned as checked :class:`Detections`."""
+        info = self.dataset.coco.imgs.get(int(image_id))
+        if info is None:
+            raise ValueError(f"predictions for image ids not in the data set: [{image_id}] (keys must be the data set's image_id)")  # fmt: skip
+        det = _check_one(int(image_id), output, self.dataset.num_classes, (int(info["height"]), int(info["width"])))
+        self.add_detections(int(image_id), det)
+        return det
+
+    def add_detections(self, image_id: int, det: Detections) -> None:
+        """Image ``image_id``'s detections, checked already (:meth:`add` checks them)."""
+        segm = "segm" in self.iou_types
+        if segm and det.masks is None:
+            raise ValueError(f"predictions[{image_id}]: 'segm' evaluation needs 'masks' in every output")
+        self.evaluator.add(image_id, self.category_of[det.labels], det.scores, det.boxes, det.masks if segm else None)
+
+    def result(self, image_ids: Iterable[int] | None = None) -> dict[str, Any]:
+        """:func:`evaluate_coco`'s result on ``image_ids`` (default: every image of the data set; an
+        image without an output added has no detections)."""
+        ids, _ = prepare_predictions({}, self.dataset, image_ids)  # (the ids checked)
+        evaluated = self.evaluator.evaluate(ids)
+        output: dict[str, Any] = {}
+        summaries = []
+        for kind, scores in evaluated.items():
+            numbers: dict[str, Any] = {name: float(v) for name, v in zip(COCO_STAT_NAMES, scores.stats)}
+            per_class = {}
+            for k, cat_id in enumerate(scores.cat_ids):
+                p = scores.precision[:, :, k, 0, -1]  # area "all", 100 detections
+                p = p[p > -1]
+                per_class[self.dataset.class_names[self.dataset.cat_id_to_label[cat_id]]] = float(p.mean()) if p.size else float("nan")  # fmt: skip
+            numbers["per_class_AP"] = per_class
+            output[kind] = numbers
+            summaries.append(f"{kind}:\n{scores.summary}")
+        output["summary"] = "\n".join(summaries)
+        return output
+
+
 def evaluate_coco(
     predictions: Mapping[int, Mapping[str, Any]],
     dataset: DetectionDataset,
@@ -493,37 +583,14 @@ def evaluate_coco(
     data set) selects the images scored; an image without predictions has no detections.
     ``backend``: ``"pycocotools"`` or ``"faster-coco-eval"`` (:class:`CocoEvaluator`).
     Returns ``{iou_type: {"AP": ..., ..., "ARl": ..., "per_class_AP": {name: AP}}, "summary": str}``.
+    Outputs given one image at a time (a predictor's): :class:`CocoDatasetEvaluator`.
     """
-    iou_types = (iou_type,) if isinstance(iou_type, str) else tuple(iou_type)
-    if not iou_types or any(t not in IOU_TYPES for t in iou_types):
-        raise ValueError(f"iou_type must be 'bbox', 'segm' or both, got {iou_type!r}")
-    if "segm" in iou_types and not dataset.with_masks:
-        raise ValueError("'segm' evaluation needs a data set built with with_masks=True (ground-truth masks)")
+    _check_iou_types(iou_type, dataset)
     ids, _ = prepare_predictions({}, dataset, image_ids)  # (the ids checked)
-    gt = dataset.coco
-    category_of = np.zeros(dataset.num_classes, dtype=np.int64)  # [K + 1] label -> category id
-    for label, cat_id in dataset.label_to_cat_id.items():
-        category_of[label] = cat_id
-    with CocoEvaluator(gt, iou_types, backend=backend) as evaluator:
+    with CocoDatasetEvaluator(dataset, iou_type, backend=backend) as evaluator:
         for image_id, det in _checked(predictions, dataset):  # checked and stored one image at a time
-            if "segm" in iou_types and det.masks is None:
-                raise ValueError(f"predictions[{image_id}]: 'segm' evaluation needs 'masks' in every output")
-            evaluator.add(image_id, category_of[det.labels], det.scores, det.boxes, det.masks if "segm" in iou_types else None)
-        evaluated = evaluator.evaluate(ids)
-    output: dict[str, Any] = {}
-    summaries = []
-    for kind, scores in evaluated.items():
-        numbers: dict[str, Any] = {name: float(v) for name, v in zip(COCO_STAT_NAMES, scores.stats)}
-        per_class = {}
-        for k, cat_id in enumerate(scores.cat_ids):
-            p = scores.precision[:, :, k, 0, -1]  # area "all", 100 detections
-            p = p[p > -1]
-            per_class[dataset.class_names[dataset.cat_id_to_label[cat_id]]] = float(p.mean()) if p.size else float("nan")
-        numbers["per_class_AP"] = per_class
-        output[kind] = numbers
-        summaries.append(f"{kind}:\n{scores.summary}")
-    output["summary"] = "\n".join(summaries)
-    return output
+            evaluator.add_detections(image_id, det)
+        return evaluator.result(ids)
 
 
 class JsonListWriter:

@@ -4,6 +4,7 @@
     prediction = predictor.predict(predictor.read("photo.jpg"))     # one image
     for prediction in predictor.stream(items): ...      # (key, decoded image) pairs, batched (or tiled)
     outputs, seconds = predictor.dataset(val)           # image_id -> output, for evaluation
+    for image_id, output in predictor.iter_dataset(val): ...    # the same, one image at a time
 
 A :class:`Predictor` owns everything between an image and its detections: the device (its
 detector's), the decode size (files are decoded reduced to the detector's input size, unless
@@ -53,7 +54,7 @@ from rcnn.components.proposals.io import ProposalSource
 from rcnn.components.proposals.selective_search import SelectiveSearch
 from rcnn.data.records import DetectionDataset
 from rcnn.evaluation.classes import match_classes
-from rcnn.evaluation.coco import JsonListWriter, evaluate_coco, result_entries
+from rcnn.evaluation.coco import CocoDatasetEvaluator, JsonListWriter, check_backend, result_entries
 from rcnn.evaluation.voc import evaluate_voc
 from rcnn.io.files import dumps_json, write_json, write_text
 from rcnn.io.images import MAX_PIXELS, DecodedImage, as_float, read_image
@@ -463,18 +464,22 @@ class Predictor:
             for (key, decoded), output in zip(batch, self.detect([decoded.image for _, decoded in batch])):
                 yield Prediction(key, decoded.image, decoded.original_size, _in_original_pixels(output, decoded))
 
-    def dataset(
-        self, dataset: DetectionDataset, *, limit: int | None = None, progress: bool = False
-    ) -> tuple[dict[int, dict[str, Tensor]], float]:
-        """Outputs for each image of ``dataset`` (image_id -> output on the CPU, original pixels) and
-        the seconds per image of the detector calls (resizing and post-processing included; data
-        loading and proposals not)."""
+    def iter_dataset(
+        self,
+        dataset: DetectionDataset,
+        *,
+        limit: int | None = None,
+        progress: bool = False,
+        clock: Clock | None = None,
+    ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """``(image_id, output)`` for each image of ``dataset`` in order (the first ``limit``), the
+        output on the CPU in the original image's pixels, yielded as its batch is predicted: nothing
+        is held beyond the batch (``rcnn evaluate`` streams them to its metrics). ``clock`` times the
+        detector calls (``"model"``: resizing and post-processing included) and the proposals."""
         from tqdm.auto import tqdm
 
         check_limit(limit)
         count = len(dataset) if limit is None else min(limit, len(dataset))
-        clock = Clock(self.device)
-        outputs: dict[int, dict[str, Tensor]] = {}
         with tqdm(total=count, desc="predict", unit="img", disable=not progress) as bar:  # closed before an error is told
             for start in range(0, count, self.batch_size):
                 ids, images = [], []
@@ -482,8 +487,19 @@ class Predictor:
                     image, target = dataset[index]
                     ids.append(int(target["image_id"]))
                     images.append(image)
-                outputs.update(zip(ids, self.detect(images, image_ids=ids, clock=clock)))
+                yield from zip(ids, self.detect(images, image_ids=ids, clock=clock))
                 bar.update(len(ids))
+
+    def dataset(
+        self, dataset: DetectionDataset, *, limit: int | None = None, progress: bool = False
+    ) -> tuple[dict[int, dict[str, Tensor]], float]:
+        """Outputs for each image of ``dataset`` (image_id -> output on the CPU, original pixels) and
+        the seconds per image of the detector calls (resizing and post-processing included; data
+        loading and proposals not). All held at once: :meth:`iter_dataset` gives them one at a time."""
+        check_limit(limit)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        clock = Clock(self.device)
+        outputs = dict(self.iter_dataset(dataset, limit=limit, progress=progress, clock=clock))
         return outputs, clock.wall.get("model", 0.0) / max(count, 1)
 
 
@@ -531,6 +547,53 @@ def predict_images(
     return [(p.key, p.image, p.output) for p in predictor.stream(items)]
 
 
+class _StreamedMetrics:
+    """:func:`evaluate_model`'s metrics taken image by image: each output goes to a
+    :class:`~rcnn.evaluation.coco.CocoDatasetEvaluator` (checked, stored on disk, masks as RLE) and
+    its boxes, labels and scores (48 bytes a detection, never its masks) are kept for VOC, which
+    ranks each class's detections over all images at the end.
+
+    ``masks`` None: mask AP where the data set has ground-truth masks and the outputs have masks,
+    decided by the first output (a later one that disagrees is an error, as :func:`evaluate_coco`
+    gives for outputs of which some lack masks)."""
+
+    def __init__(self, dataset: DetectionDataset, masks: bool | None, backend: str) -> None:
+        self.dataset, self.masks, self.backend = dataset, masks, backend
+        self.coco: CocoDatasetEvaluator | None = None
+        if masks is not None:  # (its arguments checked before any prediction)
+            self.coco = CocoDatasetEvaluator(dataset, ("bbox", "segm") if masks else ("bbox",), backend=backend)
+        self.voc: dict[int, dict[str, np.ndarray]] = {}  # image_id -> boxes [D, 4], labels [D], scores [D]
+        self.without_masks: int | None = None  # the first image whose output has no masks
+
+    def __enter__(self) -> _StreamedMetrics:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.coco is not None:
+            self.coco.close()
+
+    def add(self, image_id: int, output: Mapping[str, Any]) -> None:
+        """One image's ``output`` (the data set's labels, original pixels)."""
+        has_masks = "masks" in output
+        if self.coco is None:
+            iou_types = ("bbox", "segm") if self.dataset.with_masks and has_masks else ("bbox",)
+            self.coco = CocoDatasetEvaluator(self.dataset, iou_types, backend=self.backend)
+        if not has_masks and self.without_masks is None:
+            self.without_masks = image_id
+        elif has_masks and self.masks is None and self.dataset.with_masks and "segm" not in self.coco.iou_types:
+            raise ValueError(f"predictions[{self.without_masks}]: 'segm' evaluation needs 'masks' in every output")
+        det = self.coco.add(image_id, output)
+        self.voc[image_id] = {"boxes": det.boxes, "labels": det.labels, "scores": det.scores}  # (copies: no masks)
+
+    def result(self, image_ids: list[int]) -> dict[str, Any]:
+        """:func:`evaluate_coco`'s dict on ``image_ids`` with ``"voc"``: :func:`evaluate_voc`'s."""
+        if self.coco is None:  # no image at all
+            self.coco = CocoDatasetEvaluator(self.dataset, ("bbox",), backend=self.backend)
+        result = self.coco.result(image_ids)
+        result["voc"] = evaluate_voc(self.voc, self.dataset, image_ids=image_ids)
+        return result
+
+
 def evaluate_model(
     model: Predictor | Detector | nn.Module,
     dataset: DetectionDataset,
@@ -541,35 +604,50 @@ def evaluate_model(
     progress: bool = False,
     class_names: Sequence[str] | None = None,
     keep_outputs: bool = False,
+    coco_backend: str = "pycocotools",
 ) -> dict[str, Any]:
     """Box AP (COCO and VOC) — and mask AP for models that predict masks — on ``dataset``.
 
     ``class_names``: the model's classes (background first, as in its run folder); the data set's
     are matched with them by name (:func:`rcnn.evaluation.classes.match_classes`: a data set with
     other classes is refused, never paired by position). Without them the model's labels are
-    taken to be the data set's.
+    taken to be the data set's. ``masks``: mask AP too (default: where the data set has masks and
+    the outputs do). ``coco_backend``: who scores COCO AP, ``"pycocotools"`` or
+    ``"faster-coco-eval"`` (:class:`rcnn.evaluation.coco.CocoEvaluator`; checked before any
+    prediction).
 
-    Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "voc": {"mAP", ...},
+    The outputs are streamed: each image's goes, as it is predicted, to a COCO evaluator that
+    stores it on disk (masks as RLE) and, as boxes, labels and scores only, to the VOC metric; so
+    the memory does not grow with the images' masks or the model's outputs. The numbers are
+    those of :func:`evaluate_coco` and :func:`evaluate_voc` on all the outputs at once.
+
+    Returns ``{"bbox": {...12 COCO numbers, per_class_AP}, "segm": {...}?, "summary", "voc": {"mAP", ...},
     "seconds_per_image", "images"}`` (and ``"classes_dropped"``: model classes absent from the data;
-    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels).
+    with ``keep_outputs``, ``"outputs"``: image_id -> output, in the data set's labels, all held in memory).
     """
     check_limit(limit)
+    check_backend(coco_backend, "coco_backend")
     mapping = match_classes(class_names, dataset.class_names, "the data set") if class_names is not None else None
-    outputs, seconds = _predictor(model, proposals=proposals).dataset(dataset, limit=limit, progress=progress)
-    if mapping is not None and not mapping.identity:
-        outputs = {image_id: mapping.apply(output) for image_id, output in outputs.items()}
-    image_ids = list(outputs)
-    if masks is None:
-        masks = dataset.with_masks and any("masks" in o for o in outputs.values())
-    iou_types = ("bbox", "segm") if masks else ("bbox",)
-    result = evaluate_coco(outputs, dataset, iou_types, image_ids=image_ids)
-    result["voc"] = evaluate_voc(outputs, dataset, image_ids=image_ids)
-    result["seconds_per_image"] = seconds
+    predictor = _predictor(model, proposals=proposals)
+    clock = Clock(predictor.device)
+    image_ids: list[int] = []
+    kept: dict[int, dict[str, Tensor]] = {}
+    outputs = predictor.iter_dataset(dataset, limit=limit, progress=progress, clock=clock)
+    with _StreamedMetrics(dataset, masks, coco_backend) as metrics, contextlib.closing(outputs):
+        for image_id, output in outputs:  # (the progress bar closed before an error is told)
+            if mapping is not None and not mapping.identity:
+                output = mapping.apply(output)
+            metrics.add(image_id, output)
+            image_ids.append(image_id)
+            if keep_outputs:
+                kept[image_id] = output
+        result = metrics.result(image_ids)
+    result["seconds_per_image"] = clock.wall.get("model", 0.0) / max(len(image_ids), 1)
     result["images"] = len(image_ids)
     if mapping is not None and mapping.dropped:
         result["classes_dropped"] = list(mapping.dropped)
     if keep_outputs:
-        result["outputs"] = outputs
+        result["outputs"] = kept
     return result
 
 
