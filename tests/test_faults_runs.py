@@ -206,11 +206,13 @@ def test_resume_with_another_optimiser_or_parameters_is_one_line(change, message
 # Ctrl-C
 
 
-def test_ctrl_c_saves_a_checkpoint_after_the_step_and_says_how_to_resume(shapes_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_after_the_step_and_says_how_to_resume(signum, shapes_root, tmp_path):
     run = tmp_path / "run"
     args = train_args(shapes_root, run, "--set", "data.workers=1", "--set", "train.checkpoint_every=1000",
                       iterations=1000)  # fmt: skip
-    # a session of its own: Ctrl-C in a terminal reaches the whole process group, loader workers included
+    # a session of its own: Ctrl-C in a terminal reaches the whole process group, loader workers included, and
+    # so does the SIGTERM of `kill -- -PGID`, a scheduler's preemption or torchrun
     child = subprocess.Popen([sys.executable, "-m", "rcnn.cli", *args], env=child_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
@@ -218,7 +220,7 @@ def test_ctrl_c_saves_a_checkpoint_after_the_step_and_says_how_to_resume(shapes_
         while not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 2):
             assert child.poll() is None and time.monotonic() < deadline, child.communicate()
             time.sleep(0.2)
-        os.killpg(child.pid, signal.SIGINT)
+        os.killpg(child.pid, signum)
         out, err = child.communicate(timeout=120)
     finally:
         if child.poll() is None:

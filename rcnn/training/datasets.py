@@ -284,7 +284,10 @@ def training_loader(
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    """A data-loading process leaves Ctrl-C to the training process, which stops after its step, and
-    ends at once on SIGTERM (the loader's own way to stop a worker), whatever handler it inherited."""
+    """A data-loading process leaves Ctrl-C and SIGTERM to the training process, which stops after
+    its step with a checkpoint and then ends its workers itself (the loader's shutdown). A terminal's
+    Ctrl-C, ``kill -- -PGID``, a scheduler's preemption and torchrun signal the whole process group:
+    a worker that died of it would take the training process down in the middle of its step, without
+    the checkpoint. A worker whose training process is gone ends on its own (the loader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
