@@ -21,8 +21,12 @@ budget with the same image sizes and batch, then evaluated on val by the same CO
   (``--pretrain-budget`` seconds, not counted in the detector's budget) by ``rcnn pretrain``'s code.
 
 ``--ablation`` adds ``ours`` with each ingredient of :data:`INGREDIENTS` turned off in turn.
-Writes ``benchmarks/results/raccoon.json`` (``raccoon_seedN.json`` for another split) and, with
-``--picture``, a picture of the detectors' predictions on val photographs.
+Writes ``benchmarks/results/raccoon.json`` (``raccoon_seedN.json`` for another split,
+``raccoon_1800s.json`` for another budget, ``raccoon_260steps.json`` for ``--iterations 260``:
+:func:`result_name`) and, with ``--picture``, a picture of the detectors' predictions on val
+photographs. The page's section (:func:`markdown` of ``raccoon.json``) adds the curve of AP
+against the budget from every budget measured, and the recipe's ablation at equal steps
+(``raccoon_steps.json``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.harness import ROOT, command_line, table, write_result
+from benchmarks.harness import ROOT, command_line, read_result, table, write_result
 from rcnn.build import build_model
 from rcnn.config import Config, TrainConfig, load_config
 from rcnn.data import build_dataset
@@ -86,13 +90,16 @@ def author_split(data: Path, folder: Path, train: Sequence[int] = TRAIN_IMAGES, 
     return folder
 
 
+EXTRA: list[str] = []  # --set overrides of the recipe (every row that trains it), recorded in the result
+
+
 def recipe(off: Sequence[str] = ()) -> Config:
     """The photographs recipe with the ingredients named in ``off`` turned off, at this benchmark's
-    image sizes and batch (the recipe's own, unless a smoke run changes them)."""
+    image sizes and batch (the recipe's own, unless a smoke run changes them), and :data:`EXTRA`."""
     overrides = [o for name in off for o in INGREDIENTS[name]]
     sizes = [f"model.min_size={MIN_SIZE}", f"model.max_size={MAX_SIZE}", f"train.batch_size={BATCH}", f"train.lr={LR}",
              f"train.lr_batch_size={BATCH}"]  # fmt: skip
-    return load_config(RECIPE, [*overrides, *sizes])
+    return load_config(RECIPE, [*overrides, *sizes, *EXTRA])
 
 
 def model_recipe(name: str) -> Config:
@@ -239,6 +246,60 @@ def title(name: str) -> str:
     return MODELS[name] if name in MODELS else f"rcnn, photographs recipe without {name.removeprefix('ours -')}"
 
 
+DEFAULT_BUDGET = 600.0
+BUDGETS = (600, 1800, 3600)  # the curve of AP against the budget (seconds of wall clock)
+
+
+def result_name(split_seed: int | None = None, budget: float = DEFAULT_BUDGET, iterations: int | None = None,
+                tag: str | None = None) -> str:  # fmt: skip
+    """The result file of a run: ``raccoon`` for the author's split at the default budget,
+    ``raccoon_1800s``, ``raccoon_seed1``, ``raccoon_260steps``, ``raccoon_1800s_jitter`` (``--tag``) ... otherwise."""
+    name = "raccoon" if split_seed is None else f"raccoon_seed{split_seed}"
+    if iterations is not None:
+        name = f"{name}_{iterations}steps"
+    elif budget != DEFAULT_BUDGET:
+        name = f"{name}_{budget:g}s"
+    return name if not tag else f"{name}_{tag}"
+
+
+def budget_markdown() -> str:
+    """The table of AP against the budget: every budget and split measured (``raccoon*.json``)."""
+    import benchmarks.harness
+
+    found = []
+    for path in sorted(Path(benchmarks.harness.RESULTS).glob("raccoon*.json")):
+        result = read_result(path.stem)
+        acc = (result or {}).get("accuracy", {})
+        if acc.get("budget_s") is None or acc.get("fixed_iterations") or acc.get("train_images", 0) < 100:
+            continue  # steps, not a budget; a smoke run
+        found.append((-1 if acc.get("split_seed") is None else acc["split_seed"], acc["budget_s"], bool(acc.get("overrides")), path.stem, result))
+    rows = []
+    for seed, budget, _, _, result in sorted(found, key=lambda f: f[:4]):
+        acc = result["accuracy"]
+        split = "author's" if seed == -1 else f"seed {seed}"
+        extra = f" + `{' '.join(acc['overrides'])}`" if acc.get("overrides") else ""
+        for name in [k for k in MODELS if k in acc]:
+            a = acc[name]
+            rows.append([title(name) + (extra if name == "ours" else ""), split, f"{budget:g}", a["iterations"], a["AP"],
+                         a["AP50"], a.get("AP75"), result.get("machine", {}).get("date", "?")])  # fmt: skip
+    if len(rows) < 2:
+        return ""
+    return "\n".join([
+        "AP against the budget (each cell one training, the command of each in its result file, "
+        "`benchmarks/results/raccoon*.json`; the targets of the from-scratch recipe: AP@0.5 >= 0.65 at 600 s, "
+        "AP@0.5 >= 0.75 and AP >= 0.35 at 1800 s):", "",
+        table(["detector", "split", "budget s", "steps", "AP", "AP@0.5", "AP@0.75", "measured"], rows)])  # fmt: skip
+
+
+def steps_markdown(result: dict[str, Any]) -> str:
+    """The recipe ingredient by ingredient at equal steps (``benchmarks/results/raccoon_steps.json``)."""
+    rows = [[(f"**{r['setting']}**" if r.get("recipe") else r["setting"]), r["steps"], r["cpu_s_per_step"],
+             r["AP"], r["AP50"], r["AP75"]] for r in result["rows"]]  # fmt: skip
+    return "\n".join(["### The photographs recipe, ingredient by ingredient (equal steps)", "", result["intro"], "",
+                      table(["setting", "steps", "CPU-s per step (1 thread)", "AP", "AP@0.5", "AP@0.75"], rows), "",
+                      *result["discussion"]])  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     acc = result["accuracy"]
     names = [k for k in MODELS if k in acc] + [k for k in acc if k.startswith("ours -")]
@@ -294,6 +355,13 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{result['wall_s'] / 60:.0f} minutes of wall clock."]  # fmt: skip
     if result.get("notes"):
         parts += ["", result["notes"]]
+    if result.get("benchmark") == "raccoon":  # the page's section: the budget curve and the equal-steps ablation
+        curve = budget_markdown()
+        if curve:
+            parts += ["", curve]
+        steps = read_result("raccoon_steps")
+        if steps is not None:
+            parts += ["", steps_markdown(steps)]
     return "\n".join(parts)
 
 
@@ -321,15 +389,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recipes", nargs="+", default=[], metavar="RECIPE",
                         help="with --int8, other int8 settings to measure beside the default "
                         "(benchmarks.backends' METHOD[+fc][+keep=PATH;PATH][+p=PERCENTILE], e.g. minmax+keep=)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override of the recipe (e.g. data.scale_jitter=[0.5,1.5]), for every row that "
+                        "trains it; recorded in the result")  # fmt: skip
+    parser.add_argument("--tag", help="a suffix of the result file's name (a run with --set beside the plain one)")
     parser.add_argument("--notes", default="", help="a line of context for the report (e.g. the machine's load)")
     args = parser.parse_args(argv)
+    EXTRA[:] = args.overrides
+    recipe()  # a bad override: refused before any training
     if args.recipes and not args.int8:
         parser.error("--recipes needs --int8 N")
     data = Path(args.data)
     if not (data / "annotations").is_dir():
         raise SystemExit(f"{data}: the raccoon photographs are not there (expected annotations/ and images/)")
     torch.set_num_threads(args.threads)
-    budget = args.budget or (120.0 if args.quick else 600.0)
+    budget = args.budget or (120.0 if args.quick else DEFAULT_BUDGET)
     pretrain_budget = args.pretrain_budget or (60.0 if args.quick else 300.0)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rcnn_bench_raccoon_") as work:
@@ -340,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accuracy, models, val = run(data, Path(work), budget, pretrain_budget, names, split=split,
                                     iterations=args.iterations)  # fmt: skip
         accuracy["split_seed"] = args.split_seed
+        accuracy["overrides"] = list(args.overrides)
         if args.int8:
             from benchmarks.backends import int8_accuracy
 
@@ -354,8 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["wall_s"] = time.perf_counter() - tic
     if args.notes:
         result["notes"] = args.notes
-    write_result("raccoon" if args.split_seed is None else f"raccoon_seed{args.split_seed}", result,
-                 command_line("benchmarks.raccoon", argv))  # fmt: skip
+    write_result(result_name(args.split_seed, budget, args.iterations, args.tag), result, command_line("benchmarks.raccoon", argv))
     print(markdown(result))
     return result
 
