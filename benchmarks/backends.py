@@ -292,8 +292,11 @@ def markdown(result: dict[str, Any]) -> str:
     headers = ["model", "size", "backend", "precision", "what runs", "CPU s", "CPU ratio", "wall s", "wall ratio",
                "agreement"]  # fmt: skip
     rows = []
+    here = cpu_line(result.get("cpu"))
     for r in result["rows"]:
         first = [f"{r['model']} {r['arch']}", f"{r['size'][0]}x{r['size'][1]}"]
+        if r.get("cpu", here) != here:  # a row kept from a run on another CPU: its ratios are that CPU's
+            first[0] += f" (on {r['cpu']})"
         rows.append(first + ["torchvision", "fp32", "torchvision's eager model", r["torchvision_cpu_s"], 1.0,
                              r["torchvision_wall_s"], 1.0, ""])  # fmt: skip
         for key, backend, precision, what in SPEED_ROWS:
@@ -307,7 +310,7 @@ def markdown(result: dict[str, Any]) -> str:
                                  r[f"{key}_ratio_wall"], agree])  # fmt: skip
     text = [f"Seconds per image, {result['threads']} threads, best of {result['rounds']} interleaved rounds "
             "(CPU = all threads; ratio = to torchvision's eager model, same weights, same image), on "
-            f"{cpu_line(result.get('cpu'))}:", "",
+            f"{here} (a row measured on another CPU names it):", "",
             table(headers, rows), "",
             "agreement: the share of the eager model's detections that the backend gives too (same label, box "
             "IoU > 0.99, score within 1e-3); loose: IoU > 0.9, score within 0.05."]  # fmt: skip
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_result("backends", result, command)
         for kind, arch, size in chosen:
             row = case(kind, arch, size, rounds, args.threads, Path(tmp), args.int8, args.graphs)
-            row["command"] = command
+            row["command"], row["cpu"] = command, cpu_line(result["cpu"])  # each row's CPU: rows of other runs stay
             print(row, flush=True)
             rows = [r for r in rows if (r["model"], r["arch"], r["size"]) != (kind, arch, list(size))] + [row]
             rows.sort(key=lambda r: [c[:3] for c in CASES].index((r["model"], r["arch"], tuple(r["size"]))))

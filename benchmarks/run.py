@@ -18,13 +18,14 @@ import time
 from benchmarks.harness import ROOT, read_result
 
 DEFAULT = ("faster_rcnn", "lineage")
-EXTRA = ("backends", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling")
+EXTRA = ("backends", "runtime_profile", "eager_profile", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling")
 FULL = ("paper_scale", "raccoon")  # with --full or --all (or --only NAME): too long for the quick settings
 TITLES = {
     "lineage": "The lineage: four generations, one data set, one budget",
     "paper_scale": "The lineage at the papers' scale: test and training speed",
     "faster_rcnn": "Faster R-CNN against torchvision",
     "backends": "Inference backends: eager PyTorch and ONNX Runtime against torchvision",
+    "runtime_profile": "Where ONNX Runtime's and OpenVINO's time goes, and what the uint8 input costs",
     "eager_profile": "Where the eager model's time goes",
     "mask_rcnn": "Mask R-CNN against torchvision; RoIAlign against RoIPool",
     "rcnn_ablation": "R-CNN and Fast R-CNN ablations",
@@ -66,7 +67,7 @@ about 70 minutes in all on such a machine, projected from those parts. It also r
 def render() -> str:
     """docs/benchmarks.md from the result files present."""
     sections = [HEADER]
-    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "eager_profile", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling"):
+    for name in ("lineage", "paper_scale", "faster_rcnn", "backends", "runtime_profile", "eager_profile", "raccoon", "mask_rcnn", "rcnn_ablation", "serve_load", "data_loading", "eval_scale", "scaling"):
         result = read_result(name)
         if result is None:
             continue
