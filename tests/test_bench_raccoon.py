@@ -92,5 +92,7 @@ def test_the_page_gathers_the_budgets_and_the_equal_steps_ablation(tmp_path, mon
     assert [line.split(" | ")[2:6] for line in curve] == [["600", "600", "0.310", "0.610"], ["1800", "1800", "0.370", "0.670"],
                                                          ["1800", "1800", "0.400", "0.700"]]  # fmt: skip
     assert "| rcnn, photographs recipe + `data.color_jitter=0.3` | author's | 1800 |" in text
+    assert ("AP@0.5 >= 0.65 at 600 s: missed (0.610); AP@0.5 >= 0.75 at 1800 s: missed (0.670); AP >= 0.35 at 1800 s: "
+            "met (0.370)") in text  # (the tagged run is not the recipe)
     assert "### The photographs recipe, ingredient by ingredient (equal steps)" in text
     assert "| **the recipe** | 260 | 1.650 | 0.273 | 0.648 | 0.184 |" in text and text.rstrip().endswith("What it says.")
