@@ -427,19 +427,11 @@ def load_detector(
     return LoadedModel(detector, detector.config, list(detector.class_names), Path(model_file), detector.categories)
 
 
-def _graph_checkpoint(weights: str | os.PathLike) -> Path:
-    """The checkpoint of ``weights``, refused (one line) where its model has no exported form (R-CNN)."""
-    from rcnn.build import model_class
-    from rcnn.config import load_config
-    from rcnn.io.checkpoints import find_checkpoint
-
-    checkpoint = find_checkpoint(weights)
-    if (checkpoint / "config.yaml").is_file():
-        name = load_config(checkpoint / "config.yaml").model.name
-        if model_class(name).trains_in_stages:
-            raise ValueError(f"{weights}: R-CNN has no ONNX form (it runs the CNN once per warped region); "
-                             "use --backend eager")  # fmt: skip
-    return checkpoint
+def _graph_checkpoint(weights: str | os.PathLike) -> None:
+    """Refuse (one line) a run whose model has no exported form (R-CNN)."""
+    if _has_no_graph(weights):
+        raise ValueError(f"{weights}: R-CNN has no ONNX form (it runs the CNN once per warped region); "
+                         "use --backend eager")  # fmt: skip
 
 
 # -- --backend auto ------------------------------------------------------------------------------
@@ -553,8 +545,7 @@ def _choose(weights, model_file, device, threads, precision, calibrate, calibrat
         from rcnn.io.checkpoints import find_checkpoint
 
         checkpoint = find_checkpoint(weights)
-        config = load_config_of(checkpoint)
-        if config is not None and model_class(config.model.name).trains_in_stages:
+        if _has_no_graph(checkpoint):
             return "eager", None
         digest, candidates = weights_digest(checkpoint), list(BACKENDS)
     candidates = [b for b in candidates if (precision or "fp32") in BACKEND_PRECISIONS[b]]
@@ -596,13 +587,14 @@ def _choose(weights, model_file, device, threads, precision, calibrate, calibrat
     return chosen, loaded[chosen]
 
 
-def load_config_of(weights: str | os.PathLike) -> Any:
-    """The config of a run folder's checkpoint (None where it has none)."""
+def _has_no_graph(weights: str | os.PathLike) -> bool:
+    """Whether the model of a run folder's checkpoint has no exported form (R-CNN, which trains in
+    stages); a checkpoint without its config is taken to have one."""
     from rcnn.config import load_config
     from rcnn.io.checkpoints import find_checkpoint
 
     config_file = find_checkpoint(weights) / "config.yaml"
-    return load_config(config_file) if config_file.is_file() else None
+    return config_file.is_file() and model_class(load_config(config_file).model.name).trains_in_stages
 
 
 def _file_digest(path: Path) -> str:
